@@ -1,0 +1,3 @@
+from impuls.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""HTTP only: parse the request, call one registry or engine operation, shape the reply."""

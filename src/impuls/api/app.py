@@ -1,0 +1,73 @@
+"""The FastAPI application: routers, and one JSON error shape for every failure."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from impuls import __version__
+from impuls.api import functions
+from impuls.api.deps import platform_of
+from impuls.errors import ImpulsError
+
+if TYPE_CHECKING:
+    from impuls.platform import Platform
+
+log = logging.getLogger("impuls.api")
+
+
+def error_response(
+    status: int, message: str, headers: Mapping[str, str] | None = None, **extra: Any
+) -> JSONResponse:
+    return JSONResponse({"error": True, "message": message, **extra}, status_code=status,
+                        headers=headers)
+
+
+async def _impuls_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ImpulsError)
+    if exc.status >= 500:
+        log.error("request failed: %s", exc.message)
+    return error_response(exc.status, exc.message)
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    messages = {404: "not found", 405: "method not allowed"}
+    message = exc.detail if isinstance(exc.detail, str) else messages.get(exc.status_code, "error")
+    if exc.status_code == 404 and message == "Not Found":
+        message = "no such route"
+    return error_response(exc.status_code, message, headers=exc.headers)
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    parts = [f"{'.'.join(str(p) for p in e['loc'][1:]) or 'request'}: {e['msg']}" for e in exc.errors()]
+    return error_response(400, "; ".join(parts))
+
+
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("internal error", exc_info=exc)
+    return error_response(500, "internal server error")
+
+
+def create_app(platform: Platform) -> FastAPI:
+    app = FastAPI(title="Impuls", version=__version__, docs_url=None, redoc_url=None)
+    app.state.platform = platform
+    app.add_exception_handler(ImpulsError, _impuls_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected)
+
+    @app.get("/health")
+    async def health(request: Request) -> dict[str, Any]:
+        return {"status": "healthy", "service": "impuls", "version": __version__,
+                **platform_of(request).describe()}
+
+    app.include_router(functions.router)
+    return app

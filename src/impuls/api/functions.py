@@ -1,0 +1,68 @@
+"""``/api/v1/functions``: create, list, get, update, delete."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from impuls.api.body import read_json
+from impuls.api.deps import platform_of
+from impuls.models import MAX_ZIP_BYTES
+
+# base64 of the largest zip, plus room for the other fields
+MAX_FUNCTION_BODY = (MAX_ZIP_BYTES * 4) // 3 + 1024 * 1024
+
+router = APIRouter(prefix="/api/v1/functions")
+
+
+@router.post("", status_code=201)
+async def create_function(request: Request) -> JSONResponse:
+    p = platform_of(request)
+    body = await read_json(request, MAX_FUNCTION_BODY)
+    fn = await run_in_threadpool(p.registry.create, body)
+    code = await run_in_threadpool(p.registry.code, fn)
+    return JSONResponse(fn.to_api(code), status_code=201)
+
+
+@router.get("")
+async def list_functions(
+    request: Request,
+    limit: int = Query(100, ge=1, le=1000),
+    offset: int = Query(0, ge=0),
+) -> dict[str, Any]:
+    p = platform_of(request)
+    items, total = await run_in_threadpool(p.registry.list, limit, offset)
+    return {
+        "functions": [fn.to_api(list_item=True) for fn in items],
+        "count": len(items),
+        "total": total,
+        "limit": limit,
+        "offset": offset,
+    }
+
+
+@router.get("/{name}")
+async def get_function(request: Request, name: str) -> dict[str, Any]:
+    p = platform_of(request)
+    fn = await run_in_threadpool(p.registry.get, name)
+    code = await run_in_threadpool(p.registry.code, fn)
+    return fn.to_api(code)
+
+
+@router.api_route("/{name}", methods=["PUT", "PATCH"])
+async def update_function(request: Request, name: str) -> dict[str, Any]:
+    p = platform_of(request)
+    body = await read_json(request, MAX_FUNCTION_BODY)
+    fn = await run_in_threadpool(p.registry.update, name, body)
+    code = await run_in_threadpool(p.registry.code, fn)
+    return fn.to_api(code)
+
+
+@router.delete("/{name}")
+async def delete_function(request: Request, name: str) -> dict[str, Any]:
+    p = platform_of(request)
+    await run_in_threadpool(p.registry.delete, name)
+    return {"message": "Function deleted successfully", "name": name}

@@ -1,0 +1,201 @@
+"""The ``impuls`` command: run the server, and manage functions over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from impuls import __version__
+
+# piped output is never cut to 80 columns: scripts grep it
+console = Console(width=None if sys.stdout.isatty() else 10_000)
+err_console = Console(stderr=True, soft_wrap=True)
+SKIP_DIRS = {"__pycache__", ".git", ".impuls", ".venv"}
+
+
+def fail(message: str) -> NoReturn:
+    err_console.print(f"[red]error:[/red] {message}", highlight=False)
+    sys.exit(1)
+
+
+class Client:
+    """A thin HTTP client for the REST API; every failure becomes ``fail``."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(930.0, connect=5.0))
+
+    def call(self, method: str, path: str, ok: tuple[int, ...] = (200, 201), **kw: Any) -> Any:
+        try:
+            resp = self.http.request(method, path, **kw)
+        except httpx.HTTPError as exc:
+            fail(f"cannot reach the Impuls server at {self.url}: {exc}")
+        if resp.status_code not in ok:
+            try:
+                message = resp.json().get("message", resp.text)
+            except ValueError:
+                message = resp.text
+            fail(f"{resp.status_code}: {message}")
+        return resp.json() if resp.content else None
+
+    def exists(self, name: str) -> bool:
+        return self.call("GET", f"/api/v1/functions/{name}", ok=(200, 404)).get("error") is not True
+
+
+pass_client = click.make_pass_decorator(Client)
+
+
+@click.group()
+@click.version_option(__version__)
+@click.option("--url", envvar="IMPULS_URL", default="http://127.0.0.1:8080", show_default=True,
+              help="Impuls server URL (IMPULS_URL)")
+@click.pass_context
+def main(ctx: click.Context, url: str) -> None:
+    """Impuls: a self-hosted serverless function platform."""
+    ctx.obj = Client(url)
+
+
+@main.command()
+@click.option("--host", default=None, help="listen address (IMPULS_HOST, default 127.0.0.1)")
+@click.option("--port", type=int, default=None, help="listen port (IMPULS_PORT, default 8080)")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="data directory (IMPULS_DATA_DIR, default ./.impuls)")
+def server(host: str | None, port: int | None, data_dir: Path | None) -> None:
+    """Run the Impuls HTTP API server."""
+    from impuls import config
+    from impuls.errors import ImpulsError
+    from impuls.server import serve
+
+    try:
+        settings = config.load({"host": host, "port": port, "data_dir": data_dir})
+        serve(settings)
+    except ImpulsError as exc:
+        fail(exc.message)
+
+
+def _package(path: Path) -> dict[str, str]:
+    """The code fields for ``path``: a single file as ``code``, a folder or .zip as ``code_zip``."""
+    if path.is_file():
+        if path.suffix == ".zip":
+            return {"code_zip": base64.b64encode(path.read_bytes()).decode()}
+        return {"code": path.read_text()}
+    if not path.is_dir():
+        fail(f"{path}: no such file or folder")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for root, dirs, files in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
+            for name in sorted(files):
+                full = Path(root) / name
+                if full.is_symlink():
+                    continue
+                zf.write(full, full.relative_to(path).as_posix())
+    return {"code_zip": base64.b64encode(buf.getvalue()).decode()}
+
+
+def _env_pairs(pairs: tuple[str, ...]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            fail(f"--env {pair!r}: use KEY=VALUE")
+        env[key] = value
+    return env
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--name", required=True)
+@click.option("--runtime", default=None, help="e.g. python3.11, nodejs20 (required on create)")
+@click.option("--handler", default=None, help="module.function (required on create)")
+@click.option("--memory", type=int, default=None, help="memory in MB")
+@click.option("--timeout", type=int, default=None, help="timeout in seconds")
+@click.option("--description", default=None)
+@click.option("--env", "env", multiple=True, help="KEY=VALUE, repeatable")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@pass_client
+def deploy(client: Client, path: Path, name: str, runtime: str | None, handler: str | None,
+           memory: int | None, timeout: int | None, description: str | None,
+           env: tuple[str, ...], as_json: bool) -> None:
+    """Create or update function NAME from PATH (a file or a folder)."""
+    body: dict[str, Any] = {
+        "runtime": runtime, "handler": handler, "memory_mb": memory, "timeout_sec": timeout,
+        "description": description,
+    }
+    body = {k: v for k, v in body.items() if v is not None}
+    if env:
+        body["environment"] = _env_pairs(env)
+    body.update(_package(path))
+    if client.exists(name):
+        fn = client.call("PATCH", f"/api/v1/functions/{name}", json=body)
+        action = "updated"
+    else:
+        fn = client.call("POST", "/api/v1/functions", json={"name": name, **body})
+        action = "created"
+    if as_json:
+        click.echo(json.dumps(_without_code(fn), indent=2))
+    else:
+        console.print(f"{action} [bold]{fn['name']}[/bold] ({fn['runtime']}, "
+                      f"{fn['code_size']} bytes, sha256 {fn['code_sha256'][:12]})", highlight=False)
+
+
+def _without_code(fn: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in fn.items() if k not in ("code", "code_zip")}
+
+
+@main.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--limit", type=int, default=100)
+@click.option("--offset", type=int, default=0)
+@pass_client
+def list_functions(client: Client, as_json: bool, limit: int, offset: int) -> None:
+    """List functions."""
+    data = client.call("GET", "/api/v1/functions", params={"limit": limit, "offset": offset})
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    table = Table("NAME", "RUNTIME", "HANDLER", "MEMORY", "TIMEOUT", "STATUS", "UPDATED")
+    for fn in data["functions"]:
+        table.add_row(fn["name"], fn["runtime"], fn["handler"], f"{fn['memory_mb']} MB",
+                      f"{fn['timeout_sec']} s", fn["status"], fn["updated_at"])
+    console.print(table)
+
+
+@main.command("get")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@pass_client
+def get_function(client: Client, name: str, as_json: bool) -> None:
+    """Show one function (code omitted unless --json)."""
+    fn = client.call("GET", f"/api/v1/functions/{name}")
+    if as_json:
+        click.echo(json.dumps(fn, indent=2))
+        return
+    table = Table("FIELD", "VALUE", show_header=False)
+    for key, value in _without_code(fn).items():
+        if key == "environment":
+            value = ", ".join(sorted(value)) or "-"
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+@main.command("rm")
+@click.argument("name")
+@pass_client
+def remove(client: Client, name: str) -> None:
+    """Delete a function."""
+    client.call("DELETE", f"/api/v1/functions/{name}")
+    console.print(f"deleted {name}")
+
+

@@ -1,0 +1,79 @@
+"""Settings, read once from ``IMPULS_*`` environment variables.
+
+Command-line flags override the environment; :func:`load` does the merge so
+the rest of the code only ever sees a frozen :class:`Settings`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from impuls.errors import ConfigError
+
+SANDBOX_KINDS = ("auto", "process", "namespace", "microvm")
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path = Path(".impuls")
+    database_url: str | None = None
+    sandbox: str = "auto"
+    allow_local: bool = False
+    idle_timeout: float = 300.0
+    max_concurrency: int = 1000
+    queue_size: int = 100
+    queue_timeout: float = 10.0
+    shutdown_grace: float = 30.0
+    invocation_retention_days: float = 7.0
+    log_level: str = "info"
+
+    @property
+    def db_url(self) -> str:
+        """The SQLAlchemy URL: ``IMPULS_DATABASE_URL`` or SQLite in the data dir."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'impuls.db').resolve()}"
+
+    @property
+    def store_kind(self) -> str:
+        return self.db_url.split(":", 1)[0].split("+", 1)[0]
+
+
+_BOOL_TRUE = {"1", "true", "yes", "on"}
+
+
+def _convert(name: str, raw: str, default: Any) -> Any:
+    try:
+        if isinstance(default, bool):
+            return raw.strip().lower() in _BOOL_TRUE
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+        if isinstance(default, Path):
+            return Path(raw)
+    except ValueError as exc:
+        raise ConfigError(f"IMPULS_{name.upper()}: cannot parse {raw!r}: {exc}") from exc
+    return raw
+
+
+def load(overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Settings from the environment, then ``overrides`` (values that are None are ignored)."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        raw = env.get(f"IMPULS_{f.name.upper()}")
+        if raw is not None and raw != "":
+            values[f.name] = _convert(f.name, raw, f.default)
+    settings = replace(Settings(), **values)
+    settings = replace(settings, **{k: v for k, v in (overrides or {}).items() if v is not None})
+    if settings.sandbox not in SANDBOX_KINDS:
+        raise ConfigError(f"sandbox must be one of {', '.join(SANDBOX_KINDS)}, not {settings.sandbox!r}")
+    if settings.idle_timeout <= 0:
+        raise ConfigError("idle timeout must be positive")
+    return settings

@@ -1,0 +1,39 @@
+"""Running the HTTP server (uvicorn) around a :class:`~impuls.platform.Platform`."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from impuls.api.app import create_app
+from impuls.config import Settings
+from impuls.platform import Platform
+
+log = logging.getLogger("impuls")
+
+
+def serve(settings: Settings) -> None:
+    """Open the platform and serve until SIGINT/SIGTERM."""
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    platform = Platform(settings)
+    app = create_app(platform)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
+        log_level="warning", access_log=False, lifespan="on",
+        timeout_graceful_shutdown=int(settings.shutdown_grace),
+    )
+    server = uvicorn.Server(config)
+    log.info(
+        "Impuls listening on http://%s:%d (store: %s, data dir: %s)",
+        settings.host, settings.port, platform.store_description(),
+        settings.data_dir.resolve(),
+    )
+    try:
+        server.run()
+    finally:
+        platform.close()

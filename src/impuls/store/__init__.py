@@ -1,0 +1,1 @@
+"""Persistence: the database (SQLAlchemy + Alembic) and content-addressed code blobs."""

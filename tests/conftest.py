@@ -1,0 +1,90 @@
+"""Fixtures: real servers on free ports, on SQLite or PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import Server
+
+POSTGRES_URL = os.environ.get("IMPULS_TEST_POSTGRES_URL")
+StoreEnv = Callable[[], dict[str, str]]
+
+
+class PostgresDatabases:
+    """Creates empty PostgreSQL databases on demand; drops them all at the end."""
+
+    def __init__(self, admin_url: str) -> None:
+        self.admin_url = admin_url
+        self.names: list[str] = []
+
+    def new(self) -> dict[str, str]:
+        import psycopg
+
+        name = f"impuls_test_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        self.names.append(name)
+        return {"IMPULS_DATABASE_URL": f"{self.admin_url.rpartition('/')[0]}/{name}"}
+
+    def drop_all(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            for name in self.names:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module",
+                params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def new_store(request: pytest.FixtureRequest) -> Iterator[StoreEnv]:
+    """Factory of environments, each selecting a new empty store of the kind under test."""
+    if request.param == "sqlite":
+        yield dict
+        return
+    if not POSTGRES_URL:
+        pytest.skip("IMPULS_TEST_POSTGRES_URL is not set (.ci/run starts PostgreSQL and sets it)")
+    dbs = PostgresDatabases(POSTGRES_URL)
+    yield dbs.new
+    dbs.drop_all()
+
+
+@pytest.fixture
+def make_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """Factory: ``make_server(env=..., args=...)`` starts a server; all are stopped at the end."""
+    servers: list[Server] = []
+
+    def factory(env: dict[str, str] | None = None, args: list[str] | None = None,
+                data_dir: Path | None = None) -> Server:
+        server = Server(data_dir or tmp_path / f"data{len(servers)}", env=env, args=args).start()
+        servers.append(server)
+        return server
+
+    yield factory
+    for server in servers:
+        if server.proc and server.proc.poll() is None:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, new_store: StoreEnv) -> Iterator[Server]:
+    """A running server on the store under test, shared by a test module."""
+    srv = Server(tmp_path_factory.mktemp("server") / "data", env=new_store()).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def store_env(new_store: StoreEnv) -> dict[str, str]:
+    """An environment selecting a new empty store of the kind under test."""
+    return new_store()
+
+
+@pytest.fixture
+def fresh_server(make_server: Callable[..., Server], store_env: dict[str, str]) -> Server:
+    """A running server with an empty store, for this test alone."""
+    return make_server(env=store_env)

@@ -1,0 +1,65 @@
+"""The ``impuls`` CLI against a real server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.helpers import Server, free_port, unique
+
+
+def impuls(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "impuls", "--url", url, *args],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_deploy_ls_get_rm(server: Server, tmp_path: Path) -> None:
+    name = unique("cli")
+    src = tmp_path / "pkg"
+    (src / "lib").mkdir(parents=True)
+    (src / "app.py").write_text("def handler(e, c):\n    return 1\n")
+    (src / "lib" / "util.py").write_text("X = 1\n")
+    out = impuls(server.url, "deploy", str(src), "--name", name, "--runtime", "python3",
+                 "--handler", "app.handler", "--memory", "256", "--env", "A=b=c")
+    assert out.returncode == 0, out.stderr
+    assert "created" in out.stdout and name in out.stdout
+    fn = server.request("GET", f"/api/v1/functions/{name}").json()
+    assert fn["memory_mb"] == 256 and fn["environment"] == {"A": "b=c"} and "code_zip" in fn
+
+    single = tmp_path / "index.js"
+    single.write_text("exports.handler = async () => 2;\n")
+    out = impuls(server.url, "deploy", str(single), "--name", name, "--runtime", "nodejs",
+                 "--handler", "index.handler", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["runtime"] == "nodejs20"
+    assert server.request("GET", f"/api/v1/functions/{name}").json()["code"] == single.read_text()
+
+    out = impuls(server.url, "ls")
+    assert out.returncode == 0 and name in out.stdout and "nodejs20" in out.stdout
+    listed = json.loads(impuls(server.url, "ls", "--json").stdout)
+    assert name in [f["name"] for f in listed["functions"]]
+    out = impuls(server.url, "get", name)
+    assert out.returncode == 0 and "index.handler" in out.stdout
+    assert json.loads(impuls(server.url, "get", name, "--json").stdout)["name"] == name
+
+    out = impuls(server.url, "rm", name)
+    assert out.returncode == 0
+    out = impuls(server.url, "get", name)
+    assert out.returncode == 1 and "404" in out.stderr and "not found" in out.stderr
+
+
+def test_validation_error_is_one_line(server: Server, tmp_path: Path) -> None:
+    f = tmp_path / "handler.py"
+    f.write_text("x = 1\n")
+    out = impuls(server.url, "deploy", str(f), "--name", unique(), "--runtime", "cobol",
+                 "--handler", "handler.handler")
+    assert out.returncode == 1
+    assert "400" in out.stderr and "runtime" in out.stderr and len(out.stderr.splitlines()) == 1
+
+
+def test_server_unreachable(tmp_path: Path) -> None:
+    out = impuls(f"http://127.0.0.1:{free_port()}", "ls")
+    assert out.returncode == 1
+    assert "cannot reach" in out.stderr and "Traceback" not in out.stderr
