@@ -71,14 +71,20 @@ def main(ctx: click.Context, url: str) -> None:
 @click.option("--port", type=int, default=None, help="listen port (IMPULS_PORT, default 8080)")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
               help="data directory (IMPULS_DATA_DIR, default ./.impuls)")
-def server(host: str | None, port: int | None, data_dir: Path | None) -> None:
+@click.option("--sandbox", type=click.Choice(["auto", "process", "namespace", "microvm"]),
+              default=None, help="isolation for functions (IMPULS_SANDBOX, default auto: the strongest)")
+@click.option("--allow-local", is_flag=True, default=None,
+              help="accept ?local=true, which runs code UNSANDBOXED on the host (IMPULS_ALLOW_LOCAL=1)")
+def server(host: str | None, port: int | None, data_dir: Path | None, sandbox: str | None,
+           allow_local: bool | None) -> None:
     """Run the Impuls HTTP API server."""
     from impuls import config
     from impuls.errors import ImpulsError
     from impuls.server import serve
 
     try:
-        settings = config.load({"host": host, "port": port, "data_dir": data_dir})
+        settings = config.load({"host": host, "port": port, "data_dir": data_dir,
+                                "sandbox": sandbox, "allow_local": allow_local or None})
         serve(settings)
     except ImpulsError as exc:
         fail(exc.message)

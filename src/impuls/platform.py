@@ -1,19 +1,25 @@
-"""Wires the parts together: store, registry and (later) the engine.
+"""Wires the parts together: store, registry, sandbox drivers and the engine.
 
-One :class:`Platform` per server process.  ``open`` prepares everything that
-must exist before the first request; ``close`` releases it.
+One :class:`Platform` per server process.  The constructor prepares what
+must exist before the first request (database migrated, blobs checked,
+drivers chosen); :meth:`start` and :meth:`stop` run inside the event loop.
 """
 
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine as DBEngine
 
 from impuls.config import Settings
+from impuls.engine.engine import Engine
+from impuls.engine.records import InvocationRecorder, LogHub
 from impuls.registry import FunctionRegistry
 from impuls.runtimes import RuntimeRegistry, default_registry
+from impuls.sandbox import make_driver
+from impuls.sandbox.process import ProcessDriver
 from impuls.store.blobs import BlobStore
 from impuls.store.db import open_engine
 
@@ -24,16 +30,38 @@ class Platform:
     def __init__(self, settings: Settings, runtimes: RuntimeRegistry | None = None) -> None:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.db: Engine = open_engine(settings.db_url)
+        self.db: DBEngine = open_engine(settings.db_url)
         self.blobs = BlobStore(settings.data_dir / "blobs")
         self.registry = FunctionRegistry(self.db, self.blobs, runtimes or default_registry())
         removed = self.registry.collect_garbage()
         if removed:
             log.info("removed %d unreferenced code blobs", removed)
+        sandbox_dir = settings.data_dir / "sandbox"
+        self.driver = make_driver(settings.sandbox, sandbox_dir)
+        local = None
+        if settings.allow_local:
+            local = self.driver if isinstance(self.driver, ProcessDriver) else ProcessDriver(
+                sandbox_dir / "process")
+        self.hub = LogHub()
+        self.recorder = InvocationRecorder(
+            self.db, timedelta(days=settings.invocation_retention_days))
+        self.engine = Engine(settings, self.registry, self.driver, local, self.recorder, self.hub)
+
+    async def start(self) -> None:
+        await self.engine.start()
+        if self.driver.unsafe:
+            log.warning("sandbox 'process' runs functions as host processes: "
+                        "UNSAFE for untrusted code, development only")
+        if self.settings.allow_local:
+            log.warning("local=true is allowed: callers may run code unsandboxed (unsafe)")
+
+    async def stop(self) -> None:
+        await self.engine.close()
 
     def describe(self) -> dict[str, Any]:
         """What /health and the start-up line report."""
-        return {"store": self.settings.store_kind}
+        return {"store": self.settings.store_kind, **self.driver.describe(),
+                "runtimes": [rt.id for rt in self.registry.runtimes.available()]}
 
     def store_description(self) -> str:
         url = self.db.url

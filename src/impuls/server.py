@@ -28,10 +28,14 @@ def serve(settings: Settings) -> None:
         timeout_graceful_shutdown=int(settings.shutdown_grace),
     )
     server = uvicorn.Server(config)
+    facts = platform.describe()
+    extra = "".join(f", {k}: {v}" for k, v in facts.items()
+                    if k not in ("store", "sandbox", "unsafe", "runtimes"))
     log.info(
-        "Impuls listening on http://%s:%d (store: %s, data dir: %s)",
+        "Impuls listening on http://%s:%d (store: %s, data dir: %s, sandbox: %s%s%s)",
         settings.host, settings.port, platform.store_description(),
-        settings.data_dir.resolve(),
+        settings.data_dir.resolve(), facts["sandbox"],
+        " UNSAFE for untrusted code" if facts["unsafe"] else "", extra,
     )
     try:
         server.run()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from impuls import __version__
-from impuls.api import functions
+from impuls.api import functions, invoke
 from impuls.api.deps import platform_of
 from impuls.errors import ImpulsError
 
@@ -57,7 +59,16 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
 
 
 def create_app(platform: Platform) -> FastAPI:
-    app = FastAPI(title="Impuls", version=__version__, docs_url=None, redoc_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await platform.start()
+        try:
+            yield
+        finally:
+            await platform.stop()
+
+    app = FastAPI(title="Impuls", version=__version__, docs_url=None, redoc_url=None,
+                  lifespan=lifespan)
     app.state.platform = platform
     app.add_exception_handler(ImpulsError, _impuls_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -70,4 +81,5 @@ def create_app(platform: Platform) -> FastAPI:
                 **platform_of(request).describe()}
 
     app.include_router(functions.router)
+    app.include_router(invoke.router)
     return app

@@ -1,0 +1,666 @@
+// Impuls runtime client for Node.js: speaks the Lambda Runtime API (2018-06-01).
+//
+// The host starts this file as `node bootstrap.js` with cwd = LAMBDA_TASK_ROOT. It loads the
+// handler named by _HANDLER once (CommonJS or ES module), then loops: GET .../invocation/next,
+// call the handler, POST the result (or the error) back. HTTP/1.1 is spoken by hand over one
+// persistent net.Socket (TCP to AWS_LAMBDA_RUNTIME_API, or the unix socket named by
+// IMPULS_RUNTIME_API_SOCKET): node's http client costs more per request and at start-up.
+//
+// Semantics follow Lambda's Node.js runtime (aws-lambda-nodejs-runtime-interface-client):
+// - a returned promise settles the invocation as soon as it settles;
+// - otherwise the invocation waits for callback(err, result); with
+//   context.callbackWaitsForEmptyEventLoop (default true) the response is sent once the event
+//   loop has nothing else to do; a handler that neither returns a promise nor calls back gets a
+//   null response when the event loop empties;
+// - context.succeed/fail/done respond immediately;
+// - an uncaught exception or unhandled rejection reports an error for the current invocation
+//   (or init) and ends the process with exit code 129.
+'use strict';
+
+const net = require('net');
+const fs = require('fs');
+const path = require('path');
+
+const env = process.env;
+const RUNTIME = '/2018-06-01/runtime';
+
+// ------------------------------------------------------------------------------------------
+// Logs: the host reads our stdout/stderr pipes after it gets a response, so everything written
+// before a POST must already be in the pipe. Node writes to pipes asynchronously; make them
+// blocking (files and TTYs are synchronous already). process.stdout/stderr are created lazily
+// (about 0.5 ms for a pipe): wrap their getters so that the stream is made blocking the moment
+// it first comes into existence, and not created at all for a function that never logs.
+
+const streams = { stdout: null, stderr: null };
+for (const name of ['stdout', 'stderr']) {
+  const descriptor = Object.getOwnPropertyDescriptor(process, name);
+  const makeBlocking = (stream) => {
+    const handle = stream && stream._handle;
+    if (handle && typeof handle.setBlocking === 'function') handle.setBlocking(true);
+    streams[name] = stream;
+    return stream;
+  };
+  if (descriptor && typeof descriptor.get === 'function' && descriptor.configurable) {
+    const get = descriptor.get;
+    Object.defineProperty(process, name, {
+      configurable: true,
+      enumerable: descriptor.enumerable,
+      get() {
+        const stream = get.call(process);
+        return stream === streams[name] ? stream : makeBlocking(stream);
+      },
+    });
+  } else {
+    makeBlocking(process[name]);
+  }
+}
+
+function logError(text) {
+  try {
+    process.stderr.write(text + '\n');
+  } catch (_) {
+    // nowhere to report it
+  }
+}
+
+// Calls fn once stdout and stderr have nothing queued (normally at once: they block).
+function whenFlushed(fn) {
+  const { stdout, stderr } = streams;
+  if (stdout !== null && stdout.writableLength > 0) stdout.once('drain', () => whenFlushed(fn));
+  else if (stderr !== null && stderr.writableLength > 0) {
+    stderr.once('drain', () => whenFlushed(fn));
+  } else fn();
+}
+
+// ------------------------------------------------------------------------------------------
+// HTTP/1.1 over one persistent socket. One request at a time: request(data, cb) sends a
+// complete request (head and body in one write) and calls cb(status, headers, body: Buffer).
+
+const unixPath = env.IMPULS_RUNTIME_API_SOCKET || '';
+delete env.IMPULS_RUNTIME_API_SOCKET;
+const api = env.AWS_LAMBDA_RUNTIME_API || '';
+const HOST = unixPath || !api ? 'localhost' : api; // the Host header
+let apiHost = api.slice(0, api.lastIndexOf(':'));
+const apiPort = Number(api.slice(api.lastIndexOf(':') + 1));
+if (apiHost.startsWith('[')) apiHost = apiHost.slice(1, -1);
+
+const HEAD_END = Buffer.from('\r\n\r\n');
+const EMPTY = Buffer.alloc(0);
+
+let sock = null;
+let refd = true; // false while we wait for the event loop to empty
+let pendingCb = null;
+let pendingReq = null;
+let attempts = 0;
+let rbuf = null; // received bytes not yet consumed
+let resStatus = 0; // response being read: status, headers, and body state
+let resHeaders = null;
+let bodyMode = 0; // 0: reading head, 1: fixed length, 2: chunked, 3: until close
+let bodyNeed = 0;
+let bodyParts = null;
+let bodyHave = 0;
+
+function connect() {
+  const s = unixPath ? net.createConnection(unixPath) : net.createConnection(apiPort, apiHost);
+  s.setNoDelay(true);
+  s.on('data', (chunk) => {
+    if (s === sock) onData(chunk);
+  });
+  s.on('error', () => {}); // 'close' follows
+  s.on('close', () => onClose(s));
+  sock = s;
+  rbuf = null;
+  bodyMode = 0;
+}
+
+function request(data, cb) {
+  pendingCb = cb;
+  pendingReq = data;
+  attempts = 0;
+  send();
+}
+
+function send() {
+  if (sock === null) connect();
+  else if (!refd) {
+    sock.ref();
+    refd = true;
+  }
+  sock.write(pendingReq);
+}
+
+function onClose(s) {
+  if (s !== sock) return;
+  sock = null;
+  if (pendingCb === null) return;
+  if (bodyMode === 3) {
+    bodyMode = 0;
+    const body = rbuf === null ? EMPTY : rbuf;
+    rbuf = null;
+    complete(body);
+    return;
+  }
+  if (++attempts > 3) {
+    logError('impuls runtime: lost the connection to the Runtime API, exiting');
+    process.exit(1);
+  }
+  refd = true;
+  setTimeout(send, 20 * (attempts - 1)); // first retry at once: a dropped keep-alive
+}
+
+function onData(chunk) {
+  if (bodyMode === 1) {
+    bodyParts.push(chunk);
+    bodyHave += chunk.length;
+    if (bodyHave < bodyNeed) return;
+    const all = Buffer.concat(bodyParts, bodyHave);
+    bodyParts = null;
+    bodyMode = 0;
+    rbuf = bodyHave > bodyNeed ? all.subarray(bodyNeed) : null;
+    complete(all.subarray(0, bodyNeed));
+    return;
+  }
+  rbuf = rbuf === null ? chunk : Buffer.concat([rbuf, chunk]);
+  if (bodyMode === 2) readChunked();
+  else if (bodyMode === 0) readHead();
+}
+
+function readHead() {
+  if (pendingCb === null) return;
+  const buf = rbuf;
+  const end = buf.indexOf(HEAD_END);
+  if (end < 0) return;
+  const head = buf.toString('latin1', 0, end);
+  const headers = {};
+  let pos = head.indexOf('\r\n');
+  resStatus = Number(head.slice(9, 12));
+  while (pos >= 0) {
+    const next = head.indexOf('\r\n', pos + 2);
+    const line = next < 0 ? head.slice(pos + 2) : head.slice(pos + 2, next);
+    const colon = line.indexOf(':');
+    if (colon > 0) {
+      headers[line.slice(0, colon).trim().toLowerCase()] = line.slice(colon + 1).trim();
+    }
+    pos = next;
+  }
+  resHeaders = headers;
+  const start = end + 4;
+  const length = headers['content-length'];
+  if (length !== undefined) {
+    const need = Number(length);
+    if (buf.length - start >= need) {
+      rbuf = buf.length - start > need ? buf.subarray(start + need) : null;
+      complete(buf.subarray(start, start + need));
+    } else {
+      bodyMode = 1;
+      bodyNeed = need;
+      bodyParts = [buf.subarray(start)];
+      bodyHave = buf.length - start;
+      rbuf = null;
+    }
+  } else if (/chunked/i.test(headers['transfer-encoding'] || '')) {
+    bodyMode = 2;
+    rbuf = buf.subarray(start);
+    readChunked();
+  } else if (resStatus < 200 || resStatus === 204 || resStatus === 304) {
+    rbuf = buf.length > start ? buf.subarray(start) : null;
+    complete(EMPTY);
+  } else {
+    bodyMode = 3; // the body runs until the server closes the connection
+    rbuf = buf.length > start ? buf.subarray(start) : null;
+  }
+}
+
+// Decodes a chunked body once it has fully arrived (rare: the host sends Content-Length).
+function readChunked() {
+  const buf = rbuf;
+  const parts = [];
+  let pos = 0;
+  for (;;) {
+    const eol = buf.indexOf('\r\n', pos, 'latin1');
+    if (eol < 0) return;
+    const size = parseInt(buf.toString('latin1', pos, eol), 16);
+    pos = eol + 2;
+    if (size === 0) {
+      for (;;) {
+        const end = buf.indexOf('\r\n', pos, 'latin1');
+        if (end < 0) return;
+        const blank = end === pos;
+        pos = end + 2;
+        if (blank) {
+          bodyMode = 0;
+          rbuf = pos < buf.length ? buf.subarray(pos) : null;
+          complete(Buffer.concat(parts));
+          return;
+        }
+      }
+    }
+    if (buf.length < pos + size + 2) return;
+    parts.push(buf.subarray(pos, pos + size));
+    pos += size + 2;
+  }
+}
+
+function complete(body) {
+  const cb = pendingCb;
+  const status = resStatus;
+  const headers = resHeaders;
+  pendingCb = null;
+  pendingReq = null;
+  resHeaders = null;
+  if (/close/i.test(headers.connection || '') && sock !== null) {
+    sock.destroy();
+    sock = null;
+  }
+  cb(status, headers, body);
+}
+
+function post(pathAndQuery, body, extraHeaders, cb) {
+  request(
+    'POST ' + pathAndQuery + ' HTTP/1.1\r\nHost: ' + HOST +
+      '\r\nContent-Type: application/json\r\n' + extraHeaders +
+      'Content-Length: ' + Buffer.byteLength(body) + '\r\n\r\n' + body,
+    (status) => {
+      if (status < 200 || status > 299) {
+        logError('impuls runtime: POST ' + pathAndQuery + ' answered HTTP ' + status);
+      }
+      cb();
+    },
+  );
+}
+
+// ------------------------------------------------------------------------------------------
+// Errors
+
+function isErrorLike(err) {
+  return (
+    err instanceof Error ||
+    (err !== null && typeof err === 'object' && typeof err.message === 'string' &&
+      typeof err.name === 'string')
+  );
+}
+
+function stackLines(err) {
+  try {
+    return typeof err.stack === 'string' ? err.stack.split('\n') : [];
+  } catch (_) {
+    return [];
+  }
+}
+
+// {errorType, errorMessage, stackTrace} for anything a handler can throw or call back with.
+function errorBody(err) {
+  try {
+    if (isErrorLike(err)) {
+      return {
+        errorType: String(err.name),
+        errorMessage: String(err.message),
+        stackTrace: stackLines(err),
+      };
+    }
+    let text;
+    if (typeof err === 'string') text = err;
+    else {
+      try {
+        text = JSON.stringify(err);
+      } catch (_) {
+        // fall through to String()
+      }
+      if (typeof text !== 'string') text = String(err);
+    }
+    return { errorType: typeof err, errorMessage: text, stackTrace: [] };
+  } catch (_) {
+    return {
+      errorType: 'Runtime.UnknownError',
+      errorMessage: 'unable to describe the error value',
+      stackTrace: [],
+    };
+  }
+}
+
+function postError(pathAndQuery, body, cb) {
+  const json = JSON.stringify(body);
+  logError(
+    (pathAndQuery.endsWith('/init/error') ? 'Init Error ' : 'Invoke Error ') + json,
+  );
+  const type = String(body.errorType).replace(/[^\x20-\x7e]/g, '?');
+  whenFlushed(() => post(pathAndQuery, json, 'Lambda-Runtime-Function-Error-Type: ' + type +
+    '\r\n', cb));
+}
+
+// ------------------------------------------------------------------------------------------
+// Handler loading ("init")
+
+// An error whose report is fixed (Runtime.* types raised by this file).
+function fault(errorType, message) {
+  const e = new Error(message);
+  e.name = errorType;
+  e.impulsBody = { errorType, errorMessage: message, stackTrace: [] };
+  return e;
+}
+
+function isFile(p) {
+  try {
+    return fs.statSync(p).isFile();
+  } catch (_) {
+    return false;
+  }
+}
+
+// Like Lambda: a .js file is an ES module when the nearest package.json says "type": "module".
+function isEsmPackage(file) {
+  let dir = path.dirname(file);
+  for (;;) {
+    let text = null;
+    try {
+      text = fs.readFileSync(path.join(dir, 'package.json'), 'utf8');
+    } catch (_) {
+      // no package.json here
+    }
+    if (text !== null) {
+      try {
+        return JSON.parse(text).type === 'module';
+      } catch (_) {
+        return false;
+      }
+    }
+    const parent = path.dirname(dir);
+    if (parent === dir || path.basename(dir) === 'node_modules') return false;
+    dir = parent;
+  }
+}
+
+function importFile(file) {
+  return import(require('url').pathToFileURL(file).href);
+}
+
+// Returns {exports} for a CommonJS module or {esm: promise of the namespace} for an ES module.
+function loadModule(root, modulePath) {
+  const base = path.resolve(root, modulePath);
+  // Lambda's order: the file as named, then .js, .mjs, .cjs; then node's own resolution.
+  if (isFile(base)) return { exports: require(base) };
+  if (isFile(base + '.js')) {
+    if (isEsmPackage(base + '.js')) return { esm: importFile(base + '.js') };
+    return { exports: require(base + '.js') };
+  }
+  if (isFile(base + '.mjs')) return { esm: importFile(base + '.mjs') };
+  if (isFile(base + '.cjs')) return { exports: require(base + '.cjs') };
+  return { exports: require(require.resolve(modulePath, { paths: [root] })) };
+}
+
+function loadError(err) {
+  if (err && err.impulsBody) return err.impulsBody;
+  if (err instanceof SyntaxError || (err && err.name === 'SyntaxError')) {
+    return { errorType: 'Runtime.UserCodeSyntaxError', errorMessage: String(err),
+      stackTrace: stackLines(err) };
+  }
+  if (err && (err.code === 'MODULE_NOT_FOUND' || err.code === 'ERR_MODULE_NOT_FOUND')) {
+    return { errorType: 'Runtime.ImportModuleError', errorMessage: String(err),
+      stackTrace: stackLines(err) };
+  }
+  return errorBody(err);
+}
+
+function resolveHandler(moduleObject, handlerPath, fullName) {
+  let fn = moduleObject;
+  for (const key of handlerPath.split('.')) fn = fn === null || fn === undefined ? fn : fn[key];
+  if (fn === undefined || fn === null) {
+    throw fault('Runtime.HandlerNotFound', fullName + ' is undefined or not exported');
+  }
+  if (typeof fn !== 'function') {
+    throw fault('Runtime.HandlerNotFound', fullName + ' is not a function');
+  }
+  return fn;
+}
+
+// ------------------------------------------------------------------------------------------
+// Invocations
+
+const FUNCTION_NAME = env.AWS_LAMBDA_FUNCTION_NAME;
+const FUNCTION_VERSION = env.AWS_LAMBDA_FUNCTION_VERSION;
+const MEMORY_SIZE = env.AWS_LAMBDA_FUNCTION_MEMORY_SIZE;
+const LOG_GROUP = env.AWS_LAMBDA_LOG_GROUP_NAME;
+const LOG_STREAM = env.AWS_LAMBDA_LOG_STREAM_NAME;
+const NEXT = Buffer.from(
+  'GET ' + RUNTIME + '/invocation/next HTTP/1.1\r\nHost: ' + HOST + '\r\n\r\n', 'latin1');
+const RESPONSE_HEAD = ' HTTP/1.1\r\nHost: ' + HOST + '\r\nContent-Type: application/json\r\n';
+
+let handler = null;
+let initializing = true;
+let crashing = false;
+let current = null; // the invocation in progress, until its outcome is being posted
+let traceSet = '_X_AMZN_TRACE_ID' in env;
+
+class Invocation {
+  constructor(id) {
+    this.id = id;
+    this.done = false; // outcome decided (posting or posted)
+    this.waiting = false; // handler returned without a promise: respond when the loop empties
+    this.called = false; // callback already called (the first call wins)
+    this.err = null;
+    this.result = undefined;
+  }
+}
+
+function parseHeaderJson(value) {
+  if (value === undefined) return undefined;
+  try {
+    return JSON.parse(value);
+  } catch (_) {
+    return undefined;
+  }
+}
+
+function makeContext(inv, headers) {
+  const deadline = Number(headers['lambda-runtime-deadline-ms']) || 0;
+  const context = {
+    callbackWaitsForEmptyEventLoop: true,
+    functionVersion: FUNCTION_VERSION,
+    functionName: FUNCTION_NAME,
+    memoryLimitInMB: MEMORY_SIZE,
+    logGroupName: LOG_GROUP,
+    logStreamName: LOG_STREAM,
+    clientContext: parseHeaderJson(headers['lambda-runtime-client-context']),
+    identity: parseHeaderJson(headers['lambda-runtime-cognito-identity']),
+    invokedFunctionArn: headers['lambda-runtime-invoked-function-arn'],
+    awsRequestId: inv.id,
+    getRemainingTimeInMillis: () => Math.max(deadline - Date.now(), 0),
+    // Legacy API: respond at once, without waiting for the event loop.
+    succeed: (result) => finish(inv, null, result),
+    fail: (err) => finish(inv, err === undefined || err === null ? 'handled' : err, undefined),
+    done: (err, result) => finish(inv, err, result),
+  };
+  return context;
+}
+
+function next() {
+  request(NEXT, onNext);
+}
+
+function onNext(status, headers, body) {
+  if (status !== 200) {
+    logError('impuls runtime: GET /invocation/next answered HTTP ' + status + ', exiting');
+    process.exit(1);
+  }
+  const id = headers['lambda-runtime-aws-request-id'] || '';
+  const inv = new Invocation(id);
+  const trace = headers['lambda-runtime-trace-id'];
+  if (trace) {
+    env._X_AMZN_TRACE_ID = trace;
+    traceSet = true;
+  } else if (traceSet) {
+    delete env._X_AMZN_TRACE_ID;
+    traceSet = false;
+  }
+  let event;
+  try {
+    event = JSON.parse(body.toString());
+  } catch (err) {
+    finish(inv, fault('Runtime.UnmarshalError', 'Unable to unmarshal input: ' + err.message),
+      undefined);
+    return;
+  }
+  current = inv;
+  const context = makeContext(inv, headers);
+  const callback = (err, result) => {
+    if (inv.done || inv.called) return;
+    inv.called = true;
+    if (context.callbackWaitsForEmptyEventLoop) {
+      inv.err = err;
+      inv.result = result;
+      waitForEmptyLoop(inv);
+    } else {
+      finish(inv, err, result);
+    }
+  };
+  let ret;
+  try {
+    ret = handler(event, context, callback);
+  } catch (err) {
+    finish(inv, err, undefined);
+    return;
+  }
+  if (ret !== null && (typeof ret === 'object' || typeof ret === 'function') &&
+      typeof ret.then === 'function') {
+    ret.then(
+      (result) => finish(inv, null, result),
+      (err) => finish(inv, err === undefined || err === null ? 'handled' : err, undefined),
+    );
+  } else {
+    waitForEmptyLoop(inv);
+  }
+}
+
+// Respond once nothing but our (unref'ed) socket keeps the event loop alive: see 'beforeExit'.
+function waitForEmptyLoop(inv) {
+  if (inv.done || inv.waiting) return;
+  inv.waiting = true;
+  if (sock !== null && refd) {
+    sock.unref();
+    refd = false;
+  }
+}
+
+process.on('beforeExit', () => {
+  const inv = current;
+  if (inv !== null && inv.waiting && !inv.done) finish(inv, inv.err, inv.result);
+});
+
+function finish(inv, err, result) {
+  if (inv.done || crashing) return;
+  inv.done = true;
+  if (current === inv) current = null;
+  const invocation = RUNTIME + '/invocation/' + inv.id;
+  if (err !== null && err !== undefined) {
+    const body = err && err.impulsBody ? err.impulsBody : errorBody(err);
+    postError(invocation + '/error', body, next);
+    return;
+  }
+  let json;
+  try {
+    json = JSON.stringify(result === undefined ? null : result);
+  } catch (e) {
+    postError(invocation + '/error', {
+      errorType: 'Runtime.MarshalError',
+      errorMessage: 'Unable to marshal response: ' + (e && e.message),
+      stackTrace: [],
+    }, next);
+    return;
+  }
+  if (json === undefined) json = 'null'; // e.g. a function
+  const data = 'POST ' + invocation + '/response' + RESPONSE_HEAD + 'Content-Length: ' +
+    Buffer.byteLength(json) + '\r\n\r\n' + json;
+  whenFlushed(() => request(data, onPosted));
+}
+
+function onPosted(status) {
+  if (status < 200 || status > 299) {
+    logError('impuls runtime: POST /invocation/response answered HTTP ' + status);
+  }
+  next();
+}
+
+// Errors outside a handler's own promise/callback: report them, then end the process.
+function crash(label, body) {
+  if (crashing) return;
+  logError(label + ' ' + JSON.stringify(body));
+  const exit = () => process.exit(129);
+  let target = null;
+  if (initializing) target = RUNTIME + '/init/error';
+  else if (current !== null && !current.done) {
+    current.done = true;
+    target = RUNTIME + '/invocation/' + current.id + '/error';
+  }
+  crashing = true;
+  if (target === null || pendingCb !== null) {
+    exit();
+    return;
+  }
+  setTimeout(exit, 2000);
+  const type = String(body.errorType).replace(/[^\x20-\x7e]/g, '?');
+  whenFlushed(() => post(target, JSON.stringify(body),
+    'Lambda-Runtime-Function-Error-Type: ' + type + '\r\n', exit));
+}
+
+process.on('uncaughtException', (err) => {
+  crash('Uncaught Exception', initializing ? loadError(err) : errorBody(err));
+});
+
+process.on('unhandledRejection', (reason) => {
+  const message = reason === undefined || reason === null ? String(reason) :
+    isErrorLike(reason) ? String(reason.name) + ': ' + String(reason.message) : String(reason);
+  crash('Unhandled Promise Rejection', {
+    errorType: 'Runtime.UnhandledPromiseRejection',
+    errorMessage: message,
+    stackTrace: isErrorLike(reason) ? stackLines(reason) : [],
+  });
+});
+
+// ------------------------------------------------------------------------------------------
+// Start
+
+function initFailed(err) {
+  if (crashing) return;
+  const body = loadError(err);
+  crashing = true;
+  logError('Init Error ' + JSON.stringify(body));
+  const type = String(body.errorType).replace(/[^\x20-\x7e]/g, '?');
+  whenFlushed(() => post(RUNTIME + '/init/error', JSON.stringify(body),
+    'Lambda-Runtime-Function-Error-Type: ' + type + '\r\n', () => process.exit(129)));
+}
+
+function start() {
+  if (!api && !unixPath) {
+    logError('impuls runtime: AWS_LAMBDA_RUNTIME_API is not set');
+    process.exit(1);
+  }
+  const root = env.LAMBDA_TASK_ROOT || process.cwd();
+  const fullName = env._HANDLER || '';
+  const baseName = path.basename(fullName);
+  const moduleRoot = fullName.slice(0, fullName.length - baseName.length);
+  const dot = baseName.indexOf('.');
+  let loaded;
+  try {
+    if (dot <= 0 || dot === baseName.length - 1) {
+      throw fault('Runtime.MalformedHandlerName', "Bad handler '" + fullName + "'");
+    }
+    loaded = loadModule(root, moduleRoot + baseName.slice(0, dot));
+  } catch (err) {
+    initFailed(err);
+    return;
+  }
+  const ready = (moduleObject) => {
+    try {
+      handler = resolveHandler(moduleObject, baseName.slice(dot + 1), fullName);
+    } catch (err) {
+      initFailed(err);
+      return;
+    }
+    initializing = false;
+    next();
+  };
+  if (loaded.esm) loaded.esm.then(ready, initFailed);
+  else ready(loaded.exports);
+}
+
+start();

@@ -1,0 +1,225 @@
+"""The sandbox driver interface: one contract for every isolation technology.
+
+A :class:`SandboxDriver` turns an :class:`InstanceSpec` into a running
+:class:`Instance`: an isolated runtime that has loaded the function's code
+and waits for its first event on its own Runtime API endpoint.
+
+Contract, for every driver:
+
+* ``create`` returns only when the runtime is ready for its first event.  It
+  raises :class:`~impuls.errors.InitFailed` when the function's code failed
+  to load (the runtime reported it, or exited before becoming ready) and
+  :class:`~impuls.errors.SandboxStartFailed` when the sandbox itself could not
+  be made.  Nothing is left behind when it raises.
+* ``Instance.invoke`` serves one invocation at a time.  It returns the
+  runtime's reply, or raises :class:`~impuls.errors.InvocationTimedOut`
+  (deadline passed; the instance must then be destroyed),
+  :class:`~impuls.errors.OutOfMemory` or :class:`~impuls.errors.RuntimeExited`
+  (the runtime is gone).
+* ``Instance.destroy`` is idempotent and always frees everything: processes,
+  sockets, scratch space, cgroups.  After it, ``exited`` is done.
+* No driver lets a bare ``OSError`` escape: errors are named after the condition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from impuls.engine.runtime_api import Invocation, RuntimeAPI, RuntimeReply
+from impuls.errors import InitFailed, InvocationTimedOut, OutOfMemory, RuntimeExited
+from impuls.runtimes import Runtime
+
+LOG_RECORD_LIMIT = 64 * 1024
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """Everything a driver needs to start one instance of one function version."""
+
+    instance_id: str
+    function_name: str
+    revision: int
+    runtime: Runtime
+    handler: str
+    code_dir: Path
+    memory_mb: int
+    timeout_sec: int
+    ephemeral_storage_mb: int
+    environment: Mapping[str, str]
+    region: str = "us-east-1"
+    version: str = "$LATEST"
+
+    @property
+    def function_arn(self) -> str:
+        return f"arn:aws:lambda:{self.region}:000000000000:function:{self.function_name}"
+
+    def runtime_environment(self, api_address: str, task_root: str, tmpdir: str,
+                            path: str = DEFAULT_PATH) -> dict[str, str]:
+        """The instance's whole environment: the function's variables plus the
+        runtime interface variables; nothing from the server's own environment."""
+        env = dict(self.environment)
+        env.update(
+            AWS_LAMBDA_RUNTIME_API=api_address,
+            _HANDLER=self.handler,
+            LAMBDA_TASK_ROOT=task_root,
+            AWS_LAMBDA_FUNCTION_NAME=self.function_name,
+            AWS_LAMBDA_FUNCTION_MEMORY_SIZE=str(self.memory_mb),
+            AWS_LAMBDA_FUNCTION_VERSION=self.version,
+            AWS_LAMBDA_LOG_GROUP_NAME=f"/aws/lambda/{self.function_name}",
+            AWS_LAMBDA_LOG_STREAM_NAME=(
+                f"{time.strftime('%Y/%m/%d')}/[{self.version}]{self.instance_id}"
+            ),
+            AWS_REGION=self.region,
+            TZ=":UTC",
+            TMPDIR=tmpdir,
+            PATH=path,
+            LANG="C.UTF-8",
+        )
+        return env
+
+
+class OutputCapture:
+    """What the runtime wrote to stdout/stderr since the last ``take``, capped.
+
+    Keeps the last ``limit`` bytes and counts what it dropped, so a function
+    that writes 100 MB costs the server at most ~2×``limit`` of memory.
+    ``listener`` (if set) sees every chunk as it arrives (live log follow).
+    """
+
+    def __init__(self, limit: int = LOG_RECORD_LIMIT) -> None:
+        self.limit = limit
+        self._buf = bytearray()
+        self.dropped = 0
+        self.listener: Callable[[bytes], None] | None = None
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+        if len(self._buf) > 2 * self.limit:
+            cut = len(self._buf) - self.limit
+            del self._buf[:cut]
+            self.dropped += cut
+        if self.listener is not None:
+            self.listener(data)
+
+    def take(self) -> tuple[str, bool]:
+        """The captured text and whether some was dropped; resets the capture."""
+        data = bytes(self._buf[-self.limit:])
+        truncated = self.dropped > 0 or len(self._buf) > self.limit
+        self._buf.clear()
+        self.dropped = 0
+        return data.decode("utf-8", "replace"), truncated
+
+    def peek(self) -> str:
+        return bytes(self._buf[-self.limit:]).decode("utf-8", "replace")
+
+
+class Instance(ABC):
+    """One isolated runtime; serves one invocation at a time (see module contract)."""
+
+    def __init__(self, spec: InstanceSpec, api: RuntimeAPI) -> None:
+        self.spec = spec
+        self.api = api
+        self.output = OutputCapture()
+        self.created_at = time.monotonic()
+        self.invocations = 0
+        self._destroyed = False
+
+    @property
+    @abstractmethod
+    def exited(self) -> asyncio.Future[int]:
+        """Completes (with an exit status) when the runtime process or VM is gone."""
+
+    @abstractmethod
+    def drain_output(self) -> None:
+        """Move whatever output is already buffered by the OS into ``output`` (non-blocking)."""
+
+    @abstractmethod
+    async def _teardown(self) -> None:
+        """Free every resource of the instance; called once by ``destroy``."""
+
+    def oom_killed(self) -> bool:
+        """True when the instance was killed for exceeding its memory limit."""
+        return False
+
+    @property
+    def destroyed(self) -> bool:
+        return self._destroyed
+
+    async def destroy(self) -> None:
+        if self._destroyed:
+            return
+        self._destroyed = True
+        self.api.close()
+        await self._teardown()
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Wait until the runtime asks for its first event; raise InitFailed otherwise."""
+        waitables: set[asyncio.Future[Any]] = {self.api.ready, self.exited}
+        await asyncio.wait(waitables, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if self.api.ready.done() and not self.api.ready.cancelled():
+            exc = self.api.ready.exception()
+            if exc is None:
+                return
+            self.drain_output()
+            if isinstance(exc, InitFailed):
+                exc.logs = self.output.peek()
+            raise exc
+        self.drain_output()
+        logs = self.output.peek()
+        if self.exited.done():
+            if self.oom_killed():
+                raise InitFailed(OutOfMemory.error_type,
+                                 f"out of memory during init ({self.spec.memory_mb} MB)", logs)
+            raise InitFailed("Runtime.ExitError",
+                             f"runtime exited with status {self.exited.result()} during init", logs)
+        raise InitFailed("Sandbox.Timeout", f"init did not finish within {timeout:.0f} s", logs)
+
+    async def invoke(self, invocation: Invocation, timeout: float) -> RuntimeReply:
+        """Send one event and wait for the runtime's reply (see module contract)."""
+        self.invocations += 1
+        self.api.dispatch(invocation)
+        reply = invocation.reply
+        waitables: set[asyncio.Future[Any]] = {reply, self.exited}
+        await asyncio.wait(waitables, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        self.drain_output()
+        if reply.done():
+            return reply.result()
+        self.api.abandon()
+        if self.exited.done():
+            if self.oom_killed():
+                raise OutOfMemory(f"instance exceeded its memory limit of {self.spec.memory_mb} MB")
+            raise RuntimeExited(f"runtime exited with status {self.exited.result()} during the invocation")
+        raise InvocationTimedOut(f"function timed out after {timeout:.2f} s")
+
+
+class SandboxDriver(ABC):
+    """Creates and destroys instances of one isolation technology."""
+
+    name: str = ""
+    #: True when the sandbox does not contain untrusted code (``process``).
+    unsafe: bool = False
+
+    @abstractmethod
+    async def create(self, spec: InstanceSpec) -> Instance:
+        """Start an instance; returns when the runtime is ready for its first event."""
+
+    def supports(self, runtime: Runtime) -> bool:
+        return self.name in runtime.sandboxes
+
+    async def reap_orphans(self) -> int:
+        """Kill what a previous server process left behind (after a crash); returns a count."""
+        return 0
+
+    async def close(self) -> None:
+        """Release driver-wide resources (instances are destroyed by their owners first)."""
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for /health and the start-up line."""
+        return {"sandbox": self.name, "unsafe": self.unsafe}

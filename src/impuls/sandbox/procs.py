@@ -1,0 +1,115 @@
+"""Watching child processes from the event loop, and pid files for crash recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+from impuls.sandbox.base import OutputCapture
+
+READ_CHUNK = 65536
+
+
+class ProcessWatch:
+    """Notices a child's exit (pidfd) and pumps its stdout/stderr pipe into an OutputCapture."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], output_fd: int) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.proc = proc
+        self.exited: asyncio.Future[int] = self.loop.create_future()
+        self._fd: int | None = output_fd
+        self._capture: OutputCapture | None = None
+        os.set_blocking(output_fd, False)
+        self.loop.add_reader(output_fd, self._readable)
+        self._pidfd: int | None = os.pidfd_open(proc.pid)
+        self.loop.add_reader(self._pidfd, self._on_exit)
+
+    def output_to(self, capture: OutputCapture) -> None:
+        self._capture = capture
+
+    def _on_exit(self) -> None:
+        if self._pidfd is not None:
+            self.loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        status = self.proc.wait()
+        if not self.exited.done():
+            self.exited.set_result(status)
+
+    def _readable(self) -> None:
+        self._read(once=True)
+
+    def _read(self, once: bool) -> None:
+        while self._fd is not None:
+            try:
+                data = os.read(self._fd, READ_CHUNK)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._close_output()
+                return
+            if self._capture is not None:
+                self._capture.feed(data)
+            if once and len(data) < READ_CHUNK:
+                return
+
+    def drain(self) -> None:
+        """Read everything the pipe holds right now."""
+        self._read(once=False)
+
+    def _close_output(self) -> None:
+        if self._fd is not None:
+            self.loop.remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+    async def wait_closed(self) -> None:
+        """Wait for the exit (after the caller killed the process), then close the pipe."""
+        await self.exited
+        self.drain()
+        self._close_output()
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+class PidFile:
+    """``<run_dir>/<instance>.json``: which process group to kill if the server dies."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def write(cls, run_dir: Path, instance_id: str, pid: int) -> PidFile:
+        path = run_dir / f"{instance_id}.json"
+        path.write_text(json.dumps({"pid": pid, "start": _start_time(pid)}))
+        return cls(path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    @staticmethod
+    def reap_all(run_dir: Path) -> int:
+        """SIGKILL every recorded process group still alive (same pid *and* start time)."""
+        count = 0
+        for path in run_dir.glob("*.json"):
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                info = json.loads(path.read_text())
+                pid = int(info["pid"])
+                if info.get("start") and _start_time(pid) == info["start"]:
+                    os.killpg(pid, signal.SIGKILL)
+                    count += 1
+            path.unlink(missing_ok=True)
+        return count
