@@ -47,7 +47,8 @@ class Invocation:
     deadline_ms: int
     function_arn: str
     trace_id: str = ""
-    reply: asyncio.Future[RuntimeReply] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    reply: asyncio.Future[RuntimeReply] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future())
 
     def next_response(self) -> bytes:
         head = (
@@ -259,7 +260,7 @@ class _Connection(asyncio.Protocol):
         if rest == b"invocation/next" and method == b"GET":
             self.api._on_next(self)
         elif rest.startswith(b"invocation/") and method == b"POST":
-            _, request_id, kind = (rest.split(b"/") + [b"", b""])[:3]
+            _, request_id, kind = [*rest.split(b"/"), b"", b""][:3]
             rid = request_id.decode("latin-1")
             if kind == b"response":
                 if self.too_large:

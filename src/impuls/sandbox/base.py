@@ -89,7 +89,7 @@ class OutputCapture:
     """What the runtime wrote to stdout/stderr since the last ``take``, capped.
 
     Keeps the last ``limit`` bytes and counts what it dropped, so a function
-    that writes 100 MB costs the server at most ~2×``limit`` of memory.
+    that writes 100 MB costs the server at most about twice ``limit`` of memory.
     ``listener`` (if set) sees every chunk as it arrives (live log follow).
     """
 
@@ -217,7 +217,7 @@ class SandboxDriver(ABC):
         """Kill what a previous server process left behind (after a crash); returns a count."""
         return 0
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook
         """Release driver-wide resources (instances are destroyed by their owners first)."""
 
     def describe(self) -> dict[str, Any]:
