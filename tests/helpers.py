@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import signal
 import socket
@@ -99,3 +100,34 @@ class Server:
 
     def create(self, **body: Any) -> httpx.Response:
         return self.client.post("/api/v1/functions", json=body)
+
+    def deploy(self, **body: Any) -> dict[str, Any]:
+        """Create a function (a unique name unless given); fail the test on any error."""
+        body.setdefault("name", unique())
+        r = self.create(**body)
+        assert r.status_code == 201, r.text
+        return dict(r.json())
+
+    def invoke(self, name: str, event: Any = None, **params: Any) -> httpx.Response:
+        content = b"" if event is None else json.dumps(event).encode()
+        return self.client.post(f"/api/v1/functions/{name}/invoke", content=content,
+                                params=params, headers={"Content-Type": "application/json"})
+
+    def processes_in_data_dir(self) -> list[int]:
+        """Host pids whose working directory is inside this server's data directory."""
+        return processes_under(self.data_dir)
+
+
+def processes_under(directory: Path) -> list[int]:
+    root = str(directory.resolve())
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cwd = os.readlink(entry / "cwd")
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if cwd.startswith(root) and state != "Z":
+                found.append(int(entry.name))
+    return found

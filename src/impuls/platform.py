@@ -63,6 +63,9 @@ class Platform:
         return {"store": self.settings.store_kind, **self.driver.describe(),
                 "runtimes": [rt.id for rt in self.registry.runtimes.available()]}
 
+    def health(self) -> dict[str, Any]:
+        return {**self.describe(), "engine": self.engine.stats()}
+
     def store_description(self) -> str:
         url = self.db.url
         if url.get_backend_name() == "sqlite":

@@ -77,7 +77,7 @@ def create_app(platform: Platform) -> FastAPI:
     @app.get("/health")
     async def health(request: Request) -> dict[str, Any]:
         return {"status": "healthy", "service": "impuls", "version": __version__,
-                **platform_of(request).describe()}
+                **platform_of(request).health()}
 
     app.include_router(functions.router)
     app.include_router(invoke.router)

@@ -221,7 +221,7 @@ class Engine:
     def stats(self) -> dict[str, int]:
         pools = self._pools.values()
         return {"instances": sum(p.size for p in pools), "idle": sum(len(p.idle) for p in pools),
-                "inflight": self._inflight}
+                "inflight": self._inflight, "queued": sum(len(p.waiters) for p in pools)}
 
     # --- invoking --------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from typing import Any
 from impuls.engine.runtime_api import RuntimeAPI
 from impuls.errors import SandboxStartFailed
 from impuls.sandbox.base import Instance, InstanceSpec, SandboxDriver
-from impuls.sandbox.procs import PidFile, ProcessWatch
+from impuls.sandbox.procs import PidFile, ProcessWatch, kill_tree
 
 log = logging.getLogger("impuls.sandbox.process")
 
@@ -50,8 +50,7 @@ class ProcessInstance(Instance):
         self.watch.drain()
 
     async def _teardown(self) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        kill_tree(self.proc.pid)
         await self.watch.wait_closed()
         self.pidfile.remove()
         shutil.rmtree(self.scratch, ignore_errors=True)

@@ -77,6 +77,42 @@ class ProcessWatch:
         self._close_output()
 
 
+def _children() -> dict[int, list[int]]:
+    """ppid → child pids, from /proc."""
+    tree: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as fh:
+                    ppid = int(fh.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            tree.setdefault(ppid, []).append(int(entry.name))
+    return tree
+
+
+def kill_tree(root: int, rounds: int = 5) -> None:
+    """SIGKILL ``root``'s process group and every descendant, including those
+    that left the group with setsid (found through their parent links).
+    A descendant that double-forked away from the tree is out of reach: only
+    the namespace and microvm sandboxes contain those."""
+    for _ in range(rounds):
+        tree = _children()
+        found, stack = [], [root]
+        while stack:
+            pid = stack.pop()
+            kids = tree.get(pid, [])
+            found.extend(kids)
+            stack.extend(kids)
+        for target in (root, *found):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(target, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(target, signal.SIGKILL)
+        if not found:
+            return
+
+
 def _start_time(pid: int) -> str | None:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()

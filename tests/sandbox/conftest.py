@@ -1,0 +1,81 @@
+"""Drivers under test, and specs built by hand (no server)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Coroutine, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from impuls.runtimes import Runtime, default_registry
+from impuls.sandbox.base import InstanceSpec
+
+T = TypeVar("T")
+DRIVERS = ["process", "namespace"]
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def _unavailable(kind: str) -> str | None:
+    if kind == "process":
+        return None
+    from impuls import sandbox
+
+    check = getattr(sandbox, f"{kind}_available", None)
+    if check is None:
+        return f"the {kind} driver is not built"
+    reason: str | None = check()
+    return reason
+
+
+@pytest.fixture
+def world_dir() -> Iterator[Path]:
+    """A temporary directory every uid can reach (sandboxes run as an unprivileged uid)."""
+    path = Path(tempfile.mkdtemp(prefix="impuls-test-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(params=DRIVERS)
+def driver_kind(request: pytest.FixtureRequest) -> str:
+    reason = _unavailable(request.param)
+    if reason:
+        pytest.skip(f"{request.param} sandbox unavailable here: {reason}")
+    return str(request.param)
+
+
+class SpecFactory:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def __call__(self, files: dict[str, str], runtime: str = "python3.11",
+                 handler: str | None = None, **over: Any) -> InstanceSpec:
+        rt: Runtime = default_registry().resolve(runtime)
+        code = self.root / f"code-{uuid.uuid4().hex[:8]}"
+        code.mkdir()
+        for name, text in files.items():
+            (code / name).write_text(text)
+        os.chmod(code, 0o755)
+        spec = InstanceSpec(
+            instance_id=uuid.uuid4().hex[:16], function_name="conformance", revision=1,
+            runtime=rt, handler=handler or ("handler.handler" if rt.language == "python"
+                                            else "index.handler"),
+            code_dir=code, memory_mb=128, timeout_sec=5, ephemeral_storage_mb=512,
+            environment={"FUNCTION_VAR": "fn-value"},
+        )
+        return replace(spec, **over)
+
+
+@pytest.fixture
+def make_spec(world_dir: Path) -> SpecFactory:
+    return SpecFactory(world_dir)

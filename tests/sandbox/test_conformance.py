@@ -1,0 +1,294 @@
+"""The sandbox driver conformance suite: every driver must pass all of it.
+
+Each test drives a real driver (real processes, real namespaces, real VMs)
+through the contract in :mod:`impuls.sandbox.base`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from impuls.engine.runtime_api import Invocation, RuntimeReply
+from impuls.errors import InitFailed, InvocationTimedOut, RuntimeExited, SandboxStartFailed
+from impuls.sandbox import make_driver
+from impuls.sandbox.base import Instance, InstanceSpec, SandboxDriver
+from tests.sandbox.conftest import SpecFactory, run
+
+RUNTIME_VARS = {
+    "AWS_LAMBDA_RUNTIME_API", "_HANDLER", "LAMBDA_TASK_ROOT", "AWS_LAMBDA_FUNCTION_NAME",
+    "AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "AWS_LAMBDA_FUNCTION_VERSION", "AWS_LAMBDA_LOG_GROUP_NAME",
+    "AWS_LAMBDA_LOG_STREAM_NAME", "AWS_REGION", "TZ", "TMPDIR", "PATH", "LANG",
+}
+# variables the runtimes themselves set while running (as Lambda's do)
+RUNTIME_SET = {"_X_AMZN_TRACE_ID", "PWD", "SHLVL", "_"}
+
+PY_OK = """
+import os
+print("init output")
+COUNT = 0
+def handler(event, context):
+    global COUNT
+    COUNT += 1
+    print("called", COUNT)
+    if event.get("env"):
+        return dict(os.environ)
+    if event.get("tmp"):
+        path = os.path.join(os.environ["TMPDIR"], "x")
+        open(path, "w").write("ok")
+        return open(path).read()
+    if event.get("raise"):
+        raise ValueError("bad " + event["raise"])
+    if event.get("sleep"):
+        import time
+        time.sleep(event["sleep"])
+    if event.get("spawn"):
+        import subprocess
+        subprocess.Popen(["sleep", event["spawn"]], start_new_session=True)
+        return "spawned"
+    if event.get("exit"):
+        print("about to die", flush=True)
+        os._exit(3)
+    return {"count": COUNT, "echo": event, "request_id": context.aws_request_id}
+"""
+
+NODE_OK = """
+let count = 0;
+console.log("init output");
+exports.handler = async (event, context) => {
+  count += 1;
+  console.log("called", count);
+  if (event.env) return process.env;
+  if (event.raise) throw new TypeError("bad " + event.raise);
+  if (event.sleep) await new Promise(r => setTimeout(r, event.sleep * 1000));
+  if (event.exit) { console.log("about to die"); process.exit(3); }
+  return { count, echo: event, request_id: context.awsRequestId };
+};
+"""
+
+
+def invocation(event: object, timeout: float = 5.0) -> Invocation:
+    return Invocation(request_id=str(uuid.uuid4()), payload=json.dumps(event).encode(),
+                      deadline_ms=int((time.time() + timeout) * 1000),
+                      function_arn="arn:aws:lambda:us-east-1:000000000000:function:conformance")
+
+
+def driver_for(kind: str, work: Path) -> SandboxDriver:
+    return make_driver(kind, work / "sandbox")
+
+
+async def call(instance: Instance, event: object, timeout: float = 5.0) -> RuntimeReply:
+    return await instance.invoke(invocation(event, timeout), timeout)
+
+
+def _processes_with(argument: str) -> list[int]:
+    """Host pids of live (non-zombie) processes with ``argument`` on their command line."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if argument.encode() in args and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture(params=["python3.11", "nodejs20"])
+def source(request: pytest.FixtureRequest) -> tuple[str, dict[str, str]]:
+    if request.param == "python3.11":
+        return request.param, {"handler.py": PY_OK}
+    return request.param, {"index.js": NODE_OK}
+
+
+def test_ready_invoke_reuse_and_output(driver_kind: str, make_spec: SpecFactory, world_dir: Path,
+                                       source: tuple[str, dict[str, str]]) -> None:
+    runtime, files = source
+
+    async def scenario() -> None:
+        driver = driver_for(driver_kind, world_dir)
+        instance = await driver.create(make_spec(files, runtime=runtime))
+        try:
+            first = await call(instance, {"n": 1})
+            assert first.ok, first.body
+            doc = json.loads(first.body)
+            assert doc["count"] == 1 and doc["echo"] == {"n": 1}
+            logs, _ = instance.output.take()
+            assert "init output" in logs and "called 1" in logs
+            second = json.loads((await call(instance, {"n": 2})).body)
+            assert second["count"] == 2  # code loaded once, state kept
+            logs, _ = instance.output.take()
+            assert "called 2" in logs and "init output" not in logs
+        finally:
+            await instance.destroy()
+            await driver.close()
+
+    run(scenario())
+
+
+def test_clean_environment(driver_kind: str, make_spec: SpecFactory, world_dir: Path,
+                           source: tuple[str, dict[str, str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime, files = source
+    monkeypatch.setenv("IMPULS_SERVER_SECRET", "do-not-leak")
+
+    async def scenario() -> None:
+        driver = driver_for(driver_kind, world_dir)
+        instance = await driver.create(make_spec(files, runtime=runtime))
+        try:
+            env = json.loads((await call(instance, {"env": True})).body)
+        finally:
+            await instance.destroy()
+        assert env["FUNCTION_VAR"] == "fn-value"
+        assert env["AWS_LAMBDA_FUNCTION_NAME"] == "conformance" and env["_HANDLER"]
+        assert "IMPULS_SERVER_SECRET" not in env and "do-not-leak" not in json.dumps(env)
+        assert "IMPULS_RUNTIME_API_SOCKET" not in env
+        unexpected = set(env) - RUNTIME_VARS - RUNTIME_SET - {"FUNCTION_VAR"}
+        assert not unexpected, unexpected
+
+    run(scenario())
+
+
+def test_scratch_directory_is_writable(driver_kind: str, make_spec: SpecFactory, world_dir: Path) -> None:
+    async def scenario() -> None:
+        driver = driver_for(driver_kind, world_dir)
+        instance = await driver.create(make_spec({"handler.py": PY_OK}))
+        try:
+            reply = await call(instance, {"tmp": True})
+            assert reply.ok and json.loads(reply.body) == "ok"
+        finally:
+            await instance.destroy()
+
+    run(scenario())
+
+
+def test_function_error_keeps_instance(driver_kind: str, make_spec: SpecFactory, world_dir: Path,
+                                       source: tuple[str, dict[str, str]]) -> None:
+    runtime, files = source
+
+    async def scenario() -> None:
+        driver = driver_for(driver_kind, world_dir)
+        instance = await driver.create(make_spec(files, runtime=runtime))
+        try:
+            reply = await call(instance, {"raise": "input"})
+            assert not reply.ok
+            doc = json.loads(reply.body)
+            assert doc["errorType"] in ("ValueError", "TypeError")
+            assert doc["errorMessage"] == "bad input" and doc["stackTrace"]
+            assert (await call(instance, {})).ok  # still serving
+        finally:
+            await instance.destroy()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("files", "handler", "error_type"),
+    [
+        ({"handler.py": "def handler(e, c)\n  return 1\n"}, "handler.handler", "Runtime.UserCodeSyntaxError"),
+        ({"handler.py": "import no_such_module_x\n"}, "handler.handler", "Runtime.ImportModuleError"),
+        ({"handler.py": "x = 1\n"}, "handler.handler", "Runtime.HandlerNotFound"),
+        ({"handler.py": "x = 1\n"}, "missing.handler", "Runtime.ImportModuleError"),
+        ({"index.js": "exports.handler = async (e => 1;\n"}, "index.handler", "Runtime.UserCodeSyntaxError"),
+        ({"index.js": "require('no-such-module-x');\n"}, "index.handler", "Runtime.ImportModuleError"),
+        ({"index.js": "exports.other = 1;\n"}, "index.handler", "Runtime.HandlerNotFound"),
+    ],
+)
+def test_init_errors(driver_kind: str, make_spec: SpecFactory, world_dir: Path, files: dict[str, str],
+                     handler: str, error_type: str) -> None:
+    runtime = "python3.11" if handler.startswith(("handler", "missing")) else "nodejs20"
+
+    async def scenario() -> None:
+        driver = driver_for(driver_kind, world_dir)
+        with pytest.raises(InitFailed) as info:
+            await driver.create(make_spec(files, runtime=runtime, handler=handler))
+        assert info.value.error_type == error_type, (info.value.error_type, info.value.logs)
+
+    run(scenario())
+
+
+def test_timeout_then_destroy(driver_kind: str, make_spec: SpecFactory, world_dir: Path) -> None:
+    async def scenario() -> None:
+        driver = driver_for(driver_kind, world_dir)
+        instance = await driver.create(make_spec({"handler.py": PY_OK}))
+        started = time.monotonic()
+        with pytest.raises(InvocationTimedOut):
+            await call(instance, {"sleep": 30}, timeout=0.5)
+        assert time.monotonic() - started < 5
+        await instance.destroy()
+        assert instance.exited.done()
+
+    run(scenario())
+
+
+def test_exit_mid_call(driver_kind: str, make_spec: SpecFactory, world_dir: Path,
+                       source: tuple[str, dict[str, str]]) -> None:
+    runtime, files = source
+
+    async def scenario() -> None:
+        driver = driver_for(driver_kind, world_dir)
+        instance = await driver.create(make_spec(files, runtime=runtime))
+        try:
+            with pytest.raises(RuntimeExited) as info:
+                await call(instance, {"exit": True})
+            assert type(info.value) is RuntimeExited
+            assert "about to die" in instance.output.take()[0]
+        finally:
+            await instance.destroy()
+
+    run(scenario())
+
+
+def test_destroy_is_idempotent_and_frees_everything(driver_kind: str, make_spec: SpecFactory,
+                                                     world_dir: Path) -> None:
+    async def scenario() -> None:
+        driver = driver_for(driver_kind, world_dir)
+        instance = await driver.create(make_spec({"handler.py": PY_OK}))
+        marker = f"300.{uuid.uuid4().int % 10**9}"  # a unique argument to find the child by
+        assert json.loads((await call(instance, {"spawn": marker})).body) == "spawned"
+        assert _processes_with(marker), "the background child should be running"
+        await instance.destroy()
+        await instance.destroy()
+        assert instance.exited.done() and instance.destroyed
+        assert not _processes_with(marker), "destroy must kill every process of the instance"
+        with pytest.raises(Exception):  # noqa: B017 - any error, never a hang
+            await asyncio.wait_for(call(instance, {}), 2)
+
+    run(scenario())
+
+
+def test_start_failure_is_named(driver_kind: str, make_spec: SpecFactory, world_dir: Path) -> None:
+    async def scenario() -> None:
+        driver = driver_for(driver_kind, world_dir)
+        spec: InstanceSpec = make_spec({"handler.py": PY_OK})
+        broken = replace(spec, runtime=replace(spec.runtime, interpreter="/nonexistent/python3"))
+        with pytest.raises((SandboxStartFailed, InitFailed)):
+            await driver.create(broken)
+
+    run(scenario())
+
+
+def test_concurrent_instances_are_independent(driver_kind: str, make_spec: SpecFactory,
+                                              world_dir: Path) -> None:
+    async def scenario() -> None:
+        driver = driver_for(driver_kind, world_dir)
+        spec = make_spec({"handler.py": PY_OK})
+        instances = await asyncio.gather(*(driver.create(replace(spec, instance_id=f"c{i}{spec.instance_id}"))
+                                           for i in range(4)))
+        try:
+            replies = await asyncio.gather(*(call(i, {"k": n}) for n, i in enumerate(instances)))
+            for n, reply in enumerate(replies):
+                doc = json.loads(reply.body)
+                assert doc["echo"] == {"k": n} and doc["count"] == 1
+        finally:
+            await asyncio.gather(*(i.destroy() for i in instances))
+
+    run(scenario())
