@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.helpers import Server, free_port, unique
@@ -63,3 +65,47 @@ def test_server_unreachable(tmp_path: Path) -> None:
     out = impuls(f"http://127.0.0.1:{free_port()}", "ls")
     assert out.returncode == 1
     assert "cannot reach" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_invoke_and_logs(server: Server, tmp_path: Path) -> None:
+    name = unique("cli")
+    src = tmp_path / "handler.py"
+    src.write_text("def handler(e, c):\n    print('saw', e['n'])\n    if e['n'] < 0:\n"
+                   "        raise ValueError('negative')\n    return {'double': e['n'] * 2}\n")
+    assert impuls(server.url, "deploy", str(src), "--name", name, "--runtime", "python3.11",
+                  "--handler", "handler.handler").returncode == 0
+    out = impuls(server.url, "invoke", name, "--data", '{"n": 21}')
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"double": 42}
+    event = tmp_path / "event.json"
+    event.write_text('{"n": 2}')
+    out = impuls(server.url, "invoke", name, "--file", str(event), "-v")
+    assert out.returncode == 0 and json.loads(out.stdout) == {"double": 4}
+    assert "warm start" in out.stderr and "saw 2" in out.stderr and " ms" in out.stderr
+    out = impuls(server.url, "invoke", name, "--data", '{"n": -1}')
+    assert out.returncode == 1 and "ValueError: negative" in out.stderr
+    out = impuls(server.url, "logs", name)
+    assert out.returncode == 0 and "saw 21" in out.stdout and "saw -1" in out.stdout
+    assert impuls(server.url, "logs", "no-such-fn").returncode == 1
+
+
+def test_logs_follow(server: Server, tmp_path: Path) -> None:
+    name = unique("cli")
+    src = tmp_path / "handler.py"
+    src.write_text("def handler(e, c):\n    print('followed line')\n    return 1\n")
+    impuls(server.url, "deploy", str(src), "--name", name, "--runtime", "python3.11", "--handler",
+           "handler.handler")
+    proc = subprocess.Popen([sys.executable, "-m", "impuls", "--url", server.url, "logs", name, "-f"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        seen = ""
+        while "followed line" not in seen and time.monotonic() < deadline:
+            server.invoke(name)  # until the follower has subscribed and printed it
+            ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+            if ready:
+                seen += proc.stdout.readline()  # type: ignore[union-attr]
+        assert "followed line" in seen
+    finally:
+        proc.kill()
+        proc.wait()

@@ -271,8 +271,9 @@ def test_logs_follow_streams_live_output(srv: Server) -> None:
 
 
 def test_big_output_is_capped(srv: Server) -> None:
-    code = "import sys\ndef handler(e, c):\n    chunk = 'y' * 1023 + '\\n'\n" \
-           "    for _ in range(100 * 1024):\n        sys.stdout.write(chunk)\n    print('END')\n    return 'done'\n"
+    code = ("import sys\ndef handler(e, c):\n    chunk = 'y' * 1023 + '\\n'\n"
+            "    for _ in range(100 * 1024):\n        sys.stdout.write(chunk)\n"
+            "    print('END')\n    return 'done'\n")
     name = srv.deploy(runtime="python3.11", handler="handler.handler", code=code, timeout_sec=60)["name"]
     doc = srv.invoke(name).json()
     assert doc["body"] == "done" and len(doc["logs"]) <= 4096 and doc["logs"].endswith("END\n")

@@ -196,6 +196,59 @@ def get_function(client: Client, name: str, as_json: bool) -> None:
     console.print(table)
 
 
+@main.command()
+@click.argument("name")
+@click.option("--data", default=None, help="the event, as JSON")
+@click.option("--file", "file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="read the event from a JSON file")
+@click.option("--local", is_flag=True, help="run unsandboxed (the server must allow it)")
+@click.option("-v", "--verbose", is_flag=True, help="also print duration, cold start and logs")
+@pass_client
+def invoke(client: Client, name: str, data: str | None, file: Path | None, local: bool,
+           verbose: bool) -> None:
+    """Invoke function NAME and print what it returned."""
+    if data is not None and file is not None:
+        fail("give either --data or --file, not both")
+    event = file.read_bytes() if file is not None else (data or "{}").encode()
+    params = {"local": "true"} if local else {}
+    doc = client.call("POST", f"/api/v1/functions/{name}/invoke", ok=(200, 502, 504),
+                      content=event, params=params, headers={"Content-Type": "application/json"})
+    if verbose:
+        err_console.print(f"request {doc['request_id']}  {doc['duration_ms']:.2f} ms  "
+                          f"{'cold' if doc['cold_start'] else 'warm'} start", highlight=False)
+        if doc.get("logs"):
+            err_console.print(doc["logs"].rstrip("\n"), highlight=False, markup=False)
+    if doc["status_code"] == 200:
+        click.echo(json.dumps(doc["body"], indent=2))
+        return
+    fail(f"{doc['error_type']}: {doc['error']}")
+
+
+@main.command()
+@click.argument("name")
+@click.option("-f", "--follow", is_flag=True, help="stream new output as it is written")
+@click.option("--limit", type=int, default=20, help="how many recent invocations")
+@pass_client
+def logs(client: Client, name: str, follow: bool, limit: int) -> None:
+    """Print the logs of function NAME's recent invocations (or follow them live)."""
+    if not follow:
+        for entry in client.call("GET", f"/api/v1/functions/{name}/logs", params={"limit": limit})["logs"]:
+            click.echo(f"--- {entry['started_at']} {entry['request_id']}")
+            click.echo(entry["logs"], nl=not entry["logs"].endswith("\n"))
+        return
+    client.call("GET", f"/api/v1/functions/{name}")  # a clear 404 before streaming
+    try:
+        with client.http.stream("GET", f"/api/v1/functions/{name}/logs", params={"follow": "true"},
+                                timeout=httpx.Timeout(None, connect=5.0)) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("data: "):
+                    click.echo(json.loads(line[6:])["text"], nl=False)
+    except httpx.HTTPError as exc:
+        fail(f"log stream ended: {exc}")
+    except KeyboardInterrupt:
+        pass
+
+
 @main.command("rm")
 @click.argument("name")
 @pass_client
