@@ -15,6 +15,7 @@ from sqlalchemy import Engine as DBEngine
 
 from impuls.config import Settings
 from impuls.engine.engine import Engine
+from impuls.engine.packages import PackageBuilder
 from impuls.engine.records import InvocationRecorder, LogHub
 from impuls.registry import FunctionRegistry
 from impuls.runtimes import RuntimeRegistry, default_registry
@@ -32,7 +33,8 @@ class Platform:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.db: DBEngine = open_engine(settings.db_url)
         self.blobs = BlobStore(settings.data_dir / "blobs")
-        self.registry = FunctionRegistry(self.db, self.blobs, runtimes or default_registry())
+        packages = PackageBuilder(settings.data_dir / "packages", settings.data_dir / "build-cache")
+        self.registry = FunctionRegistry(self.db, self.blobs, runtimes or default_registry(), packages)
         removed = self.registry.collect_garbage()
         if removed:
             log.info("removed %d unreferenced code blobs", removed)

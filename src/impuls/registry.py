@@ -10,6 +10,7 @@ engine uses this to retire warm instances).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import uuid
@@ -20,6 +21,7 @@ from typing import Any
 from sqlalchemy import Engine, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from impuls.engine.packages import Package, PackageBuilder
 from impuls.errors import FunctionExists, FunctionNotFound, InvalidInput
 from impuls.models import Code, Function, check_zip, split_request, validate_config
 from impuls.runtimes import Runtime, RuntimeRegistry
@@ -60,10 +62,12 @@ def _utc(ts: datetime) -> datetime:
 class FunctionRegistry:
     """Create, read, update and delete functions; owns validation and code blobs."""
 
-    def __init__(self, engine: Engine, blobs: BlobStore, runtimes: RuntimeRegistry) -> None:
+    def __init__(self, engine: Engine, blobs: BlobStore, runtimes: RuntimeRegistry,
+                 packages: PackageBuilder) -> None:
         self.engine = engine
         self.blobs = blobs
         self.runtimes = runtimes
+        self.packages = packages
         self._blob_lock = threading.Lock()  # put+commit vs. collect
         self._listeners: list[ChangeListener] = []
 
@@ -102,6 +106,15 @@ class FunctionRegistry:
     def runtime(self, fn: Function) -> Runtime:
         return self.runtimes.resolve(fn.runtime)
 
+    def package(self, fn: Function) -> Package:
+        """The built package of ``fn``'s current version (built now if missing)."""
+        return self.packages.get(self.runtime(fn), fn.handler, fn.code_sha256, fn.code_kind,
+                                 lambda: self.code(fn))
+
+    def build_info(self, fn: Function) -> dict[str, object]:
+        built = self.packages.info(self.runtime(fn), fn.handler, fn.code_sha256, fn.code_kind)
+        return built.api() if built is not None else {"status": "pending", "log": "", "seconds": 0}
+
     # --- writes --------------------------------------------------------------
 
     def create(self, body: Any) -> Function:
@@ -110,6 +123,7 @@ class FunctionRegistry:
             raise InvalidInput("code: one of 'code' or 'code_zip' is required")
         cfg, runtime = validate_config(config, self.runtimes)
         self._check_package(runtime, cfg.handler, code)
+        self._build(runtime, cfg.handler, code)
         now = datetime.now(UTC)
         values = {
             **cfg.model_dump(),
@@ -144,6 +158,7 @@ class FunctionRegistry:
         cfg, runtime = validate_config({**current.config(), **config}, self.runtimes)
         if code is not None or cfg.handler != current.handler or cfg.runtime != current.runtime:
             self._check_package(runtime, cfg.handler, code or self.code(current))
+            self._build(runtime, cfg.handler, code or self.code(current))
         values: dict[str, Any] = {
             **cfg.model_dump(),
             "environment": json.dumps(cfg.environment),
@@ -191,7 +206,7 @@ class FunctionRegistry:
 
     def _check_package(self, runtime: Runtime, handler: str, code: Code) -> None:
         """The handler's file must exist in a zip package (source files are named after it)."""
-        if code.kind == "source":
+        if code.kind == "source" or runtime.handler_rule != "module":
             return
         names = {i.filename for i in check_zip(code.data)}
         module = runtime.check_handler(handler)
@@ -200,6 +215,12 @@ class FunctionRegistry:
             raise InvalidInput(
                 f"code_zip: the handler's module file is missing (looked for {', '.join(candidates)})"
             )
+
+    def _build(self, runtime: Runtime, handler: str, code: Code) -> None:
+        """Build (or find built) the package before anything is committed: a failing
+        build is a 400 and the stored version stays in service."""
+        self.packages.get(runtime, handler, hashlib.sha256(code.data).hexdigest(), code.kind,
+                          lambda: code)
 
     def _collect(self, sha: str) -> None:
         """Remove blob ``sha`` if no function references it (caller holds the blob lock)."""

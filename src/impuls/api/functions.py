@@ -10,7 +10,8 @@ from starlette.concurrency import run_in_threadpool
 
 from impuls.api.body import read_json
 from impuls.api.deps import platform_of
-from impuls.models import MAX_ZIP_BYTES
+from impuls.models import MAX_ZIP_BYTES, Function
+from impuls.platform import Platform
 
 # base64 of the largest zip, plus room for the other fields
 MAX_FUNCTION_BODY = (MAX_ZIP_BYTES * 4) // 3 + 1024 * 1024
@@ -18,13 +19,17 @@ MAX_FUNCTION_BODY = (MAX_ZIP_BYTES * 4) // 3 + 1024 * 1024
 router = APIRouter(prefix="/api/v1/functions")
 
 
+def _full(p: Platform, fn: Function) -> dict[str, Any]:
+    """A function with its code and build status."""
+    return {**fn.to_api(p.registry.code(fn)), "build": p.registry.build_info(fn)}
+
+
 @router.post("", status_code=201)
 async def create_function(request: Request) -> JSONResponse:
     p = platform_of(request)
     body = await read_json(request, MAX_FUNCTION_BODY)
     fn = await run_in_threadpool(p.registry.create, body)
-    code = await run_in_threadpool(p.registry.code, fn)
-    return JSONResponse(fn.to_api(code), status_code=201)
+    return JSONResponse(await run_in_threadpool(_full, p, fn), status_code=201)
 
 
 @router.get("")
@@ -48,8 +53,7 @@ async def list_functions(
 async def get_function(request: Request, name: str) -> dict[str, Any]:
     p = platform_of(request)
     fn = await run_in_threadpool(p.registry.get, name)
-    code = await run_in_threadpool(p.registry.code, fn)
-    return fn.to_api(code)
+    return await run_in_threadpool(_full, p, fn)
 
 
 @router.api_route("/{name}", methods=["PUT", "PATCH"])
@@ -57,8 +61,7 @@ async def update_function(request: Request, name: str) -> dict[str, Any]:
     p = platform_of(request)
     body = await read_json(request, MAX_FUNCTION_BODY)
     fn = await run_in_threadpool(p.registry.update, name, body)
-    code = await run_in_threadpool(p.registry.code, fn)
-    return fn.to_api(code)
+    return await run_in_threadpool(_full, p, fn)
 
 
 @router.delete("/{name}")

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from impuls.config import Settings
-from impuls.engine.packages import PackageCache
 from impuls.engine.pool import Capacity, Clock, Pool, PoolRetired
 from impuls.engine.records import InvocationRecord, InvocationRecorder, LogHub
 from impuls.engine.runtime_api import Invocation, parse_error
@@ -94,7 +93,6 @@ class Engine:
         self.recorder = recorder
         self.hub = hub
         self.clock = clock
-        self.packages = PackageCache(settings.data_dir / "packages")
         self.capacity = Capacity(settings.max_concurrency)
         self.capacity.evict = self._evict_one_idle
         self._functions: dict[str, FunctionVersion] = {}
@@ -168,12 +166,7 @@ class Engine:
 
     def _load(self, name: str) -> FunctionVersion:
         fn = self.registry.get(name)
-        runtime = self.registry.runtime(fn)
-        code_dir = self.packages.directory(
-            fn.code_sha256, fn.code_kind, runtime.code_filename(fn.handler),
-            lambda: self.registry.code(fn),
-        )
-        return FunctionVersion(fn, runtime, code_dir)
+        return FunctionVersion(fn, self.registry.runtime(fn), self.registry.package(fn).directory)
 
     def _pool(self, version: FunctionVersion, driver: SandboxDriver) -> Pool:
         fn = version.fn

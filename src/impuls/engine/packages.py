@@ -1,57 +1,120 @@
-"""Unpacking function code into read-only, content-addressed package directories."""
+"""Function packages: code unpacked and built once per version, then reused.
+
+``<root>/<key>/`` is the read-only directory an instance runs from, where
+``key`` hashes the code's sha256, the runtime, the handler and the build
+recipe version.  Building means unpacking the code and running the runtime's
+build step (Go compile, pip/npm dependencies, ...); its log is kept in
+``<root>/<key>.json``.  A package appears atomically (built in a temporary
+directory, then renamed), so a crash never leaves a half-built one in use.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import shutil
 import stat
 import threading
+import time
+import uuid
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+from impuls.errors import InvalidInput
 from impuls.models import MAX_UNZIPPED_BYTES, Code, check_zip
+from impuls.runtimes import Runtime
+from impuls.runtimes.builders import BuildError
+
+BUILD_RECIPE = "1"
+LOG_LIMIT = 64 * 1024
 
 
-class PackageCache:
-    """``<root>/<sha256>[-<file>]/``: each code version unpacked once, then reused.
+class BuildFailed(InvalidInput):
+    """The package could not be built; the message carries the build log (400)."""
 
-    Directories are made read-only (0555/0444) and appear atomically (unpacked
-    in a temporary directory, then renamed).
-    """
+    def __init__(self, summary: str, log: str) -> None:
+        tail = log[-8000:]
+        super().__init__(f"code: build failed: {summary}" + (f"\n{tail}" if tail else ""))
+        self.log = log
 
-    def __init__(self, root: Path) -> None:
+
+@dataclass(frozen=True)
+class Package:
+    key: str
+    directory: Path
+    status: str  # "none": nothing to build; "success": a build step ran
+    log: str
+    seconds: float
+
+    def api(self) -> dict[str, object]:
+        return {"status": self.status, "log": self.log, "seconds": round(self.seconds, 3)}
+
+
+class PackageBuilder:
+    """Builds and caches packages (see module doc); safe to call from many threads."""
+
+    def __init__(self, root: Path, cache: Path) -> None:
         self.root = root
+        self.cache = cache
         root.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
+        cache.mkdir(parents=True, exist_ok=True)
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
 
-    def directory(self, sha: str, kind: str, filename: str, load: Callable[[], Code]) -> Path:
-        """The package directory for code ``sha``; ``load`` is called only on a miss.
+    @staticmethod
+    def key(runtime: Runtime, handler: str, sha: str, kind: str) -> str:
+        recipe = f"{BUILD_RECIPE}|{runtime.id}|{handler}|{kind}|{sha}"
+        return hashlib.sha256(recipe.encode()).hexdigest()[:32]
 
-        ``filename`` names a single-file (``source``) package's only file.
-        """
-        key = sha if kind == "zip" else f"{sha}-{filename.replace('/', '_')}"
-        target = self.root / key
-        if target.is_dir():
-            return target
-        with self._lock:
-            if target.is_dir():
-                return target
-            code = load()
-            tmp = self.root / f".{key}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
+    def info(self, runtime: Runtime, handler: str, sha: str, kind: str) -> Package | None:
+        """The built package, or None if it is not built (yet)."""
+        key = self.key(runtime, handler, sha, kind)
+        directory, meta = self.root / key, self.root / f"{key}.json"
+        if not directory.is_dir() or not meta.is_file():
+            return None
+        doc = json.loads(meta.read_text())
+        return Package(key, directory, doc["status"], doc["log"], doc["seconds"])
+
+    def get(self, runtime: Runtime, handler: str, sha: str, kind: str,
+            load: Callable[[], Code]) -> Package:
+        """The package for this code version, built now if needed (raises BuildFailed)."""
+        key = self.key(runtime, handler, sha, kind)
+        with self._guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            built = self.info(runtime, handler, sha, kind)
+            if built is not None:
+                return built
+            return self._build(key, runtime, handler, load())
+
+    def _build(self, key: str, runtime: Runtime, handler: str, code: Code) -> Package:
+        started = time.monotonic()
+        tmp = self.root / f".build-{key}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
             if code.kind == "source":
-                dest = tmp / filename
+                dest = tmp / runtime.code_filename(handler)
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 dest.write_bytes(code.data)
             else:
                 _unzip(code.data, tmp)
+            log = runtime.build(tmp, handler, self.cache) if runtime.build is not None else ""
             _make_read_only(tmp)
-            os.rename(tmp, target)
-        return target
-
+            os.rename(tmp, self.root / key)
+        except BuildError as exc:
+            raise BuildFailed(exc.summary, exc.log[-LOG_LIMIT:]) from exc
+        finally:
+            if tmp.exists():
+                _remove(tmp)
+        package = Package(key, self.root / key, "success" if log else "none", log[-LOG_LIMIT:],
+                          time.monotonic() - started)
+        meta = {"status": package.status, "log": package.log, "seconds": package.seconds}
+        (self.root / f"{key}.json").write_text(json.dumps(meta))
+        return package
 
 
 def _unzip(data: bytes, dest: Path) -> None:
@@ -68,7 +131,7 @@ def _unzip(data: bytes, dest: Path) -> None:
             while chunk := src.read(1 << 20):
                 written += len(chunk)
                 if written > MAX_UNZIPPED_BYTES:
-                    raise ValueError("archive expands beyond the unzipped size limit")
+                    raise BuildError("the archive expands beyond the unzipped size limit", "")
                 out.write(chunk)
         if (info.external_attr >> 16) & stat.S_IXUSR:
             path.chmod(0o755)
@@ -78,7 +141,16 @@ def _make_read_only(root: Path) -> None:
     for dirpath, dirnames, filenames in os.walk(root):
         for name in filenames:
             p = Path(dirpath, name)
-            p.chmod(0o555 if p.stat().st_mode & stat.S_IXUSR else 0o444)
+            if not p.is_symlink():
+                p.chmod(0o555 if p.stat().st_mode & stat.S_IXUSR else 0o444)
         for name in dirnames:
             Path(dirpath, name).chmod(0o555)
     root.chmod(0o555)
+
+
+def _remove(path: Path) -> None:
+    for dirpath, dirnames, _ in os.walk(path):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), 0o755)
+    path.chmod(0o755)
+    shutil.rmtree(path, ignore_errors=True)

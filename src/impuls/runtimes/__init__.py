@@ -1,9 +1,12 @@
 """The runtime registry: which languages this host can run, and how.
 
-A runtime is a Lambda Runtime API client (``runtimes/<language>/bootstrap*``)
-plus the interpreter that runs it.  Only runtimes whose interpreter is
-installed are *available*; create and update accept nothing else.  New
-runtimes are added here, in :func:`_builtin_runtimes`, and nowhere else.
+A runtime is a Lambda Runtime API client plus what runs it: an interpreter
+and a client file under ``runtimes/<language>/`` (Python, Node.js), or the
+package's own ``bootstrap`` executable (Go, built by Impuls; ``provided``,
+brought by the user).  Only runtimes whose tools are installed are
+*available*; create and update accept nothing else.  New runtimes are added
+here, in :func:`_builtin_runtimes`, and nowhere else (see
+``docs/adding-runtimes.md``).
 """
 
 from __future__ import annotations
@@ -11,52 +14,75 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Literal
 
 from impuls.errors import InvalidInput
+from impuls.runtimes import builders
 
 RUNTIMES_DIR = Path(__file__).resolve().parent
 
 _SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
-_MODULE_HANDLER = re.compile(rf"^(?P<module>{_SEGMENT}(?:/{_SEGMENT})*)\.(?P<func>[A-Za-z_$][A-Za-z0-9_$]*)$")
+_MODULE_HANDLER = re.compile(
+    rf"^(?P<module>{_SEGMENT}(?:/{_SEGMENT})*)\.(?P<func>[A-Za-z_$][A-Za-z0-9_$]*)$")
+_GO_HANDLER = re.compile(r"^[A-Z][A-Za-z0-9_]*$")
+_ANY_HANDLER = re.compile(r"^[^\s\x00-\x1f]{1,256}$")
+
+#: (package dir, handler, tool cache dir) -> build log; raises builders.BuildError
+BuildStep = Callable[[Path, str, Path], str]
 
 
 @dataclass(frozen=True)
 class Runtime:
-    """One runtime id: how to recognise it, check a handler and start it."""
+    """One runtime id: how to recognise it, check a handler, build and start it."""
 
     id: str
     aliases: tuple[str, ...]
     language: str
-    extension: str
+    #: the interpreter that runs ``bootstrap``; None: the package's ./bootstrap is the program
     interpreter: str | None
-    bootstrap: Path
+    #: the runtime client file (None for runtimes whose package brings its own)
+    bootstrap: Path | None
+    installed: bool
     version: str = ""
+    extension: str = ""
     module_extensions: tuple[str, ...] = ()
+    handler_rule: Literal["module", "go", "any"] = "module"
+    build: BuildStep | None = None
+    #: the client can reach the Runtime API over IMPULS_RUNTIME_API_SOCKET (else TCP only)
+    unix_socket_client: bool = True
     sandboxes: tuple[str, ...] = ("process", "namespace")
-    host_paths: tuple[str, ...] = field(default=("/usr",))
+    host_paths: tuple[str, ...] = ("/usr",)
 
     @property
     def available(self) -> bool:
-        return self.interpreter is not None
+        return self.installed
 
-    def command(self) -> list[str]:
-        """argv that starts the runtime client on the host."""
+    def command(self, task_root: str, client: str | None = None) -> list[str]:
+        """argv that starts the runtime; ``client`` is where the client file is seen
+        from inside the sandbox (default: its host path)."""
+        if self.bootstrap is None:
+            return [f"{task_root}/bootstrap"]
         assert self.interpreter is not None
-        return [self.interpreter, str(self.bootstrap)]
+        return [self.interpreter, client or str(self.bootstrap)]
 
     def check_handler(self, handler: str) -> str:
-        """Return the module path of ``handler`` (``src/app.main`` → ``src/app``).
-
-        Raises InvalidInput naming the rule when the handler is malformed.
-        """
+        """Validate ``handler``; for module handlers return the module path
+        (``src/app.main`` → ``src/app``).  Raises InvalidInput naming the rule."""
+        if self.handler_rule == "go":
+            if not _GO_HANDLER.match(handler):
+                raise InvalidInput("handler: must name an exported Go function such as 'Handler' "
+                                   f"(^[A-Z][A-Za-z0-9_]*$), got {handler!r}")
+            return handler
+        if self.handler_rule == "any":
+            if not _ANY_HANDLER.match(handler):
+                raise InvalidInput("handler: 1-256 characters without spaces or control characters")
+            return handler
         match = _MODULE_HANDLER.match(handler)
-        if not match or ".." in handler.split("/") or any(
-            part in ("", ".", "..") for part in match["module"].split("/")
-        ):
+        if not match or any(part in ("", ".", "..") for part in match["module"].split("/")):
             raise InvalidInput(
                 "handler: must be 'module.function' (module may contain '/' for sub-folders, "
                 f"no '..'), got {handler!r}"
@@ -64,7 +90,11 @@ class Runtime:
         return match["module"]
 
     def code_filename(self, handler: str) -> str:
-        """The file name a single-file ``code`` is stored under, e.g. ``index.js``."""
+        """The file name a single-file ``code`` is stored under (``index.js``, ``main.go``)."""
+        if self.handler_rule == "go":
+            return "main.go"
+        if self.handler_rule == "any":
+            return "bootstrap"
         return self.check_handler(handler) + self.extension
 
 
@@ -89,14 +119,11 @@ def _python() -> Runtime:
     # see Impuls's own packages.
     interp = _find(["/usr/bin/python3.11", "/usr/local/bin/python3.11"])
     return Runtime(
-        id="python3.11",
-        aliases=("python311", "python3"),
-        language="python",
-        extension=".py",
-        interpreter=interp,
-        bootstrap=RUNTIMES_DIR / "python" / "bootstrap.py",
-        module_extensions=(".py",),
+        id="python3.11", aliases=("python311", "python3"), language="python",
+        interpreter=interp, bootstrap=RUNTIMES_DIR / "python" / "bootstrap.py",
+        installed=interp is not None,
         version=_version_of([interp, "--version"]) if interp else "",
+        extension=".py", module_extensions=(".py",), build=builders.python_requirements,
     )
 
 
@@ -104,19 +131,32 @@ def _node() -> Runtime:
     node = _find(["/usr/bin/node", "/usr/local/bin/node", "node"])
     version = _version_of([node, "--version"]) if node else ""
     return Runtime(
-        id="nodejs20",
-        aliases=("nodejs20.x", "nodejs"),
-        language="nodejs",
-        extension=".js",
-        interpreter=node if version.startswith("v20.") else None,
-        bootstrap=RUNTIMES_DIR / "nodejs" / "bootstrap.js",
-        module_extensions=(".js", ".mjs", ".cjs"),
-        version=version,
+        id="nodejs20", aliases=("nodejs20.x", "nodejs"), language="nodejs",
+        interpreter=node, bootstrap=RUNTIMES_DIR / "nodejs" / "bootstrap.js",
+        installed=version.startswith("v20."), version=version,
+        extension=".js", module_extensions=(".js", ".mjs", ".cjs"), build=builders.node_modules,
+    )
+
+
+def _go() -> Runtime:
+    go = _find(["/usr/bin/go", "/usr/local/go/bin/go", "go"])
+    return Runtime(
+        id="go1.x", aliases=("go",), language="go", interpreter=None, bootstrap=None,
+        installed=go is not None, version=_version_of([go, "version"]) if go else "",
+        extension=".go", handler_rule="go", build=builders.go_binary,
+    )
+
+
+def _provided() -> Runtime:
+    return Runtime(
+        id="provided", aliases=("provided.al2", "provided.al2023"), language="provided",
+        interpreter=None, bootstrap=None, installed=True, handler_rule="any",
+        build=builders.provided_bootstrap, unix_socket_client=False,
     )
 
 
 def _builtin_runtimes() -> list[Runtime]:
-    return [_python(), _node()]
+    return [_python(), _node(), _go(), _provided()]
 
 
 class RuntimeRegistry:

@@ -88,7 +88,7 @@ class ProcessDriver(SandboxDriver):
             read_fd, write_fd = os.pipe()
             try:
                 proc = subprocess.Popen(
-                    spec.runtime.command(), cwd=spec.code_dir, env=env,
+                    spec.runtime.command(str(spec.code_dir)), cwd=spec.code_dir, env=env,
                     stdin=subprocess.DEVNULL, stdout=write_fd, stderr=write_fd,
                     start_new_session=True, close_fds=True,
                 )

@@ -1,0 +1,105 @@
+"""Build steps that turn an unpacked package into what a runtime runs.
+
+Each step gets the package directory (writable, being built) and the
+function's handler, changes the directory in place and returns its log; it
+raises :class:`BuildError` (with the log) when the package cannot work.
+Steps run once per code version (see :mod:`impuls.engine.packages`), never
+per call or per instance.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BUILD_TIMEOUT = 600
+GO_WRAPPER = Path(__file__).resolve().parent / "go" / "impuls_main.go"
+
+
+class BuildError(Exception):
+    def __init__(self, summary: str, log: str) -> None:
+        super().__init__(summary)
+        self.summary = summary
+        self.log = log
+
+
+def _run(argv: list[str], cwd: Path, env: dict[str, str], what: str) -> str:
+    try:
+        out = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True,
+                             timeout=BUILD_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise BuildError(f"{what} took longer than {BUILD_TIMEOUT} s", str(exc.output or "")) from exc
+    except OSError as exc:
+        raise BuildError(f"{what} could not start: {exc}", "") from exc
+    log = f"$ {' '.join(argv)}\n{out.stdout}{out.stderr}"
+    if out.returncode != 0:
+        raise BuildError(f"{what} failed (exit status {out.returncode})", log)
+    return log
+
+
+def _tool_env(cache: Path) -> dict[str, str]:
+    """A small, explicit environment for build tools (never the server's secrets)."""
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(cache / "home"),
+        "LANG": "C.UTF-8",
+        "GOCACHE": str(cache / "go-build"),
+        "GOPATH": str(cache / "gopath"),
+        "GOFLAGS": "-mod=mod",
+        "GOPROXY": "off",
+        "GO111MODULE": "on",
+        "CGO_ENABLED": "0",
+        "npm_config_cache": str(cache / "npm"),
+        "npm_config_update_notifier": "false",
+        "npm_config_fund": "false",
+        "npm_config_audit": "false",
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+        "PIP_NO_CACHE_DIR": "1",
+    }
+
+
+def python_requirements(package: Path, handler: str, cache: Path) -> str:
+    """``requirements.txt`` → its packages installed into the package (pip --target)."""
+    if not (package / "requirements.txt").is_file():
+        return ""
+    return _run([sys.executable, "-m", "pip", "install", "--no-input", "--target", str(package),
+                 "-r", "requirements.txt"], package, _tool_env(cache), "pip install")
+
+
+def node_modules(package: Path, handler: str, cache: Path) -> str:
+    """``package.json`` → ``npm install --omit=dev`` in the package."""
+    if not (package / "package.json").is_file():
+        return ""
+    return _run(["npm", "install", "--omit=dev", "--no-audit", "--no-fund"], package,
+                _tool_env(cache), "npm install")
+
+
+def go_binary(package: Path, handler: str, cache: Path) -> str:
+    """Compile the package with a generated Runtime API wrapper into ``./bootstrap``."""
+    if not any(package.glob("*.go")):
+        raise BuildError("the package has no .go file at its root", "")
+    wrapper = GO_WRAPPER.read_text().replace("HandlerFunctionName", handler)
+    (package / "impuls_main.go").write_text(wrapper)
+    if not (package / "go.mod").exists():
+        (package / "go.mod").write_text("module function\n\ngo 1.19\n")
+    log = _run(["go", "build", "-trimpath", "-ldflags=-s -w", "-o", "bootstrap", "."], package,
+               _tool_env(cache), "go build")
+    for path in [*package.glob("*.go"), package / "go.mod", package / "go.sum"]:
+        path.unlink(missing_ok=True)  # sources are not needed at run time
+    return log or "go build: ok\n"
+
+
+def provided_bootstrap(package: Path, handler: str, cache: Path) -> str:
+    """A custom runtime needs an executable ``bootstrap`` at the package root."""
+    bootstrap = package / "bootstrap"
+    if not bootstrap.is_file():
+        raise BuildError("the package has no 'bootstrap' file at its root "
+                         "(a custom runtime starts ./bootstrap)", "")
+    bootstrap.chmod(0o755)
+    with open(bootstrap, "rb") as fh:
+        head = fh.read(2)
+    if head != b"#!" and head != b"\x7fE":
+        return "warning: bootstrap is neither a script with #! nor an ELF binary\n"
+    return ""
+
