@@ -143,17 +143,26 @@ def deploy(client: Client, path: Path, name: str, runtime: str | None, handler: 
     if env:
         body["environment"] = _env_pairs(env)
     body.update(_package(path))
-    if client.exists(name):
-        fn = client.call("PATCH", f"/api/v1/functions/{name}", json=body)
-        action = "updated"
-    else:
-        fn = client.call("POST", "/api/v1/functions", json={"name": name, **body})
-        action = "created"
+    # the server builds the package (compile, dependencies) before it answers
+    with err_console.status(f"uploading and building {name}..."):
+        if client.exists(name):
+            fn = client.call("PATCH", f"/api/v1/functions/{name}", json=body)
+            action = "updated"
+        else:
+            fn = client.call("POST", "/api/v1/functions", json={"name": name, **body})
+            action = "created"
     if as_json:
         click.echo(json.dumps(_without_code(fn), indent=2))
     else:
         console.print(f"{action} [bold]{fn['name']}[/bold] ({fn['runtime']}, "
-                      f"{fn['code_size']} bytes, sha256 {fn['code_sha256'][:12]})", highlight=False)
+                      f"{fn['code_size']} bytes, sha256 {fn['code_sha256'][:12]}, "
+                      f"build: {_build_summary(fn['build'])})", highlight=False)
+
+
+def _build_summary(build: dict[str, Any]) -> str:
+    if build["status"] == "none":
+        return "nothing to build"
+    return f"{build['status']} in {build['seconds']:.1f} s"
 
 
 def _without_code(fn: dict[str, Any]) -> dict[str, Any]:
@@ -192,8 +201,13 @@ def get_function(client: Client, name: str, as_json: bool) -> None:
     for key, value in _without_code(fn).items():
         if key == "environment":
             value = ", ".join(sorted(value)) or "-"
+        if key == "build":
+            value = _build_summary(value)
         table.add_row(key, str(value))
     console.print(table)
+    if fn["build"]["log"]:
+        console.print("build log:", highlight=False)
+        console.print(fn["build"]["log"], highlight=False, markup=False)
 
 
 @main.command()
