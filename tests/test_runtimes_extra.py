@@ -1,0 +1,215 @@
+"""Go, custom (``provided``) runtimes, awslambdaric, and dependency packages, through the HTTP API."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.helpers import Server, make_zip
+
+GO_OK = """package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+)
+
+type quotaError struct{ left int }
+
+func (e *quotaError) Error() string { return fmt.Sprintf("quota exceeded, %d left", e.left) }
+
+func Handler(ctx context.Context, event map[string]interface{}) (interface{}, error) {
+	fmt.Println("go handling", event["name"])
+	switch {
+	case event["fail"] != nil:
+		return nil, errors.New("failed on purpose")
+	case event["quota"] != nil:
+		return nil, &quotaError{left: 0}
+	case event["panic"] != nil:
+		panic("boom")
+	}
+	_, hasDeadline := ctx.Deadline()
+	return map[string]interface{}{"hello": event["name"], "deadline": hasDeadline}, nil
+}
+"""
+
+PY_BOOTSTRAP = """#!/usr/bin/python3
+# A custom runtime written for this test: the Runtime API by hand, with urllib.
+import json, os, urllib.request
+api = "http://" + os.environ["AWS_LAMBDA_RUNTIME_API"] + "/2018-06-01/runtime/invocation/"
+print("custom runtime up, handler", os.environ["_HANDLER"], flush=True)
+while True:
+    with urllib.request.urlopen(api + "next") as resp:
+        rid = resp.headers["Lambda-Runtime-Aws-Request-Id"]
+        event = json.loads(resp.read())
+    if event.get("fail"):
+        url, body = api + rid + "/error", {"errorType": "CustomError", "errorMessage": "custom failure"}
+    else:
+        url, body = api + rid + "/response", {"custom": event, "handler": os.environ["_HANDLER"]}
+    print("answered", rid, flush=True)
+    urllib.request.urlopen(urllib.request.Request(url, data=json.dumps(body).encode(), method="POST"))
+"""
+
+APP = """
+def handler(event, context):
+    if event.get("fail"):
+        raise ValueError("bad input: " + str(event["fail"]))
+    return {"event": event, "function_name": context.function_name,
+            "memory": int(context.memory_limit_in_mb), "version": context.function_version,
+            "arn": context.invoked_function_arn, "log_group": context.log_group_name,
+            "has_remaining": context.get_remaining_time_in_millis() > 0,
+            "request_id_matches": bool(context.aws_request_id)}
+"""
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = Server(tmp_path_factory.mktemp("runtimes") / "data", args=["--sandbox", "process"]).start()
+    yield server
+    server.stop()
+
+
+def package_meta(server: Server, name: str) -> float:
+    """mtime of the function's build record: unchanged when nothing was rebuilt."""
+    fn = server.request("GET", f"/api/v1/functions/{name}").json()
+    metas = sorted((server.data_dir / "packages").glob("*.json"), key=lambda p: p.stat().st_mtime)
+    assert metas and fn["build"]["status"] in ("success", "none")
+    return max(p.stat().st_mtime for p in metas)
+
+
+def test_go_success_errors_panic_and_cache(srv: Server) -> None:
+    fn = srv.deploy(runtime="go", handler="Handler", code=GO_OK)
+    assert fn["runtime"] == "go1.x" and fn["build"]["status"] == "success"
+    name = fn["name"]
+    doc = srv.invoke(name, {"name": "gopher"}).json()
+    assert doc["status_code"] == 200 and doc["body"] == {"hello": "gopher", "deadline": True}
+    assert "go handling gopher" in doc["logs"]
+    doc = srv.invoke(name, {"fail": True}).json()
+    assert (doc["status_code"], doc["error"], doc["error_type"]) == (500, "failed on purpose", "errorString")
+    doc = srv.invoke(name, {"quota": True}).json()
+    assert doc["error_type"] == "quotaError" and doc["error"] == "quota exceeded, 0 left"
+    doc = srv.invoke(name, {"panic": True}).json()
+    assert doc["status_code"] == 500 and doc["error_type"] == "Runtime.Panic" and doc["error"] == "boom"
+    assert srv.invoke(name, {"name": "again"}).json()["cold_start"] is False  # survived the panic
+
+    before = package_meta(srv, name)
+    again = srv.deploy(runtime="go1.x", handler="Handler", code=GO_OK)  # same code: no rebuild
+    assert again["build"] == fn["build"] and package_meta(srv, again["name"]) == before
+
+
+def test_go_compile_error_keeps_old_version(srv: Server) -> None:
+    name = srv.deploy(runtime="go", handler="Handler", code=GO_OK)["name"]
+    broken = GO_OK.replace("func Handler(", "func Handler( {")
+    r = srv.request("PATCH", f"/api/v1/functions/{name}", json={"code": broken})
+    assert r.status_code == 400
+    assert "build failed" in r.json()["message"] and "syntax error" in r.json()["message"]
+    assert srv.invoke(name, {"name": "still"}).json()["body"]["hello"] == "still"
+    r = srv.create(name="go-bad-create", runtime="go", handler="Handler", code=broken)
+    assert r.status_code == 400 and "syntax error" in r.json()["message"]
+    r = srv.create(name="go-bad-handler", runtime="go", handler="handler.Handler", code=GO_OK)
+    assert r.status_code == 400 and "exported Go function" in r.json()["message"]
+
+
+def test_provided_with_own_bootstrap(srv: Server) -> None:
+    archive = make_zip({"bootstrap": PY_BOOTSTRAP, "data.txt": "x"})
+    fn = srv.deploy(runtime="provided", handler="my.handler", code_zip=archive)
+    doc = srv.invoke(fn["name"], {"a": 1}).json()
+    assert doc["status_code"] == 200, doc
+    assert doc["body"] == {"custom": {"a": 1}, "handler": "my.handler"}
+    assert "custom runtime up" in doc["logs"] and "answered" in doc["logs"]
+    doc = srv.invoke(fn["name"], {"fail": 1}).json()
+    assert doc["status_code"] == 500 and doc["error_type"] == "CustomError"
+    r = srv.create(name="no-bootstrap", runtime="provided", handler="x",
+                   code_zip=make_zip({"main.sh": "echo"}))
+    assert r.status_code == 400 and "bootstrap" in r.json()["message"]
+
+
+@pytest.fixture(scope="module")
+def ric_package(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A package with the official awslambdaric from PyPI, started by a bootstrap script."""
+    root = tmp_path_factory.mktemp("ric")
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-input",
+                          "--disable-pip-version-check", "--target", str(root), "awslambdaric==4.2.2"],
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert pip.returncode == 0, pip.stderr
+    (root / "app.py").write_text(APP)
+    (root / "bootstrap").write_text(
+        '#!/bin/sh\nexport PYTHONPATH="$LAMBDA_TASK_ROOT"\n'
+        'exec /usr/bin/python3 -m awslambdaric "$_HANDLER"\n')
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts:
+                info = zipfile.ZipInfo(path.relative_to(root).as_posix())
+                info.external_attr = (os.stat(path).st_mode & 0o777 | 0o100000) << 16
+                zf.writestr(info, path.read_bytes())
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_awslambdaric_matches_builtin_python(srv: Server, ric_package: str) -> None:
+    ric = srv.deploy(runtime="provided", handler="app.handler", code_zip=ric_package, memory_mb=256)
+    own = srv.deploy(runtime="python3.11", handler="app.handler", code_zip=make_zip({"app.py": APP}),
+                     memory_mb=256)
+
+    def normalise(doc: dict[str, Any], name: str) -> dict[str, Any]:
+        body = dict(doc["body"])
+        assert body.pop("function_name") == name and body.pop("arn").endswith(f":function:{name}")
+        assert body.pop("log_group") == f"/aws/lambda/{name}"
+        return body
+
+    a = srv.invoke(ric["name"], {"k": [1, 2]}).json()
+    b = srv.invoke(own["name"], {"k": [1, 2]}).json()
+    assert a["status_code"] == b["status_code"] == 200, (a, b)
+    assert normalise(a, ric["name"]) == normalise(b, own["name"])
+    ea = srv.invoke(ric["name"], {"fail": 7}).json()
+    eb = srv.invoke(own["name"], {"fail": 7}).json()
+    for doc in (ea, eb):
+        assert doc["status_code"] == 500 and doc["error_type"] == "ValueError"
+        assert doc["error"] == "bad input: 7" and doc["stack"]
+
+
+def test_python_requirements_installed_once(srv: Server) -> None:
+    code = "import six\ndef handler(e, c):\n    return {'six': six.__version__}\n"
+    archive = make_zip({"handler.py": code, "requirements.txt": "six==1.16.0\n"})
+    fn = srv.deploy(runtime="python3.11", handler="handler.handler", code_zip=archive)
+    assert fn["build"]["status"] == "success" and "six" in fn["build"]["log"]
+    assert srv.invoke(fn["name"]).json()["body"] == {"six": "1.16.0"}
+    before = package_meta(srv, fn["name"])
+    again = srv.deploy(runtime="python3.11", handler="handler.handler", code_zip=archive)
+    assert again["build"] == fn["build"] and package_meta(srv, again["name"]) == before
+
+
+def test_node_dependencies(srv: Server) -> None:
+    archive = make_zip({
+        "index.js": "const isNumber = require('is-number');\n"
+                    "exports.handler = async (e) => ({ isNumber: isNumber(e.v) });\n",
+        "package.json": '{"name": "fn", "version": "1.0.0", "dependencies": {"is-number": "7.0.0"},'
+                        ' "devDependencies": {"left-pad": "1.3.0"}}',
+    })
+    fn = srv.deploy(runtime="nodejs20", handler="index.handler", code_zip=archive)
+    assert fn["build"]["status"] == "success"
+    assert srv.invoke(fn["name"], {"v": 5}).json()["body"] == {"isNumber": True}
+    packages = list((srv.data_dir / "packages").glob("*/node_modules/left-pad"))
+    assert not packages, "devDependencies are not installed"
+
+
+def test_failing_dependency_build(srv: Server) -> None:
+    name = srv.deploy(runtime="python3.11", handler="handler.handler",
+                      code="def handler(e, c):\n    return 'old'\n")["name"]
+    bad = make_zip({"handler.py": "def handler(e, c):\n    return 'new'\n",
+                    "requirements.txt": "impuls-no-such-package-anywhere==9.9.9\n"})
+    r = srv.request("PUT", f"/api/v1/functions/{name}", json={"code_zip": bad})
+    assert r.status_code == 400
+    message = r.json()["message"]
+    assert "pip install failed" in message and "impuls-no-such-package-anywhere" in message
+    assert srv.invoke(name).json()["body"] == "old"
+
