@@ -18,6 +18,9 @@ from impuls.runtimes import Runtime, default_registry
 from impuls.sandbox.base import InstanceSpec
 
 T = TypeVar("T")
+DEFAULT_HANDLER = {"python": "handler.handler", "nodejs": "index.handler", "go": "Handler",
+                   "provided": "function.handler"}
+BUILD_CACHE = Path(tempfile.gettempdir()) / "impuls-test-build-cache"
 DRIVERS = ["process", "namespace"]
 
 
@@ -65,11 +68,14 @@ class SpecFactory:
         code.mkdir()
         for name, text in files.items():
             (code / name).write_text(text)
-        os.chmod(code, 0o755)
+        chosen_handler = handler or DEFAULT_HANDLER[rt.language]
+        if rt.build is not None:
+            rt.build(code, chosen_handler, BUILD_CACHE)
+        for path in [code, *code.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644)
         spec = InstanceSpec(
             instance_id=uuid.uuid4().hex[:16], function_name="conformance", revision=1,
-            runtime=rt, handler=handler or ("handler.handler" if rt.language == "python"
-                                            else "index.handler"),
+            runtime=rt, handler=chosen_handler,
             code_dir=code, memory_mb=128, timeout_sec=5, ephemeral_storage_mb=512,
             environment={"FUNCTION_VAR": "fn-value"},
         )
