@@ -365,3 +365,12 @@ def test_orphans_are_reaped_after_sigkill(make_server: Callable[..., Server]) ->
     assert not again.processes_in_data_dir()
     assert again.invoke(names[0]).json()["cold_start"] is True
 
+
+
+def test_old_invocation_records_are_pruned(make_server: Callable[..., Server]) -> None:
+    server = make_server(env={"IMPULS_INVOCATION_RETENTION_DAYS": "0.00002"})  # ~1.7 s
+    name = deploy(server, "python3.11", "echo")
+    server.invoke(name)
+    path = f"/api/v1/functions/{name}/invocations"
+    assert server.request("GET", path).json()["total"] == 1
+    _wait_for(lambda: server.request("GET", path).json()["total"] == 0, timeout=30)

@@ -76,13 +76,14 @@ class InvocationRecorder:
             return conn.execute(delete(invocations).where(invocations.c.started_at < cutoff)).rowcount
 
     async def _run(self) -> None:
-        since_prune = PRUNE_INTERVAL
+        prune_every = min(PRUNE_INTERVAL, self.retention.total_seconds() / 4)
+        since_prune = prune_every
         while True:
             await asyncio.sleep(FLUSH_INTERVAL)
             try:
                 await self.flush()
                 since_prune += FLUSH_INTERVAL
-                if since_prune >= PRUNE_INTERVAL:
+                if since_prune >= prune_every:
                     since_prune = 0
                     await asyncio.to_thread(self.prune)
             except Exception:
