@@ -112,6 +112,7 @@ class Engine:
             reaped = await driver.reap_orphans()
             if reaped:
                 log.warning("killed %d %s instances left by a previous server", reaped, driver.name)
+            await driver.start()
         self.registry.on_change(self._changed_threadsafe)
         self.recorder.start()
         self._reaper = self._loop.create_task(self._reap_idle())

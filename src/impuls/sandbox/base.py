@@ -217,6 +217,9 @@ class SandboxDriver(ABC):
         """Kill what a previous server process left behind (after a crash); returns a count."""
         return 0
 
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Prepare shared resources (called once, after ``reap_orphans``, before any create)."""
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release driver-wide resources (instances are destroyed by their owners first)."""
 

@@ -101,14 +101,18 @@ class BwrapSpec:
     """Everything that varies between two sandbox instances.
 
     * ``command``: argv run inside (absolute path first).
-    * ``code_dir``: host directory bound read-only at ``/var/task``.
+    * ``code_dir``: host directory bound read-only at ``/var/task``; None
+      leaves an empty ``/var/task`` directory (a mount point for a template
+      process, see ``cap_add``).
     * ``host_paths``: runtime-specific host paths to expose read-only in
       addition to ``BASE_HOST_PATHS`` and ``BASE_ETC_PATHS``; missing ones
       are skipped, symlinks are recreated (and their target exposed).
     * ``runtime_socket``: host path of a listening unix socket, bound
       read-only (the socket inode only, not its directory: other instances'
       sockets stay invisible) at ``/run/impuls/runtime.sock``.  Must exist
-      at spawn time and not be re-created while the instance lives.
+      at spawn time and not be re-created while the instance lives.  When
+      it is None, ``data_fds`` may name ``/run/impuls/runtime.sock``: a plain
+      file is created there (``--file``), a mount point for a template process.
     * ``tmp_mb``: size cap of the ``/tmp`` tmpfs (``--size``); writes beyond
       it fail with ENOSPC.  Its pages are also charged to the memory cgroup.
     * ``shm_mb``: size cap of the ``/dev/shm`` tmpfs (POSIX shm/semaphores,
@@ -121,10 +125,15 @@ class BwrapSpec:
       for tests only).
     * ``data_fds``: sandbox path -> fd whose content becomes a read-only file
       there (mode 0444); use it for ``etc_files()``.
+    * ``cap_add``: capabilities (``CAP_SYS_ADMIN``...) the command keeps --
+      inside its user namespace only (as ambient capabilities of the sandbox
+      uid).  Only for a trusted *template* process that builds per-instance
+      namespaces and drops everything before function code runs; never with
+      function code as the command.
     """
 
     command: Sequence[str]
-    code_dir: str
+    code_dir: str | None
     host_paths: Sequence[str] = ()
     runtime_socket: str | None = None
     tmp_mb: int = 512
@@ -135,6 +144,7 @@ class BwrapSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     seccomp_fd: int | None = None
     data_fds: Mapping[str, int] = field(default_factory=dict)
+    cap_add: Sequence[str] = ()
     bwrap: str = BWRAP
 
 
@@ -179,9 +189,12 @@ def build(spec: BwrapSpec) -> BwrapCommand:
         raise BwrapConfigError("tmp_mb must be >= 1 and shm_mb >= 0")
     if spec.uid <= 0 or spec.gid <= 0:
         raise BwrapConfigError("the sandbox must run as a non-root uid/gid")
-    code_dir = _abs(spec.code_dir, "code_dir")
-    if not os.path.isdir(code_dir):
+    code_dir = None if spec.code_dir is None else _abs(spec.code_dir, "code_dir")
+    if code_dir is not None and not os.path.isdir(code_dir):
         raise BwrapConfigError(f"code directory {code_dir} does not exist")
+    for cap in spec.cap_add:
+        if not (cap == "ALL" or (cap.startswith("CAP_") and cap[4:].replace("_", "").isalnum())):
+            raise BwrapConfigError(f"invalid capability name {cap!r}")
 
     o: list[str] = [
         "--unshare-user", "--uid", str(spec.uid), "--gid", str(spec.gid),
@@ -191,8 +204,10 @@ def build(spec: BwrapSpec) -> BwrapCommand:
         "--hostname", spec.hostname,
         "--die-with-parent", "--new-session",
         "--cap-drop", "ALL",
-        "--clearenv",
     ]
+    for cap in spec.cap_add:
+        o += ["--cap-add", cap]
+    o += ["--clearenv"]
     for key, value in spec.env.items():
         if not key or "=" in key or "\0" in key or "\0" in value:
             raise BwrapConfigError(f"invalid environment variable {key!r}")
@@ -208,8 +223,8 @@ def build(spec: BwrapSpec) -> BwrapCommand:
     # bwrap's /dev is a tmpfs the sandbox uid could fill: make it read-only
     # (device nodes stay writable, /dev/shm and /dev/pts are mounts of their own).
     o += ["--remount-ro", "/dev",
-          "--size", str(spec.tmp_mb * 1024 * 1024), "--tmpfs", "/tmp",
-          "--ro-bind", code_dir, TASK_DIR]
+          "--size", str(spec.tmp_mb * 1024 * 1024), "--tmpfs", "/tmp"]
+    o += ["--dir", TASK_DIR] if code_dir is None else ["--ro-bind", code_dir, TASK_DIR]
     if spec.runtime_socket is not None:
         sock = _abs(spec.runtime_socket, "runtime_socket")
         if not os.path.exists(sock):
@@ -217,6 +232,11 @@ def build(spec: BwrapSpec) -> BwrapCommand:
         o += ["--ro-bind", sock, RUNTIME_SOCKET]
     for dest, fd in sorted(spec.data_fds.items()):
         dest = _abs(dest, "data_fds destination")
+        if dest == RUNTIME_SOCKET and spec.runtime_socket is None:
+            # A mount point must be a real file: a bind of bwrap's (unlinked)
+            # data file cannot be mounted over (ENOENT).
+            o += ["--perms", "0444", "--file", str(int(fd)), dest]
+            continue
         if _under(dest, ("/proc", "/dev", "/tmp", TASK_DIR, "/run/impuls")):
             raise BwrapConfigError(f"data file destination {dest} is reserved")
         o += ["--perms", "0444", "--ro-bind-data", str(int(fd)), dest]

@@ -71,13 +71,17 @@ def detect(root: str = CGROUP_ROOT, parent: str = PARENT_NAME) -> CgroupHost | N
     "hybrid" host -- v1 controllers plus an empty cgroup2 at
     ``root/unified`` -- counts as v1.)
 
+    ``parent`` may be nested (``impuls/<server>``: one parent per server, so
+    that one server's ``reap_stale`` never touches another's instances).
+
     Side effects: creates ``<root>/<parent>`` (v2) or
     ``<root>/<controller>/<parent>`` (v1, plus the freezer if mounted) and,
     on v2, enables ``+memory +pids +cpu`` in ``cgroup.subtree_control`` of
-    the root and of the parent.  Raises ``CgroupError`` when cgroups are
-    there but cannot be prepared (not root, read-only cgroupfs, or -- on v2
-    -- a non-root cgroup that still holds processes, which the kernel's
-    "no internal processes" rule forbids from delegating controllers).
+    the root, of every level down to the parent, and of the parent.  Raises
+    ``CgroupError`` when cgroups are there but cannot be prepared (not root,
+    read-only cgroupfs, or -- on v2 -- a non-root cgroup that still holds
+    processes, which the kernel's "no internal processes" rule forbids from
+    delegating controllers).
     """
     try:
         mounts = _cgroup_mounts()
@@ -93,7 +97,7 @@ def detect(root: str = CGROUP_ROOT, parent: str = PARENT_NAME) -> CgroupHost | N
             raise CgroupError(f"cannot read {root}/cgroup.controllers: {exc}") from exc
         if all(c in available for c in _V2_CONTROLLERS):
             host = CgroupHost("v2", {"unified": os.path.join(root, parent)})
-            host._prepare()
+            host._prepare(root)
             return host
 
     v1 = {c: mounts.get(("cgroup", c)) for c in (*_V1_REQUIRED, "freezer")}
@@ -106,7 +110,7 @@ def detect(root: str = CGROUP_ROOT, parent: str = PARENT_NAME) -> CgroupHost | N
             if path not in parents.values():  # co-mounted controllers share a dir
                 parents[ctrl] = path
         host = CgroupHost("v1", parents)
-        host._prepare()
+        host._prepare(root)
         return host
     return None
 
@@ -164,13 +168,17 @@ class CgroupHost:
     def parent_paths(self) -> list[str]:
         return list(self.parents.values())
 
-    def _prepare(self) -> None:
+    def _prepare(self, root: str) -> None:
         try:
             if self.version == "v2":
-                parent = self.parents["unified"]
-                _enable_controllers(os.path.dirname(parent))
-                os.makedirs(parent, exist_ok=True)
-                _enable_controllers(parent)
+                # The parent may be nested ("impuls/<server>"): every level
+                # between the root and it must delegate the controllers.
+                current = root
+                for part in os.path.relpath(self.parents["unified"], root).split(os.sep):
+                    _enable_controllers(current)
+                    current = os.path.join(current, part)
+                    os.makedirs(current, exist_ok=True)
+                _enable_controllers(current)
             else:
                 for path in self.parents.values():
                     os.makedirs(path, exist_ok=True)
@@ -227,8 +235,7 @@ class CgroupHost:
                 if not _write_if_exists(os.path.join(mem, "memory.memsw.limit_in_bytes"), limit):
                     _write_if_exists(os.path.join(mem, "memory.swappiness"), "0")
                 _write(os.path.join(cg.paths["pids"], "pids.max"), str(pids_max))
-                shares = max(2, min(262144, cpu_weight * 1024 // 100))
-                _write(os.path.join(cg.paths["cpu"], "cpu.shares"), str(shares))
+                _write(os.path.join(cg.paths["cpu"], "cpu.shares"), str(_shares(cpu_weight)))
         except OSError as exc:
             for path in reversed(created):
                 with contextlib.suppress(OSError):
@@ -280,6 +287,7 @@ class Cgroup:
     name: str
     paths: dict[str, str]
     _procs_b: tuple[bytes, ...] = field(init=False, repr=False)
+    _events_fd: int | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Encoded once so join_self() does nothing but open/write/close.
@@ -324,6 +332,37 @@ class Cgroup:
         except OSError as exc:
             raise CgroupError(f"cannot move pid {pid} into cgroup {self.name!r}: {exc}") from exc
 
+    def set_limits(self, memory_mb: int, cpu_weight: int) -> None:
+        """Change the memory limit and CPU weight (same meaning as in
+        ``CgroupHost.create``), e.g. of a cgroup created ahead of time.
+
+        v1 keeps ``memory.memsw.limit_in_bytes`` (when present) equal to the
+        memory limit, writing them in the order the kernel accepts (memsw may
+        never be below memory).  A memory limit below the current usage
+        fails.  Raises ``CgroupError``; ``ValueError`` for impossible values.
+        """
+        if memory_mb < 1 or not 1 <= cpu_weight <= 10000:
+            raise ValueError("memory_mb must be >= 1 and cpu_weight 1..10000")
+        limit = str(memory_mb * 1024 * 1024)
+        try:
+            if self.version == "v2":
+                d = self.paths["unified"]
+                _write(os.path.join(d, "memory.max"), limit)
+                _write(os.path.join(d, "cpu.weight"), str(cpu_weight))
+                return
+            mem = self.paths["memory"]
+            files = [os.path.join(mem, "memory.limit_in_bytes")]
+            memsw = os.path.join(mem, "memory.memsw.limit_in_bytes")
+            if os.path.exists(memsw):
+                with open(files[0]) as f:
+                    raising = int(f.read().strip()) < int(limit)
+                files = [memsw, *files] if raising else [*files, memsw]
+            for path in files:
+                _write(path, limit)
+            _write(os.path.join(self.paths["cpu"], "cpu.shares"), str(_shares(cpu_weight)))
+        except (OSError, ValueError) as exc:
+            raise CgroupError(f"cannot set the limits of cgroup {self.name!r}: {exc}") from exc
+
     def pids(self) -> set[int]:
         """Pids currently in the cgroup (union over the v1 hierarchies)."""
         try:
@@ -352,6 +391,32 @@ class Cgroup:
                 return int(f.read().strip() or 0) > 0
         except (OSError, ValueError) as exc:
             raise CgroupError(f"cannot read OOM state of cgroup {self.name!r}: {exc}") from exc
+
+    def pids_limit_hits(self) -> int:
+        """How often a fork failed because of ``pids.max`` (``pids.events``
+        ``max``; 0 when the kernel does not count it).  Cheap enough to ask
+        after every invocation: the file stays open (``close_files``)."""
+        try:
+            if self._events_fd is None:
+                path = os.path.join(self.paths["unified" if self.version == "v2" else "pids"],
+                                    "pids.events")
+                self._events_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            data = os.pread(self._events_fd, 256, 0)
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            raise CgroupError(f"cannot read pids.events of cgroup {self.name!r}: {exc}") from exc
+        for line in data.split(b"\n"):
+            if line.startswith(b"max "):
+                return int(line[4:])
+        return 0
+
+    def close_files(self) -> None:
+        """Close what ``pids_limit_hits`` keeps open (``remove`` does it too)."""
+        if self._events_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._events_fd)
+            self._events_fd = None
 
     def memory_current(self) -> int:
         """Bytes charged to the cgroup now (v2 ``memory.current``, v1
@@ -391,6 +456,7 @@ class Cgroup:
         """Kill everything inside, then rmdir the cgroup directories
         (deepest first, retrying ``EBUSY`` for up to ``timeout`` s).
         Idempotent: removing a removed cgroup is a no-op."""
+        self.close_files()
         if not any(os.path.isdir(p) for p in self.paths.values()):
             return
         deadline = time.monotonic() + timeout
@@ -498,6 +564,11 @@ class Cgroup:
 
 
 # --- small file helpers ------------------------------------------------------------
+
+
+def _shares(cpu_weight: int) -> int:
+    """v1 ``cpu.shares`` for a v2-style weight (systemd's mapping)."""
+    return max(2, min(262144, cpu_weight * 1024 // 100))
 
 
 def _write(path: str, value: str) -> None:

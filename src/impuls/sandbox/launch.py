@@ -1,0 +1,140 @@
+"""Starting one namespace-sandbox instance: the launcher interface and what launchers share.
+
+A :class:`Launcher` starts the runtime of one instance inside fresh
+namespaces and a cgroup of its own, and hands back a :class:`Launched`: the
+cgroup (it holds every process of the instance from before its first
+instruction) and a :class:`Watch` (output, exit, kill).  Two exist:
+:class:`~impuls.sandbox.template.TemplateLauncher` (fork from a
+pre-initialised template; the default) and
+:class:`~impuls.sandbox.bwrap_launch.BwrapLauncher` (one ``bwrap`` per
+instance).  Both give the runtime the same view (see
+:mod:`impuls.sandbox.namespace`).
+
+Errors: :class:`LaunchFailed` (and subclasses), never ``OSError``;
+:class:`LauncherUnavailable` means "this launcher cannot work on this host"
+(the driver then falls back to another); :class:`SandboxLost` means a
+pre-built sandbox died before it took the function (the start may be retried).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from impuls.errors import SandboxStartFailed
+from impuls.sandbox import bwrap, cgroups
+from impuls.sandbox.base import InstanceSpec, OutputCapture
+
+SANDBOX_UID = SANDBOX_GID = 993
+PIDS_MAX = 256
+API_ADDRESS = "127.0.0.1:9001"
+SOCKET_ENV = "IMPULS_RUNTIME_API_SOCKET"
+RUNTIME_DIR = "/var/runtime"
+TMP_DIR = "/tmp"
+LAMBDA_MB_PER_VCPU = 1769
+
+
+class LaunchFailed(SandboxStartFailed):
+    """The sandboxed runtime process could not be started."""
+
+
+class LauncherUnavailable(LaunchFailed):
+    """This way of starting sandboxes does not work on this host (another may)."""
+
+
+class SandboxLost(LaunchFailed):
+    """The sandbox died before it received the function (worth one retry)."""
+
+
+def cpu_weight(memory_mb: int) -> int:
+    """CPU weight (100 = one full share) proportional to memory, as on Lambda."""
+    return max(1, min(10000, memory_mb * 100 // LAMBDA_MB_PER_VCPU))
+
+
+def sandbox_env(spec: InstanceSpec) -> dict[str, str]:
+    """The complete environment of the runtime inside the sandbox (the socket
+    variable only for clients that speak HTTP over a unix socket)."""
+    env = spec.runtime_environment(API_ADDRESS, bwrap.TASK_DIR, TMP_DIR)
+    if spec.runtime.unix_socket_client:
+        env[SOCKET_ENV] = bwrap.RUNTIME_SOCKET
+    return env
+
+
+def bootstrap_path(spec: InstanceSpec) -> str | None:
+    """Where the runtime client file is inside the sandbox (None: the package brings one)."""
+    bootstrap = spec.runtime.bootstrap
+    return None if bootstrap is None else f"{RUNTIME_DIR}/{bootstrap.name}"
+
+
+def sandbox_command(spec: InstanceSpec) -> list[str]:
+    """argv of the runtime inside the sandbox; LaunchFailed if its interpreter is missing."""
+    interpreter = spec.runtime.interpreter
+    if interpreter is not None and not os.path.isfile(interpreter):
+        raise LaunchFailed(f"interpreter {interpreter} of {spec.runtime.id} is not installed")
+    return spec.runtime.command(bwrap.TASK_DIR, bootstrap_path(spec))
+
+
+# --- watching a started instance --------------------------------------------------
+
+
+class Watch(Protocol):
+    """What a launcher hands back: the exit of the instance and its output."""
+
+    exited: asyncio.Future[int]
+    #: why building the sandbox failed, when the launcher learns it after ``launch``
+    error: str
+
+    @property
+    def lost(self) -> bool:
+        """True when the sandbox died before it took the function (nothing of it ran)."""
+        ...
+
+    def output_to(self, capture: OutputCapture) -> None: ...
+
+    def drain(self) -> None: ...
+
+    def kill(self) -> bool:
+        """SIGKILL the instance's top process (its pid namespace then collapses);
+        False when there is none to signal (the cgroup sweep does it all)."""
+
+    async def wait_closed(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Launched:
+    """A started instance: its watch and the cgroup that holds all of its processes."""
+
+    watch: Watch
+    cgroup: cgroups.Cgroup
+
+
+class Launcher(Protocol):
+    """Starts the runtime of one instance inside its namespaces and its own cgroup."""
+
+    name: str
+
+    async def launch(self, spec: InstanceSpec, socket_path: Path) -> Launched:
+        """Start it (every process in the cgroup before it runs anything); raise a
+        SandboxStartFailed subclass, leaving nothing behind."""
+        ...
+
+    async def start(self) -> None:
+        """Prepare shared state ahead of the first launch (optional)."""
+
+    def cgroup_names(self) -> set[str]:
+        """Cgroups of the launcher's own (kept by ``reap_orphans``)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def close_fds(*fds: int) -> None:
+    """Close each descriptor that is >= 0, ignoring errors."""
+    for fd in fds:
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)

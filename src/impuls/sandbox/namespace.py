@@ -1,0 +1,306 @@
+"""The ``namespace`` driver: each instance in its own Linux namespaces and cgroup.
+
+What an instance gets:
+
+* new user, pid, mount, network (loopback only), ipc, uts and cgroup
+  namespaces; the sandbox uid/gid 993 with no capabilities and
+  ``no_new_privs``; the seccomp filter of :mod:`impuls.sandbox.seccomp`;
+* a read-only root (:mod:`impuls.sandbox.bwrap`'s layout) with ``/usr``
+  (the interpreters), a few ``/etc`` files, the runtime clients in
+  ``/var/runtime``, the function's code read-only at ``/var/task``, a
+  private ``/tmp`` capped at ``ephemeral_storage_mb``, its own ``/proc``
+  and a minimal ``/dev``;
+* the Runtime API as a unix socket at ``/run/impuls/runtime.sock``
+  (``IMPULS_RUNTIME_API_SOCKET``); ``AWS_LAMBDA_RUNTIME_API`` names
+  ``127.0.0.1:9001``, where a relay listens for clients that only speak TCP;
+* a cgroup (:mod:`impuls.sandbox.cgroups`, v1 or v2) that holds every
+  process of the instance from before its first instruction: memory limit
+  ``memory_mb`` (no swap; /tmp pages count too), at most ``PIDS_MAX``
+  tasks, a CPU weight proportional to the memory size (1769 MB = one full
+  share, as on Lambda).
+
+How instances are started is a launcher's business
+(:mod:`impuls.sandbox.launch`): by default they are forked from a
+pre-initialised template process (:mod:`impuls.sandbox.template`); where
+that cannot run, one ``bwrap`` per instance (:mod:`impuls.sandbox.bwrap_launch`).
+
+Contract (beyond :mod:`impuls.sandbox.base`):
+
+* ``destroy`` kills the instance's pid 1 (its pid namespace dies with it),
+  sweeps and removes its cgroup and its socket directory; a cgroup that
+  cannot be removed is logged and left to ``reap_orphans``;
+* an instance that ran into its process limit during an invocation (a fork
+  bomb) is destroyed once that invocation's reply is in;
+* ``reap_orphans`` kills and removes every cgroup and socket directory this
+  data directory's previous server left behind -- it only touches its own
+  cgroup parent, ``impuls/<hash of the work dir>``; ``start`` then starts
+  the launcher (the template and its pool of empty sandboxes);
+* ``close`` stops the launcher and, once no instance is left, removes the
+  cgroup parent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from impuls.engine.runtime_api import Invocation, RuntimeAPI, RuntimeReply
+from impuls.errors import ConfigError, InitFailed, SandboxStartFailed
+from impuls.sandbox import cgroups, seccomp
+from impuls.sandbox.base import Instance, InstanceSpec, SandboxDriver
+from impuls.sandbox.bwrap_launch import BwrapLauncher
+from impuls.sandbox.launch import (
+    SANDBOX_UID,
+    Launcher,
+    LauncherUnavailable,
+    LaunchFailed,
+    SandboxLost,
+    Watch,
+)
+
+log = logging.getLogger("impuls.sandbox.namespace")
+
+INIT_TIMEOUT = 30.0
+KILL_GRACE = 0.2
+MAX_SOCKET_PATH = 100
+
+
+def default_launcher(host: cgroups.CgroupHost) -> Launcher:
+    """The template launcher when a Python interpreter can host it, else one bwrap per instance."""
+    from impuls.runtimes import default_registry
+    from impuls.sandbox.template import TemplateLauncher, template_interpreter
+
+    runtimes = default_registry().available()
+    if template_interpreter(runtimes) is not None:
+        return TemplateLauncher(host, runtimes)
+    return BwrapLauncher(host)
+
+
+# --- instances and the driver --------------------------------------------------------
+
+
+class NamespaceInstance(Instance):
+    def __init__(self, spec: InstanceSpec, api: RuntimeAPI, cgroup: cgroups.Cgroup, watch: Watch,
+                 run_dir: Path, live: dict[str, str]) -> None:
+        super().__init__(spec, api)
+        self.cgroup = cgroup
+        self.watch = watch
+        self.run_dir = run_dir
+        self._live = live
+        live[spec.instance_id] = cgroup.name
+        watch.output_to(self.output)
+
+    @property
+    def exited(self) -> asyncio.Future[int]:
+        return self.watch.exited
+
+    def drain_output(self) -> None:
+        self.watch.drain()
+
+    def oom_killed(self) -> bool:
+        try:
+            return self.cgroup.oom_killed()
+        except cgroups.CgroupError:
+            return False
+
+    async def invoke(self, invocation: Invocation, timeout: float) -> RuntimeReply:
+        """As ``Instance.invoke``; an instance that ran into its process limit
+        (a fork bomb) is destroyed once the reply is in: it would not serve well."""
+        try:
+            return await super().invoke(invocation, timeout)
+        finally:
+            if not self.destroyed and self._fork_limit_hit():
+                log.info("instance %s hit its process limit; retiring it", self.spec.instance_id)
+                await self.destroy()
+
+    def _fork_limit_hit(self) -> bool:
+        try:
+            return self.cgroup.pids_limit_hits() > 0
+        except cgroups.CgroupError:
+            return False
+
+    async def wait_ready(self, timeout: float) -> None:
+        try:
+            await super().wait_ready(timeout)
+        except InitFailed as exc:
+            if self.exited.done() and self.watch.lost:
+                raise SandboxLost(f"the sandbox died before it took the function "
+                                  f"({self.watch.error or 'no reason given'})", exc.logs) from exc
+            if self.exited.done() and self.watch.error:  # the sandbox, not the code, failed
+                raise LaunchFailed(f"the sandbox could not be set up: {self.watch.error}",
+                                   exc.logs) from exc
+            raise
+
+    async def _teardown(self) -> None:
+        # Killing pid 1 ends the pid namespace at once; the cgroup sweep after
+        # it then finds (almost) nothing and needs no freezing.
+        if self.watch.kill():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.exited), KILL_GRACE)
+        try:
+            await asyncio.to_thread(_sweep, self.cgroup)
+        except cgroups.CgroupError as exc:
+            log.warning("instance %s: %s (left for reap_orphans)", self.spec.instance_id, exc)
+        await self.watch.wait_closed()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        self._live.pop(self.spec.instance_id, None)
+
+
+@contextlib.contextmanager
+def _bindable(path: Path) -> Iterator[str]:
+    """A name ``bind`` accepts for ``path``: a unix socket path has at most 107
+    bytes, so a long one goes through ``/proc/self/fd/<dir fd>/<name>``."""
+    if len(os.fsencode(path)) < MAX_SOCKET_PATH:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
+def _sweep(cgroup: cgroups.Cgroup) -> None:
+    """Let processes already dying leave (briefly), then kill the rest and remove the cgroup."""
+    deadline = time.monotonic() + KILL_GRACE
+    with contextlib.suppress(cgroups.CgroupError):
+        while cgroup.pids() and time.monotonic() < deadline:
+            time.sleep(0.001)
+    cgroup.remove()
+
+
+def _remove_all(host: cgroups.CgroupHost) -> None:
+    """Kill and remove every cgroup under this driver's parent, then the parent."""
+    with contextlib.suppress(cgroups.CgroupError):
+        host.reap_stale()
+    for path in host.parent_paths:
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+
+
+def cgroup_parent(work_dir: Path) -> str:
+    """This server's cgroup parent: ``impuls/<hash of the work dir>``."""
+    digest = hashlib.sha256(str(work_dir.resolve()).encode()).hexdigest()[:12]
+    return f"{cgroups.PARENT_NAME}/{digest}"
+
+
+class NamespaceDriver(SandboxDriver):
+    """Instances in Linux namespaces (bubblewrap) with cgroup limits (see module doc)."""
+
+    name = "namespace"
+    unsafe = False
+
+    def __init__(self, work_dir: Path,
+                 launcher: Callable[[cgroups.CgroupHost], Launcher] | None = None,
+                 cgroup_host: cgroups.CgroupHost | None = None) -> None:
+        """``launcher`` makes the launcher from the cgroup host (default:
+        :func:`default_launcher`; ``BwrapLauncher`` for one bwrap per instance)."""
+        self.work_dir = work_dir
+        self.run_root = work_dir / "run"
+        try:
+            self.run_root.mkdir(parents=True, exist_ok=True)
+            host = cgroup_host or cgroups.detect(parent=cgroup_parent(work_dir))
+        except OSError as exc:
+            raise ConfigError(f"namespace sandbox: cannot prepare {self.run_root}: {exc}") from exc
+        except cgroups.CgroupError as exc:
+            raise ConfigError(f"namespace sandbox: {exc.message}") from exc
+        if host is None:
+            raise ConfigError("namespace sandbox: this host has no usable cgroups "
+                              "(v2 with memory, pids and cpu, or v1 memory, pids and cpu hierarchies)")
+        self.cgroups = host
+        try:
+            seccomp.build_filter_bpf()
+        except seccomp.SeccompError as exc:
+            raise ConfigError(f"namespace sandbox: {exc.message}") from exc
+        self.launcher: Launcher = (launcher or default_launcher)(host)
+        self._live: dict[str, str] = {}  # instance id -> cgroup name
+        # A driver dropped without close() (tests) takes its sandboxes with it.
+        self._finalizer = weakref.finalize(self, _remove_all, host)
+
+    async def create(self, spec: InstanceSpec) -> Instance:
+        try:
+            return await self._create(spec)
+        except SandboxLost as exc:  # a pre-built sandbox died under us: once more, on a new one
+            log.info("instance %s: %s; retrying", spec.instance_id, exc)
+            return await self._create(spec)
+
+    async def _create(self, spec: InstanceSpec) -> Instance:
+        api = RuntimeAPI()
+        run_dir = self.run_root / spec.instance_id
+        try:
+            run_dir.mkdir(mode=0o711)
+            socket_path = run_dir / "runtime.sock"
+            with _bindable(socket_path) as bind_path:
+                await api.listen_unix(bind_path)
+            try:
+                launched = await self.launcher.launch(spec, socket_path)
+            except LauncherUnavailable as exc:
+                if not self._fall_back(exc):
+                    raise
+                launched = await self.launcher.launch(spec, socket_path)
+        except (OSError, SandboxStartFailed, ValueError) as exc:
+            api.close()
+            shutil.rmtree(run_dir, ignore_errors=True)
+            if isinstance(exc, SandboxStartFailed):
+                raise
+            raise SandboxStartFailed(f"cannot start a {spec.runtime.id} sandbox: {exc}") from exc
+        instance = NamespaceInstance(spec, api, launched.cgroup, launched.watch, run_dir, self._live)
+        try:
+            await instance.wait_ready(INIT_TIMEOUT)
+        except BaseException:
+            await instance.destroy()
+            raise
+        return instance
+
+    async def reap_orphans(self) -> int:
+        keep = frozenset({*self._live.values(), *self.launcher.cgroup_names()})
+        try:
+            removed = await asyncio.to_thread(self.cgroups.reap_stale, keep)
+        except cgroups.CgroupError as exc:
+            log.warning("reaping leftover sandboxes: %s", exc)
+            removed = []
+        for leftover in self.run_root.iterdir():
+            if leftover.name not in self._live:
+                shutil.rmtree(leftover, ignore_errors=True)
+        return len(removed)
+
+    async def start(self) -> None:
+        """Start the launcher (the template and its pool of empty sandboxes)."""
+        try:
+            await self.launcher.start()
+        except LauncherUnavailable as exc:
+            self._fall_back(exc)
+        except SandboxStartFailed as exc:
+            log.warning("namespace sandbox: %s (retried at the first start)", exc)
+
+    def _fall_back(self, exc: LauncherUnavailable) -> bool:
+        """Switch to one bwrap per instance when the template cannot run here."""
+        if isinstance(self.launcher, BwrapLauncher):
+            return False
+        log.warning("namespace sandbox: %s; starting one bwrap per instance instead "
+                    "(slower cold starts)", exc)
+        self.launcher = BwrapLauncher(self.cgroups)
+        return True
+
+    async def close(self) -> None:
+        """Stop the launcher; the cgroup parent goes too once no instance is left in it."""
+        await self.launcher.close()
+        if not self._live:
+            await asyncio.to_thread(self._finalizer)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "sandbox": self.name, "unsafe": False, "cgroup": self.cgroups.version,
+            "isolation": (f"user/pid/mount/net/ipc/uts/cgroup namespaces, uid {SANDBOX_UID}, "
+                          f"seccomp, read-only root, cgroup {self.cgroups.version} limits; "
+                          f"launcher {self.launcher.name}"),
+        }

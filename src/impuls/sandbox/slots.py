@@ -1,0 +1,278 @@
+"""The server's end of one template-built instance ("slot") of the namespace sandbox.
+
+A :class:`Slot` is an empty instance prepared ahead of time by the template
+process (:mod:`impuls.sandbox.zygote` describes the other end): namespaces
+made, ``/proc`` mounted, a process waiting -- in a cgroup of its own, but
+bound to no function yet.  :meth:`Slot.assign` turns it into an instance of
+one function in microseconds; its :class:`SlotWatch` then reports that
+instance's output and exit like any :class:`~impuls.sandbox.namespace.Watch`.
+
+The control socket (``SOCK_SEQPACKET``, ``SO_PASSCRED`` on our end) carries:
+
+* from the slot: ``pid`` with ``SCM_CREDENTIALS`` (we move that host pid into
+  the cgroup -- in a worker thread, since a cgroup move can wait for an RCU
+  grace period -- and answer ``go``), ``ready`` with the credentials of the
+  instance's pid 1 (we keep a pidfd: killing it ends the whole pid
+  namespace at once), ``assigned`` once it has the function, later
+  ``exit <status>``, and ``error <text>`` when a step fails;
+* from us: ``go``, then the assignment (JSON and three descriptors).
+
+End-of-file means every process of the slot is gone.  Contract: ``assign``
+raises :class:`~impuls.sandbox.namespace.LaunchFailed`, never ``OSError``;
+``discard`` (idempotent) closes the socket -- an unassigned slot then exits
+by itself -- and removes the cgroup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import struct
+from pathlib import Path
+
+from impuls.errors import SandboxStartFailed
+from impuls.sandbox import cgroups
+from impuls.sandbox.base import OutputCapture
+from impuls.sandbox.launch import LaunchFailed, close_fds
+from impuls.sandbox.procs import READ_CHUNK
+
+log = logging.getLogger("impuls.sandbox.slots")
+
+_CREDS = struct.calcsize("3i")
+_SYS_OPEN_TREE = 428
+_OPEN_TREE_CLONE = 1
+_AT_FDCWD = -100
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def detached_mount(path: Path) -> int:
+    """A detached bind mount of ``path`` (``open_tree(OPEN_TREE_CLONE)``), as an fd.
+
+    Made by the server (root), so a directory below a 0700 parent works: the
+    sandbox attaches the mount and never resolves the host path itself.
+    """
+    fd = _libc.syscall(ctypes.c_long(_SYS_OPEN_TREE), ctypes.c_int(_AT_FDCWD), os.fsencode(path),
+                       ctypes.c_uint(_OPEN_TREE_CLONE | os.O_CLOEXEC))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise LaunchFailed(f"cannot clone a mount of {path}: {os.strerror(err)}")
+    return int(fd)
+
+
+class OutputPump:
+    """Reads a pipe from the event loop into an OutputCapture (non-blocking)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
+        self.loop = loop
+        self._fd: int | None = fd
+        self.capture: OutputCapture | None = None
+        os.set_blocking(fd, False)
+        loop.add_reader(fd, self._read, True)
+
+    def _read(self, once: bool = False) -> None:
+        while self._fd is not None:
+            try:
+                data = os.read(self._fd, READ_CHUNK)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.close()
+                return
+            if self.capture is not None:
+                self.capture.feed(data)
+            if once and len(data) < READ_CHUNK:
+                return
+
+    def drain(self) -> None:
+        self._read()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            self.loop.remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+
+class SlotWatch:
+    """The control socket of one slot, and later its instance's output and exit."""
+
+    def __init__(self, ctl: socket.socket, cgroup: cgroups.Cgroup) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future[None] = self.loop.create_future()
+        self.exited: asyncio.Future[int] = self.loop.create_future()
+        self.cgroup = cgroup
+        self.error = ""
+        self._cgroup_error = ""
+        self._status: int | None = None
+        self._pump: OutputPump | None = None
+        self._took_it = False
+        self._pidfd = -1
+        self._ctl: socket.socket | None = ctl
+        ctl.setblocking(False)
+        self.loop.add_reader(ctl.fileno(), self._on_control)
+
+    # --- the Watch interface ---------------------------------------------------------
+
+    @property
+    def lost(self) -> bool:
+        return self.exited.done() and not self._took_it
+
+    def output_to(self, capture: OutputCapture) -> None:
+        if self._pump is not None:
+            self._pump.capture = capture
+
+    def drain(self) -> None:
+        if self._pump is not None:
+            self._pump.drain()
+
+    def kill(self) -> bool:
+        """SIGKILL the instance's pid 1: the kernel then kills its whole pid namespace
+        (``Cgroup.remove`` still sweeps the cgroup afterwards)."""
+        if self._pidfd < 0:
+            return False
+        try:
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        except OSError:
+            return False
+        return True
+
+    async def wait_closed(self) -> None:
+        await self.exited
+        self.drain()
+        self.close()
+
+    def close(self) -> None:
+        self._close_control()
+        if self._pump is not None:
+            self._pump.close()
+        close_fds(self._pidfd)
+        self._pidfd = -1
+
+    # --- assignment --------------------------------------------------------------------
+
+    def send_assignment(self, request: bytes, fds: list[int], output_fd: int) -> None:
+        if self._ctl is None or self.exited.done():
+            raise LaunchFailed(f"the sandbox slot is gone{': ' + self.error if self.error else ''}")
+        try:
+            self._ctl.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                           struct.pack(f"{len(fds)}i", *fds))])
+        except OSError as exc:
+            raise LaunchFailed(f"cannot hand the function to its sandbox: {exc}") from exc
+        self._pump = OutputPump(self.loop, output_fd)
+
+    # --- control messages ----------------------------------------------------------------
+
+    def _on_control(self) -> None:
+        while self._ctl is not None:
+            try:
+                msg, ancdata, _, _ = self._ctl.recvmsg(4096, socket.CMSG_SPACE(_CREDS))
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.error = self.error or str(exc)
+                msg, ancdata = b"", []
+            if not msg:
+                self._close_control()
+                return
+            if msg == b"pid":
+                self.loop.create_task(self._join_cgroup(_sender(ancdata)))
+            elif msg == b"ready":
+                self._on_ready(_sender(ancdata))
+            elif msg == b"assigned":
+                self._took_it = True
+            elif msg.startswith(b"exit "):
+                with contextlib.suppress(ValueError):
+                    self._status = int(msg[5:])
+            elif msg.startswith(b"error "):
+                self.error = msg[6:].decode("utf-8", "replace")
+                log.debug("slot %s: %s", self.cgroup.name, self.error)
+
+    def _on_ready(self, pid: int | None) -> None:
+        if pid is not None and self._pidfd < 0:
+            with contextlib.suppress(OSError):
+                self._pidfd = os.pidfd_open(pid)
+        if not self.ready.done():
+            self.ready.set_result(None)
+
+    async def _join_cgroup(self, pid: int | None) -> None:
+        try:
+            if pid is None:
+                raise LaunchFailed("the template child sent no credentials")
+            await asyncio.to_thread(self.cgroup.add_pid, pid)
+            if self._ctl is not None:
+                self._ctl.send(b"go")
+        except (OSError, SandboxStartFailed) as exc:
+            # The child may have died with a reason of its own, still queued:
+            # stop it, and let end-of-file report both.
+            self._cgroup_error = f"cannot put the sandbox in its cgroup: {exc}"
+            if self._ctl is not None:
+                with contextlib.suppress(OSError):
+                    self._ctl.shutdown(socket.SHUT_WR)
+
+    def _close_control(self) -> None:
+        if self._ctl is not None:
+            self.loop.remove_reader(self._ctl.fileno())
+            self._ctl.close()
+            self._ctl = None
+        if not self.ready.done():
+            reasons = "; ".join(r for r in (self.error, self._cgroup_error) if r)
+            self.ready.set_exception(LaunchFailed(
+                f"the sandbox could not be built: {reasons or 'its builder exited'}"))
+            self.ready.exception()  # retrieved: nobody may be waiting any more
+        if not self.exited.done():
+            self.exited.set_result(self._status if self._status is not None else -9)
+
+
+def _sender(ancdata: list[tuple[int, int, bytes]]) -> int | None:
+    """The host pid in an ``SCM_CREDENTIALS`` message (the kernel translated it)."""
+    return next((struct.unpack("3i", data[:_CREDS])[0] for level, kind, data in ancdata
+                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS), None)
+
+
+class Slot:
+    """An empty, pre-built instance (see module doc)."""
+
+    def __init__(self, cgroup: cgroups.Cgroup, watch: SlotWatch) -> None:
+        self.cgroup = cgroup
+        self.watch = watch
+        self.assigned = False
+
+    @property
+    def usable(self) -> bool:
+        return self.watch.ready.done() and not self.watch.ready.exception() and \
+            not self.watch.exited.done()
+
+    def assign(self, request: bytes, code_dir: Path, socket_path: Path, memory_mb: int,
+               cpu_weight: int) -> None:
+        """Bind the slot to one instance: limits, code, Runtime API socket, output pipe."""
+        code_fd = sock_fd = out_r = out_w = -1
+        try:
+            self.cgroup.set_limits(memory_mb, cpu_weight)
+            code_fd = detached_mount(code_dir)
+            sock_fd = detached_mount(socket_path)
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            self.watch.send_assignment(request, [code_fd, sock_fd, out_w], out_r)
+            self.assigned = True
+        except OSError as exc:
+            close_fds(out_r)
+            raise LaunchFailed(f"cannot prepare the sandbox: {exc}") from exc
+        except SandboxStartFailed:
+            close_fds(out_r)
+            raise
+        finally:
+            close_fds(code_fd, sock_fd, out_w)
+
+    async def discard(self) -> None:
+        """Give the slot up: its processes end, its cgroup is removed (idempotent)."""
+        self.watch.close()
+        try:
+            await asyncio.to_thread(self.cgroup.remove)
+        except cgroups.CgroupError as exc:
+            log.warning("slot cgroup: %s (left for reap_orphans)", exc)
