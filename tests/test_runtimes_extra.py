@@ -71,9 +71,14 @@ def handler(event, context):
 """
 
 
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = Server(tmp_path_factory.mktemp("runtimes") / "data", args=["--sandbox", "process"]).start()
+@pytest.fixture(scope="module", params=["process", "namespace"])
+def srv(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    if request.param == "namespace":
+        from impuls.sandbox import namespace_available
+
+        if reason := namespace_available():
+            pytest.skip(f"the namespace sandbox is unavailable here: {reason}")
+    server = Server(tmp_path_factory.mktemp("runtimes") / "data", args=["--sandbox", request.param]).start()
     yield server
     server.stop()
 
