@@ -15,6 +15,43 @@ from impuls.sandbox.base import OutputCapture
 READ_CHUNK = 65536
 
 
+class OutputPump:
+    """Reads a pipe from the event loop into an OutputCapture (non-blocking)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
+        self.loop = loop
+        self._fd: int | None = fd
+        self.capture: OutputCapture | None = None
+        os.set_blocking(fd, False)
+        loop.add_reader(fd, self._read, True)
+
+    def _read(self, once: bool = False) -> None:
+        while self._fd is not None:
+            try:
+                data = os.read(self._fd, READ_CHUNK)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.close()
+                return
+            if self.capture is not None:
+                self.capture.feed(data)
+            if once and len(data) < READ_CHUNK:
+                return
+
+    def drain(self) -> None:
+        """Read everything the pipe holds right now."""
+        self._read()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            self.loop.remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+
 class ProcessWatch:
     """Notices a child's exit (pidfd) and pumps its stdout/stderr pipe into an OutputCapture."""
 
@@ -22,15 +59,12 @@ class ProcessWatch:
         self.loop = asyncio.get_running_loop()
         self.proc = proc
         self.exited: asyncio.Future[int] = self.loop.create_future()
-        self._fd: int | None = output_fd
-        self._capture: OutputCapture | None = None
-        os.set_blocking(output_fd, False)
-        self.loop.add_reader(output_fd, self._readable)
+        self._pump = OutputPump(self.loop, output_fd)
         self._pidfd: int | None = os.pidfd_open(proc.pid)
         self.loop.add_reader(self._pidfd, self._on_exit)
 
     def output_to(self, capture: OutputCapture) -> None:
-        self._capture = capture
+        self._pump.capture = capture
 
     def _on_exit(self) -> None:
         if self._pidfd is not None:
@@ -41,40 +75,15 @@ class ProcessWatch:
         if not self.exited.done():
             self.exited.set_result(status)
 
-    def _readable(self) -> None:
-        self._read(once=True)
-
-    def _read(self, once: bool) -> None:
-        while self._fd is not None:
-            try:
-                data = os.read(self._fd, READ_CHUNK)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
-            if not data:
-                self._close_output()
-                return
-            if self._capture is not None:
-                self._capture.feed(data)
-            if once and len(data) < READ_CHUNK:
-                return
-
     def drain(self) -> None:
         """Read everything the pipe holds right now."""
-        self._read(once=False)
-
-    def _close_output(self) -> None:
-        if self._fd is not None:
-            self.loop.remove_reader(self._fd)
-            os.close(self._fd)
-            self._fd = None
+        self._pump.drain()
 
     async def wait_closed(self) -> None:
         """Wait for the exit (after the caller killed the process), then close the pipe."""
         await self.exited
-        self.drain()
-        self._close_output()
+        self._pump.drain()
+        self._pump.close()
 
 
 def _children() -> dict[int, list[int]]:

@@ -39,7 +39,7 @@ from impuls.errors import SandboxStartFailed
 from impuls.sandbox import cgroups
 from impuls.sandbox.base import OutputCapture
 from impuls.sandbox.launch import LaunchFailed, close_fds
-from impuls.sandbox.procs import READ_CHUNK
+from impuls.sandbox.procs import OutputPump
 
 log = logging.getLogger("impuls.sandbox.slots")
 
@@ -62,42 +62,6 @@ def detached_mount(path: Path) -> int:
         err = ctypes.get_errno()
         raise LaunchFailed(f"cannot clone a mount of {path}: {os.strerror(err)}")
     return int(fd)
-
-
-class OutputPump:
-    """Reads a pipe from the event loop into an OutputCapture (non-blocking)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
-        self.loop = loop
-        self._fd: int | None = fd
-        self.capture: OutputCapture | None = None
-        os.set_blocking(fd, False)
-        loop.add_reader(fd, self._read, True)
-
-    def _read(self, once: bool = False) -> None:
-        while self._fd is not None:
-            try:
-                data = os.read(self._fd, READ_CHUNK)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
-            if not data:
-                self.close()
-                return
-            if self.capture is not None:
-                self.capture.feed(data)
-            if once and len(data) < READ_CHUNK:
-                return
-
-    def drain(self) -> None:
-        self._read()
-
-    def close(self) -> None:
-        if self._fd is not None:
-            self.loop.remove_reader(self._fd)
-            os.close(self._fd)
-            self._fd = None
 
 
 class SlotWatch:

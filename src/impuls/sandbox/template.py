@@ -60,7 +60,8 @@ from impuls.sandbox.launch import (
     sandbox_command,
     sandbox_env,
 )
-from impuls.sandbox.slots import OutputPump, Slot, SlotWatch
+from impuls.sandbox.procs import OutputPump
+from impuls.sandbox.slots import Slot, SlotWatch
 
 log = logging.getLogger("impuls.sandbox.template")
 
