@@ -29,7 +29,6 @@ log = logging.getLogger("impuls.sandbox.process")
 
 INIT_TIMEOUT = 30.0
 NOFILE = 1024
-NPROC_HEADROOM = 256
 
 
 class ProcessInstance(Instance):
