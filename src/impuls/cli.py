@@ -272,3 +272,42 @@ def remove(client: Client, name: str) -> None:
     console.print(f"deleted {name}")
 
 
+
+
+@main.group()
+def images() -> None:
+    """Guest images of the microvm sandbox: kernel, initramfs, a root filesystem per runtime."""
+
+
+_IMAGES_DIR = click.option("--images-dir", type=click.Path(path_type=Path), default=None,
+                           help="where the images live (IMPULS_IMAGES_DIR, default <data dir>/images)")
+_DATA_DIR = click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+                         help="data directory (IMPULS_DATA_DIR, default ./.impuls)")
+
+
+@images.command("build")
+@click.option("--runtime", "runtimes", multiple=True, type=click.Choice(["python", "nodejs"]),
+              help="build only these guest runtimes (repeatable; default: all)")
+@click.option("--force", is_flag=True, help="rebuild even what is up to date")
+@_IMAGES_DIR
+@_DATA_DIR
+def images_build(runtimes: tuple[str, ...], force: bool, images_dir: Path | None,
+                 data_dir: Path | None) -> None:
+    """Build the guest images from Debian packages (idempotent: rebuilds only what changed)."""
+    from impuls.images import cli as images_cli
+    from impuls.images.builder import BuildError
+
+    try:
+        images_cli.build(console, images_cli.images_dir(images_dir, data_dir), runtimes, force)
+    except BuildError as exc:
+        fail(str(exc))
+
+
+@images.command("ls")
+@_IMAGES_DIR
+@_DATA_DIR
+def images_ls(images_dir: Path | None, data_dir: Path | None) -> None:
+    """List the built guest images and snapshots with their sizes."""
+    from impuls.images import cli as images_cli
+
+    images_cli.listing(console, images_cli.images_dir(images_dir, data_dir))

@@ -276,6 +276,7 @@ class Engine:
             result = _from_reply(request_id, outcome.reply.ok, outcome.reply.body,
                                  outcome.reply.error_type, outcome.cold_start, outcome.logs,
                                  outcome.logs_truncated)
+            result.note = outcome.note
         except InitFailed as exc:
             result = InvocationResult(
                 request_id, 200, 500, 0.0, True, exc.logs, False, error=exc.message,

@@ -39,6 +39,7 @@ class Outcome:
     logs: str
     logs_truncated: bool
     cold_start: bool
+    note: str = ""  # how a cold start was served (microvm: restored or booted, and why)
 
 
 class Capacity:
@@ -92,7 +93,7 @@ class Pool:
             reply = await instance.invoke(invocation, timeout)
             healthy = True
             logs, truncated = instance.output.take()
-            return Outcome(reply, logs, truncated, cold)
+            return Outcome(reply, logs, truncated, cold, instance.note if cold else "")
         except SandboxError as exc:
             exc.logs, _ = instance.output.take()
             raise

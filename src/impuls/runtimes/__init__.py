@@ -124,6 +124,7 @@ def _python() -> Runtime:
         installed=interp is not None,
         version=_version_of([interp, "--version"]) if interp else "",
         extension=".py", module_extensions=(".py",), build=builders.python_requirements,
+        sandboxes=("process", "namespace", "microvm"),
     )
 
 
@@ -144,6 +145,7 @@ def _go() -> Runtime:
         id="go1.x", aliases=("go",), language="go", interpreter=None, bootstrap=None,
         installed=go is not None, version=_version_of([go, "version"]) if go else "",
         extension=".go", handler_rule="go", build=builders.go_binary,
+        sandboxes=("process", "namespace", "microvm"),
     )
 
 
@@ -152,11 +154,22 @@ def _provided() -> Runtime:
         id="provided", aliases=("provided.al2", "provided.al2023"), language="provided",
         interpreter=None, bootstrap=None, installed=True, handler_rule="any",
         build=builders.provided_bootstrap, unix_socket_client=False,
+        sandboxes=("process", "namespace", "microvm"),
+    )
+
+
+def _node_guest() -> Runtime:
+    """Debian's Node.js inside microVM guests (v18): offered by the microvm sandbox only."""
+    return Runtime(
+        id="nodejs18", aliases=("nodejs18.x",), language="nodejs", interpreter="/usr/bin/node",
+        bootstrap=RUNTIMES_DIR / "nodejs" / "bootstrap.js", installed=True,
+        version="v18 (Debian 12, microVM guest)", extension=".js",
+        module_extensions=(".js", ".mjs", ".cjs"), build=builders.node_modules, sandboxes=("microvm",),
     )
 
 
 def _builtin_runtimes() -> list[Runtime]:
-    return [_python(), _node(), _go(), _provided()]
+    return [_python(), _node(), _go(), _provided(), _node_guest()]
 
 
 class RuntimeRegistry:

@@ -6,8 +6,11 @@
 * ``namespace``: :class:`~impuls.sandbox.namespace.NamespaceDriver`, or
   :class:`~impuls.errors.ConfigError` naming what the host lacks (see
   :func:`namespace_available`);
-* ``auto``: the strongest the host supports -- ``namespace`` when available,
-  else ``process`` with a warning that says why.
+* ``microvm``: :class:`~impuls.sandbox.microvm.MicroVMDriver`, or
+  :class:`~impuls.errors.ConfigError` naming what is missing (QEMU, images);
+* ``auto``: the strongest the host supports -- ``microvm`` where KVM works
+  and its images are built, else ``namespace`` when available, else
+  ``process`` with a warning that says why.
 """
 
 from __future__ import annotations
@@ -66,19 +69,45 @@ def _probe_bwrap(argv: list[str], uid: int, gid: int) -> str | None:
     return None
 
 
+def microvm_available(images_dir: Path | None = None) -> str | None:
+    """None when this host can run the ``microvm`` sandbox, else the reason (QEMU, images).
+
+    ``images_dir`` defaults to ``IMPULS_IMAGES_DIR`` or ``<data dir>/images``.
+    """
+    from impuls.images import default_images_dir
+    from impuls.sandbox.microvm import available
+
+    return available(images_dir or default_images_dir())
+
+
 def make_driver(kind: str, work_dir: Path) -> SandboxDriver:
-    """The driver for ``kind`` (``auto`` picks the strongest this host supports)."""
+    """The driver for ``kind``; ``auto`` picks the strongest this host supports.
+
+    ``auto`` takes ``microvm`` only where its guest images are built and KVM
+    really works: under software emulation (TCG) a VM is far too slow to be
+    a default, so it then takes ``namespace`` (and says why); ``process`` is
+    the last resort, with a warning.
+    """
     if kind == "process":
         return ProcessDriver(work_dir / "process")
-    if kind in ("auto", "namespace"):
-        reason = namespace_available()
-        if reason is None:
-            from impuls.sandbox.namespace import NamespaceDriver
+    from impuls.images import default_images_dir
 
-            return NamespaceDriver(work_dir / "namespace")
-        if kind == "namespace":
-            raise ConfigError(f"sandbox 'namespace' is not available on this host: {reason}")
-        log.warning("no isolating sandbox is available on this host (namespace: %s); "
-                    "using 'process'", reason)
-        return ProcessDriver(work_dir / "process")
-    raise ConfigError(f"sandbox {kind!r} is not available on this host")
+    images = default_images_dir(work_dir.parent)
+    if kind == "microvm" or (kind == "auto" and microvm_available(images) is None):
+        from impuls.sandbox.microvm import MicroVMDriver
+
+        vm = MicroVMDriver(work_dir / "microvm", images_dir=images)
+        if kind == "microvm" or vm.accel.accel == "kvm":
+            return vm
+        log.warning("microvm would run under TCG (software emulation) here: 'auto' uses the "
+                    "namespace sandbox; pass --sandbox microvm to use VMs anyway")
+    reason = namespace_available()
+    if reason is None:
+        from impuls.sandbox.namespace import NamespaceDriver
+
+        return NamespaceDriver(work_dir / "namespace")
+    if kind == "namespace":
+        raise ConfigError(f"sandbox 'namespace' is not available on this host: {reason}")
+    log.warning("no isolating sandbox is available on this host (namespace: %s); "
+                "using 'process'", reason)
+    return ProcessDriver(work_dir / "process")

@@ -129,6 +129,7 @@ class Instance(ABC):
         self.output = OutputCapture()
         self.created_at = time.monotonic()
         self.invocations = 0
+        self.note = ""  # how the instance was started, for the invocation record
         self._destroyed = False
 
     @property

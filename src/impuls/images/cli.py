@@ -1,0 +1,65 @@
+"""The ``impuls images build|ls`` commands' work; ``impuls.cli`` only parses options.
+
+``build`` prints one plain line per step (with elapsed time), so that CI logs
+and terminals both read well; ``ls`` prints a table with sizes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from impuls.errors import ConfigError
+from impuls.images.builder import Builder, BuildError, BuildReport
+from impuls.images.qemu import choose_accel, qemu_binary
+from impuls.images.store import ImageStore, default_images_dir
+
+
+def images_dir(explicit: Path | None = None, data_dir: Path | None = None) -> Path:
+    return explicit or default_images_dir(data_dir)
+
+
+def build(console: Console, root: Path, runtimes: Sequence[str] = (), force: bool = False,
+          probe: bool = True) -> BuildReport:
+    """Build (or confirm up to date) every image; then settle the acceleration verdict.
+
+    Raises BuildError (or ConfigError) with a message meant for the user.
+    """
+    store = ImageStore(root)
+    started = time.monotonic()
+
+    def progress(line: str) -> None:
+        console.print(f"[dim]{time.monotonic() - started:6.1f}s[/dim] {line}", highlight=False)
+
+    console.print(f"building microVM guest images in {root}", highlight=False)
+    report = Builder(store, progress).build(list(runtimes) or None, force=force)
+    if probe and qemu_binary() is not None:
+        try:
+            choice = choose_accel(store)
+        except ConfigError as exc:
+            raise BuildError(exc.message) from exc
+        progress(f"acceleration: {choice.accel} ({choice.reason})")
+    summary = f"built {', '.join(report.built)}" if report.built else "nothing to do, everything up to date"
+    console.print(f"done in {report.seconds:.1f} s: {summary}", highlight=False)
+    return report
+
+
+def listing(console: Console, root: Path) -> int:
+    """Print what is built; returns the number of missing required images."""
+    store = ImageStore(root)
+    table = Table(title=f"guest images in {root}", title_justify="left")
+    table.add_column("image")
+    table.add_column("size", justify="right")
+    table.add_column("details")
+    table.add_column("path")
+    for name, path, size, desc in store.listing():
+        table.add_row(name, f"{size / 2**20:.1f} MB" if size else "-", desc, str(path))
+    console.print(table)
+    missing = store.missing()
+    if missing:
+        console.print(f"missing: {', '.join(missing)} — run `impuls images build`", highlight=False)
+    return len(missing)

@@ -1,0 +1,335 @@
+"""The VMM layer: QEMU ``microvm`` argv, a QMP client, and which acceleration works here.
+
+Acceleration is decided by *booting*, not by looking for ``/dev/kvm``: on
+hosts whose KVM is nested PVM, ``/dev/kvm`` opens and ``KVM_CREATE_VM``
+succeeds, yet a stock guest kernel dies in KVM's instruction emulator.  So
+``auto`` boots the real kernel + initramfs under ``-accel kvm`` to a marker
+line once per host (the verdict is cached in ``<images>/accel/``) and falls
+back to TCG, QEMU's software emulation, when that fails.
+``IMPULS_MICROVM_ACCEL=kvm|tcg`` overrides the probe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from impuls.errors import ConfigError
+from impuls.images.store import ImageStore
+from impuls.runtimes.guest.agent import PORT_NAME
+
+QEMU = "qemu-system-x86_64"
+PROBE_TIMEOUT = 15.0  # a working KVM boots kernel + initramfs to the marker in about a second
+PROBE_MARKER = b"IMPULS-PROBE-OK"
+ACCEL_MODES = ("auto", "kvm", "tcg")
+TCG_NOTE = "TCG: software emulation (no usable hardware virtualization on this host), much slower than KVM"
+KVM_NOTE = "KVM: hardware virtualization"
+
+# Kernel command line shared by every boot.  Under TCG the TSC must be
+# declared (else calibration hangs) and mitigations are pointless: the
+# emulator does not speculate.  panic=-1 + QEMU's -no-reboot turn a guest
+# panic (and PID 1 exiting) into QEMU exiting.
+KERNEL_ARGS = ("console=ttyS0", "quiet", "panic=-1", "reboot=t", "tsc_early_khz=2000000", "tsc=reliable",
+               "random.trust_cpu=on", "i8042.noaux", "i8042.nomux", "i8042.nopnp", "i8042.dumbkbd",
+               "cryptomgr.notests", "rcupdate.rcu_expedited=1")
+TCG_KERNEL_ARGS = ("mitigations=off",)
+
+
+def qemu_binary() -> str | None:
+    return shutil.which(QEMU)
+
+
+@cache
+def qemu_version(binary: str) -> str:
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    first = out.stdout.splitlines()[0] if out.stdout else ""
+    return first.replace("QEMU emulator version", "").strip()
+
+
+def cpu_model(accel: str) -> str:
+    return "host,-arch-capabilities" if accel == "kvm" else "max"
+
+
+def kernel_cmdline(accel: str, extra: tuple[str, ...] = ()) -> str:
+    args = KERNEL_ARGS + (TCG_KERNEL_ARGS if accel == "tcg" else ()) + extra
+    return " ".join(args)
+
+
+def machine_args(accel: str, memory_mb: int, memory_backend: str | None = None) -> list[str]:
+    """The machine part of a QEMU argv: microvm, one vCPU, no default devices, no network."""
+    machine = "microvm,x-option-roms=off,isa-serial=on,rtc=on,pit=on,pic=on"
+    if memory_backend is not None:
+        machine += f",memory-backend={memory_backend}"
+    accel_opt = "tcg,tb-size=64" if accel == "tcg" else "kvm"
+    return ["-M", machine, "-accel", accel_opt, "-cpu", cpu_model(accel), "-m", f"{memory_mb}M",
+            "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
+
+
+def pdeathsig_prefix() -> list[str]:
+    """argv prefix that makes the child die with its parent (util-linux ``setpriv``)."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL"] if setpriv else []
+
+
+@dataclass(frozen=True)
+class AccelChoice:
+    accel: str  # "kvm" | "tcg"
+    reason: str
+
+    @property
+    def note(self) -> str:
+        return KVM_NOTE if self.accel == "kvm" else TCG_NOTE
+
+
+@cache
+def host_cpu() -> str:
+    """The host CPU's model and flags (a KVM guest with ``-cpu host`` sees exactly these)."""
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                cpu += line
+            if line == "":
+                break
+    return cpu
+
+
+def _host_key(store: ImageStore, binary: str) -> str:
+    parts = [socket.gethostname(), os.uname().release, host_cpu(), qemu_version(binary), store.key("kernel"),
+             store.key("initramfs")]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
+
+
+def probe_kvm(store: ImageStore, binary: str, timeout: float = PROBE_TIMEOUT) -> tuple[bool, str]:
+    """Boot the guest kernel + initramfs under KVM to the probe marker; (usable, detail)."""
+    if not os.path.exists("/dev/kvm"):
+        return False, "/dev/kvm does not exist"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False, "/dev/kvm is not accessible to this user"
+    argv = [*pdeathsig_prefix(), binary, *machine_args("kvm", 128), "-kernel", str(store.kernel),
+            "-initrd", str(store.initramfs), "-append", kernel_cmdline("kvm", ("impuls.probe=1",)),
+            "-serial", "stdio"]
+    started = time.monotonic()
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    except OSError as exc:
+        return False, f"cannot run {binary}: {exc}"
+    assert proc.stdout is not None
+    output = b""
+    try:
+        while time.monotonic() - started < timeout:
+            ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+            if ready:
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                output += chunk
+                if PROBE_MARKER in output:
+                    return True, f"probe boot reached user space in {time.monotonic() - started:.2f} s"
+                if b"KVM internal error" in output or b"emulation failure" in output:
+                    break
+        detail = output.decode("utf-8", "replace").strip().splitlines()
+        tail = detail[0] if detail else "no output"
+        if time.monotonic() - started >= timeout:
+            tail = f"no boot within {timeout:.0f} s ({tail})"
+        if os.path.isdir("/sys/module/kvm_pvm"):
+            tail += "; the host's KVM is kvm_pvm (nested PVM), which stock guest kernels cannot use"
+        return False, f"probe boot under KVM failed: {tail}"[:400]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+
+
+def choose_accel(store: ImageStore, mode: str | None = None, binary: str | None = None) -> AccelChoice:
+    """The acceleration to use: the override, or the (cached) probe verdict."""
+    mode = (mode or os.environ.get("IMPULS_MICROVM_ACCEL") or "auto").strip().lower()
+    if mode not in ACCEL_MODES:
+        raise ConfigError(f"IMPULS_MICROVM_ACCEL must be one of {', '.join(ACCEL_MODES)}, not {mode!r}")
+    if mode != "auto":
+        return AccelChoice(mode, f"IMPULS_MICROVM_ACCEL={mode}")
+    binary = binary or qemu_binary()
+    if binary is None:
+        raise ConfigError(f"{QEMU} is not installed (Debian package qemu-system-x86)")
+    if not os.path.exists("/dev/kvm"):
+        return AccelChoice("tcg", "/dev/kvm does not exist")
+    path = store.accel_dir / f"{_host_key(store, binary)}.json"
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        doc = json.loads(path.read_text())
+        return AccelChoice("kvm" if doc["kvm_usable"] else "tcg", f"cached probe: {doc['detail']}")
+    usable, detail = probe_kvm(store, binary)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"kvm_usable": usable, "detail": detail, "host": socket.gethostname(),
+                               "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
+    os.replace(tmp, path)
+    return AccelChoice("kvm" if usable else "tcg", f"probe: {detail}")
+
+
+def qemu_path(path: Path | str) -> str:
+    """A path inside a QEMU option value (commas are doubled)."""
+    return str(path).replace(",", ",,")
+
+
+
+# --- one machine's argv ---------------------------------------------------------------
+
+
+@dataclass
+class Memory:
+    """Guest RAM: anonymous, or a file mapped shared (snapshot template) or private (clone)."""
+
+    path: Path | None = None
+    shared: bool = False
+
+
+@dataclass
+class VMConfig:
+    """Everything one QEMU process is started with.
+
+    Devices, in this order on every start (a restore needs the template's):
+    virtio-blk rootfs, virtio-blk code disk, virtio-serial with the agent's
+    port ``nr=1``; the ISA serial console on stdio; QMP and the agent port on
+    inherited socketpair fds.  With ``incoming`` the machine waits for
+    ``migrate-incoming`` and is started without ``-kernel``: its RAM has it.
+    """
+
+    binary: str
+    accel: str
+    memory_mb: int
+    kernel: Path
+    initramfs: Path
+    rootfs: Path
+    code_disk: Path
+    memory: Memory = field(default_factory=Memory)
+    incoming: bool = False
+
+    def argv(self, name: str, link_fd: int, qmp_fd: int) -> list[str]:
+        args = [*pdeathsig_prefix(), self.binary, "-name", f"impuls-{name}"]
+        backend = None
+        if self.memory.path is not None:
+            backend = "ram"
+            args += ["-object", f"memory-backend-file,id=ram,size={self.memory_mb}M,"
+                     f"mem-path={qemu_path(self.memory.path)},share={'on' if self.memory.shared else 'off'}"]
+        args += machine_args(self.accel, self.memory_mb, backend)
+        if not self.incoming:  # a restored guest has its kernel in RAM: QEMU need not load it again
+            args += ["-kernel", str(self.kernel), "-initrd", str(self.initramfs),
+                     "-append", kernel_cmdline(self.accel)]
+        args += ["-drive", f"id=root,file={qemu_path(self.rootfs)},format=raw,if=none,read-only=on",
+                 "-device", "virtio-blk-device,drive=root",
+                 "-drive", f"id=code,file={qemu_path(self.code_disk)},format=raw,if=none,read-only=on",
+                 "-device", "virtio-blk-device,drive=code",
+                 "-device", "virtio-serial-device,max_ports=2",
+                 "-chardev", f"socket,id=agent,fd={link_fd}",
+                 "-device", f"virtserialport,chardev=agent,name={PORT_NAME},nr=1",
+                 "-chardev", f"socket,id=qmp,fd={qmp_fd}", "-mon", "chardev=qmp,mode=control",
+                 "-serial", "stdio"]
+        if self.incoming:
+            args += ["-incoming", "defer"]
+        return args
+
+
+# --- QMP ----------------------------------------------------------------------------
+
+
+class QmpError(Exception):
+    pass
+
+
+class Qmp:
+    """A minimal QMP client on a connected socket: commands, and events kept for waiters."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.events: list[dict[str, Any]] = []
+        self._waiting: dict[int, asyncio.Future[Any]] = {}
+        self._event_waiters: list[tuple[str, asyncio.Future[dict[str, Any]]]] = []
+        self._next = 1
+        self._task: asyncio.Task[None] | None = None
+        self.closed = False
+
+    @classmethod
+    async def connect(cls, sock: socket.socket) -> Qmp:
+        reader, writer = await asyncio.open_connection(sock=sock, limit=2**20)
+        qmp = cls(reader, writer)
+        greeting = json.loads(await reader.readline())
+        if "QMP" not in greeting:
+            raise QmpError(f"unexpected QMP greeting {greeting!r}")
+        qmp._task = asyncio.get_running_loop().create_task(qmp._read())
+        await qmp.execute("qmp_capabilities")
+        return qmp
+
+    async def _read(self) -> None:
+        try:
+            while line := await self.reader.readline():
+                msg = json.loads(line)
+                if "event" in msg:
+                    self.events.append(msg)
+                    for name, waiter in list(self._event_waiters):
+                        if name == msg["event"] and not waiter.done():
+                            waiter.set_result(msg)
+                    continue
+                fut = self._waiting.pop(msg.get("id", -1), None)
+                if fut is not None and not fut.done():
+                    if "error" in msg:
+                        fut.set_exception(QmpError(msg["error"].get("desc", str(msg["error"]))))
+                    else:
+                        fut.set_result(msg.get("return"))
+        except (OSError, ValueError):
+            pass
+        finally:
+            self.closed = True
+            for fut in self._waiting.values():
+                if not fut.done():
+                    fut.set_exception(QmpError("QEMU closed the monitor"))
+            for _, fut in self._event_waiters:
+                if not fut.done():
+                    fut.set_exception(QmpError("QEMU closed the monitor"))
+
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None,
+                      timeout: float = 30.0) -> Any:
+        if self.closed:
+            raise QmpError("QEMU closed the monitor")
+        ident = self._next
+        self._next += 1
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting[ident] = fut
+        msg: dict[str, Any] = {"execute": command, "id": ident}
+        if arguments:
+            msg["arguments"] = arguments
+        self.writer.write(json.dumps(msg).encode() + b"\n")
+        return await asyncio.wait_for(fut, timeout)
+
+    def event(self, name: str) -> asyncio.Future[dict[str, Any]]:
+        """A future for the next event ``name`` (or one already seen)."""
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        for msg in self.events:
+            if msg["event"] == name:
+                fut.set_result(msg)
+                return fut
+        self._event_waiters.append((name, fut))
+        return fut
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self.writer.close()

@@ -1,0 +1,119 @@
+"""MicroVM tests: guest images built once per run (cached), drivers on real QEMU.
+
+The images directory is ``IMPULS_IMAGES_DIR`` or ``/var/tmp/impuls-images``:
+the first run on a host builds it (about a minute and a half: debootstrap),
+later runs find everything up to date in a second, and snapshots made by one
+test are restored by the next.  Tests skip only when QEMU is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Coroutine
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from impuls.engine.runtime_api import Invocation
+from impuls.images.builder import Builder
+from impuls.images.store import ImageStore
+from impuls.runtimes import RUNTIMES_DIR, Runtime, default_registry
+from impuls.sandbox.base import InstanceSpec
+
+T = TypeVar("T")
+QEMU = shutil.which("qemu-system-x86_64")
+DEFAULT_IMAGES = Path("/var/tmp/impuls-images")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+@pytest.fixture(scope="session")
+def images_dir(pytestconfig: pytest.Config) -> Path:
+    """The guest images, built (or confirmed up to date) once per test run."""
+    if QEMU is None:
+        pytest.skip("qemu-system-x86_64 is not installed (Debian package qemu-system-x86)")
+    root = Path(os.environ.get("IMPULS_IMAGES_DIR") or DEFAULT_IMAGES)
+    started = time.monotonic()
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+
+    def progress(line: str) -> None:  # a first build takes a while: show it, even under capture
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            print(f"\n[microvm images {time.monotonic() - started:5.1f}s] {line}", end="", flush=True)
+
+    Builder(ImageStore(root), progress).build()
+    return root
+
+
+def guest_node(store: ImageStore) -> Runtime | None:
+    """The Node.js runtime the guest images offer (Debian's node), if any."""
+    ids = [rid for rid, guest in store.offered().items() if guest == "nodejs"]
+    if not ids:
+        return None
+    return Runtime(id=ids[0], aliases=(), language="nodejs", interpreter="/usr/bin/node",
+                   bootstrap=RUNTIMES_DIR / "nodejs" / "bootstrap.js", installed=True,
+                   extension=".js", module_extensions=(".js", ".mjs", ".cjs"), sandboxes=("microvm",))
+
+
+class Specs:
+    """Instance specs over code written to a fresh directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def __call__(self, files: dict[str, str], runtime: Runtime | None = None,
+                 handler: str = "handler.handler", **over: Any) -> InstanceSpec:
+        code = self.root / f"code-{uuid.uuid4().hex[:8]}"
+        code.mkdir(parents=True)
+        for name, text in files.items():
+            (code / name).write_text(text)
+        spec = InstanceSpec(
+            instance_id=uuid.uuid4().hex[:16], function_name="microvm-test", revision=1,
+            runtime=runtime or default_registry().resolve("python3.11"), handler=handler, code_dir=code,
+            memory_mb=128, timeout_sec=10, ephemeral_storage_mb=512, environment={"FUNCTION_VAR": "fn"})
+        return replace(spec, **over)
+
+
+@pytest.fixture
+def specs(tmp_path: Path) -> Specs:
+    return Specs(tmp_path)
+
+
+def invocation(event: object, timeout: float = 10.0) -> Invocation:
+    return Invocation(request_id=str(uuid.uuid4()), payload=json.dumps(event).encode(),
+                      deadline_ms=int((time.time() + timeout) * 1000),
+                      function_arn="arn:aws:lambda:us-east-1:000000000000:function:microvm-test")
+
+
+def qemu_pids() -> set[int]:
+    """Live (non-zombie) QEMU processes of this host."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if args and args[0].endswith(b"qemu-system-x86_64") and state != "Z":
+            found.add(int(entry.name))
+    return found
+
+
+def wait_gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pid not in qemu_pids():
+            return True
+        time.sleep(0.05)
+    return False

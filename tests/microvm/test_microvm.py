@@ -1,0 +1,273 @@
+"""The microvm sandbox on real QEMU (TCG here): images, invocations, failures, no leftovers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from impuls.errors import InvocationTimedOut, OutOfMemory, RuntimeExited
+from impuls.images import cli as images_cli
+from impuls.images.builder import Builder
+from impuls.images.codedisk import CodeDisks
+from impuls.images.store import ImageStore
+from impuls.sandbox.microvm import MicroVMDriver, MicroVMInstance
+from tests.microvm.conftest import Specs, guest_node, invocation, run, wait_gone
+
+pytestmark = pytest.mark.microvm
+
+PY = """
+import os, random, sys, threading, time
+print("init output")
+COUNT = TICKS = 0
+def tick():
+    global TICKS
+    while True:
+        TICKS += 1
+        time.sleep(0.002)
+def handler(event, context):
+    global COUNT
+    COUNT += 1
+    print("called", COUNT)
+    if event.get("ticker"):
+        threading.Thread(target=tick, daemon=True).start()
+    if "ticks" in event:
+        return TICKS
+    if event.get("sleep"):
+        time.sleep(event["sleep"])
+    if event.get("oom"):
+        hog = []
+        while True:
+            hog.append(b"x" * (8 << 20))
+    return {"count": COUNT, "request_id": context.aws_request_id, "urandom": os.urandom(16).hex(),
+            "random": random.random(), "uid": os.getuid(), "task": sorted(os.listdir("/var/task")),
+            "loader": type(sys.modules[__name__].__spec__.loader).__name__,
+            "left_ms": context.get_remaining_time_in_millis(), "var": os.environ.get("FUNCTION_VAR")}
+"""
+
+
+def driver(images_dir: Path, tmp_path: Path) -> MicroVMDriver:
+    return MicroVMDriver(tmp_path / "sandbox" / "microvm", images_dir=images_dir)
+
+
+def test_image_build_is_idempotent_and_listed(images_dir: Path) -> None:
+    started = time.monotonic()
+    report = Builder(ImageStore(images_dir)).build()
+    assert report.built == [] and "rootfs-python" in report.cached and "kernel" in report.cached
+    assert time.monotonic() - started < 20  # a no-op: no debootstrap, no mke2fs
+    console = Console(record=True, width=300)
+    assert images_cli.listing(console, images_dir) == 0
+    text = console.export_text()
+    for name in ("kernel", "initramfs", "rootfs-python", "rootfs-nodejs"):
+        assert name in text
+    assert " MB" in text
+
+
+def test_code_disks_share_their_first_blocks(tmp_path: Path) -> None:
+    """What a restored kernel cached from the template's disk is the same on every code disk."""
+    disks = CodeDisks(tmp_path / "disks")
+    heads = []
+    for n, files in enumerate([{"handler.py": "x = 1\n"}, {"a.py": "y = 2\n", "sub/b.js": "1"}]):
+        code = tmp_path / f"code{n}"
+        for name, text in files.items():
+            (code / name).parent.mkdir(parents=True, exist_ok=True)
+            (code / name).write_text(text)
+        disk = disks.disk_for(code, "3.11")
+        assert disk.fstype == "romfs"
+        heads.append(disk.path.read_bytes()[:(1 << 20) + 2048])
+    heads.append(disks.blank().read_bytes()[:(1 << 20) + 2048])
+    assert heads[0] == heads[1] == heads[2]
+
+
+def test_python_restore_based_cold_start(images_dir: Path, tmp_path: Path, specs: Specs) -> None:
+    async def scenario() -> None:
+        d = driver(images_dir, tmp_path)
+        spec = specs({"handler.py": PY})
+        first = await d.create(spec)  # makes the snapshot if this host has none yet
+        clone = await d.create(replace(spec, instance_id=spec.instance_id + "b"))
+        try:
+            assert clone.note.startswith("restored from snapshot"), clone.note
+            assert isinstance(clone, MicroVMInstance) and clone.timings["ready"] < 30
+            inv = invocation({"n": 1})
+            reply = await clone.invoke(inv, 10)
+            assert reply.ok, reply.body
+            doc = json.loads(reply.body)
+            logs, _ = clone.output.take()
+            assert "init output" in logs and "called 1" in logs  # output arrives before the reply
+            assert doc["request_id"] == inv.request_id and doc["uid"] != 0 and doc["var"] == "fn"
+            assert doc["task"] == ["handler.py"] and doc["loader"] == "PrecompiledLoader"
+            assert 0 < doc["left_ms"] <= 10_000  # the guest clock was set on restore
+            assert json.loads((await clone.invoke(invocation({}), 10)).body)["count"] == 2  # warm
+            other = json.loads((await first.invoke(invocation({}), 10)).body)
+            assert other["urandom"] != doc["urandom"] and other["random"] != doc["random"]  # unique clones
+            await clone.invoke(invocation({"ticker": True}), 10)
+            before = json.loads((await clone.invoke(invocation({"ticks": 0}), 10)).body)
+            await asyncio.sleep(1.0)  # between invocations the runtime is frozen, threads included
+            after = json.loads((await clone.invoke(invocation({"ticks": 0}), 10)).body)
+            assert after - before < 50, (before, after)
+        finally:
+            pids = [i.vm.proc.pid for i in (first, clone) if i.vm is not None]
+            await first.destroy()
+            await clone.destroy()
+            await clone.destroy()  # idempotent
+        assert all(wait_gone(pid) for pid in pids)
+        assert not list((tmp_path / "sandbox" / "microvm" / "run").glob("*.json"))
+
+    run(scenario())
+
+
+def test_node_invocation(images_dir: Path, tmp_path: Path, specs: Specs) -> None:
+    node = guest_node(ImageStore(images_dir))
+    assert node is not None, "the nodejs rootfs offers no runtime id"
+    code = ("console.log('init output');\n"
+            "exports.handler = async (event, context) => {\n"
+            "  console.log('called');\n"
+            "  return {version: process.version, echo: event, id: context.awsRequestId};\n};\n")
+
+    async def scenario() -> None:
+        d = driver(images_dir, tmp_path)
+        instance = await d.create(specs({"index.js": code}, runtime=node, handler="index.handler"))
+        try:
+            inv = invocation({"k": "v"})
+            doc = json.loads((await instance.invoke(inv, 20)).body)
+            assert doc["version"].startswith("v" + node.id.removeprefix("nodejs") + ".")
+            assert doc["echo"] == {"k": "v"} and doc["id"] == inv.request_id
+            assert "called" in instance.output.take()[0]
+        finally:
+            await instance.destroy()
+
+    run(scenario())
+
+
+def test_timeout_then_the_vm_is_gone(images_dir: Path, tmp_path: Path, specs: Specs) -> None:
+    async def scenario() -> None:
+        d = driver(images_dir, tmp_path)
+        instance = await d.create(specs({"handler.py": PY}))
+        assert isinstance(instance, MicroVMInstance) and instance.vm is not None
+        pid = instance.vm.proc.pid
+        started = time.monotonic()
+        with pytest.raises(InvocationTimedOut):
+            await instance.invoke(invocation({"sleep": 30}), 1.0)
+        assert time.monotonic() - started < 5
+        await instance.destroy()
+        assert instance.exited.done() and wait_gone(pid)
+
+    run(scenario())
+
+
+def test_oom_inside_the_guest(images_dir: Path, tmp_path: Path, specs: Specs) -> None:
+    async def scenario() -> None:
+        d = driver(images_dir, tmp_path)
+        instance = await d.create(specs({"handler.py": PY}))
+        assert isinstance(instance, MicroVMInstance) and instance.vm is not None
+        pid = instance.vm.proc.pid
+        with pytest.raises(OutOfMemory):
+            await instance.invoke(invocation({"oom": True}), 30)
+        assert instance.oom_killed()
+        assert wait_gone(pid)  # the VM is killed as soon as its runtime is gone
+        await instance.destroy()
+
+    run(scenario())
+
+
+def test_guest_panic_and_qemu_crash_end_the_call(images_dir: Path, tmp_path: Path, specs: Specs) -> None:
+    async def scenario() -> None:
+        d = driver(images_dir, tmp_path)
+        panicking, crashing = await asyncio.gather(d.create(specs({"handler.py": PY})),
+                                                   d.create(specs({"handler.py": PY})))
+        assert isinstance(panicking, MicroVMInstance) and panicking.vm is not None
+        assert isinstance(crashing, MicroVMInstance) and crashing.vm is not None
+        try:
+            call = asyncio.ensure_future(panicking.invoke(invocation({"sleep": 20}), 30))
+            await asyncio.sleep(0.5)
+            await (await panicking.vm.monitor()).execute("inject-nmi")  # the guest panics on NMI
+            with pytest.raises(RuntimeExited, match="Kernel panic"):
+                await call
+            call = asyncio.ensure_future(crashing.invoke(invocation({"sleep": 20}), 30))
+            await asyncio.sleep(0.5)
+            os.kill(crashing.vm.proc.pid, signal.SIGSEGV)
+            with pytest.raises(RuntimeExited) as info:
+                await call
+            assert type(info.value) is RuntimeExited
+        finally:
+            await panicking.destroy()
+            await crashing.destroy()
+
+    run(scenario())
+
+
+CRASHING_SERVER = """
+import asyncio, sys
+from pathlib import Path
+from impuls.sandbox.microvm import MicroVMDriver
+from tests.microvm.conftest import Specs
+
+async def main():
+    d = MicroVMDriver(Path(sys.argv[1]), images_dir=Path(sys.argv[2]))
+    spec = Specs(Path(sys.argv[3]))({"handler.py": "def handler(e, c):\\n    return 1\\n"})
+    instance = await d.create(spec)
+    print(instance.vm.proc.pid, flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def test_no_qemu_survives_a_killed_server(images_dir: Path, tmp_path: Path, specs: Specs) -> None:
+    work = tmp_path / "sandbox" / "microvm"
+    server = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(CRASHING_SERVER), str(work), str(images_dir), str(tmp_path)],
+        stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parents[2])
+    assert server.stdout is not None
+    line = server.stdout.readline()
+    assert line.strip(), "the child did not start a VM"
+    pid = int(line)
+    server.send_signal(signal.SIGKILL)
+    server.wait()
+    assert wait_gone(pid), "QEMU outlived the server that started it (PR_SET_PDEATHSIG)"
+
+    async def scenario() -> None:  # a VM that survived anyway is killed by the next server
+        d = driver(images_dir, tmp_path)
+        instance = await d.create(specs({"handler.py": PY}))
+        assert isinstance(instance, MicroVMInstance) and instance.vm is not None
+        orphan = instance.vm.proc.pid
+        successor = driver(images_dir, tmp_path)
+        assert await successor.reap_orphans() >= 1
+        assert wait_gone(orphan)
+        with pytest.raises(RuntimeExited):
+            await instance.invoke(invocation({}), 10)
+        await instance.destroy()
+
+    run(scenario())
+
+
+def test_http_api_python_and_node(images_dir: Path, make_server: object) -> None:
+    """Through a real server (``--sandbox microvm``): a Python and a Node function."""
+    import impuls.sandbox
+
+    if not hasattr(impuls.sandbox, "microvm_available"):
+        pytest.skip("impuls.sandbox.make_driver does not offer 'microvm' yet")
+    srv = make_server(env={"IMPULS_IMAGES_DIR": str(images_dir)},  # type: ignore[operator]
+                      args=["--sandbox", "microvm"])
+    health = srv.request("GET", "/health").json()
+    assert health["sandbox"] == "microvm" and health["accel"] in ("kvm", "tcg")
+    py = srv.deploy(runtime="python3.11", handler="handler.handler",
+                    code="def handler(event, context):\n    return {'py': event}\n")
+    doc = srv.invoke(py["name"], {"a": 1}).json()
+    assert doc["status_code"] == 200 and doc["body"] == {"py": {"a": 1}}, doc
+    node = guest_node(ImageStore(images_dir))
+    assert node is not None
+    js = srv.deploy(runtime=node.id, handler="index.handler",
+                    code="exports.handler = async (event) => ({node: process.version, event});\n")
+    doc = srv.invoke(js["name"], {"b": 2}).json()
+    assert doc["status_code"] == 200 and doc["body"]["event"] == {"b": 2}, doc
