@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,6 +15,8 @@ import pytest
 from tests.helpers import Server
 
 POSTGRES_URL = os.environ.get("IMPULS_TEST_POSTGRES_URL")
+QEMU = shutil.which("qemu-system-x86_64")
+DEFAULT_IMAGES = Path("/var/tmp/impuls-images")
 StoreEnv = Callable[[], dict[str, str]]
 
 
@@ -88,3 +93,28 @@ def store_env(new_store: StoreEnv) -> dict[str, str]:
 def fresh_server(make_server: Callable[..., Server], store_env: dict[str, str]) -> Server:
     """A running server with an empty store, for this test alone."""
     return make_server(env=store_env)
+
+
+@pytest.fixture(scope="session")
+def images_dir(pytestconfig: pytest.Config) -> Path:
+    """The microVM guest images, built (or confirmed up to date) once per test run.
+
+    ``IMPULS_IMAGES_DIR`` (default /var/tmp/impuls-images) is set for the whole
+    run, so drivers and servers made by tests find the images.
+    """
+    from impuls.images.builder import Builder
+    from impuls.images.store import ImageStore
+
+    if QEMU is None:
+        pytest.skip("qemu-system-x86_64 is not installed (Debian package qemu-system-x86)")
+    root = Path(os.environ.get("IMPULS_IMAGES_DIR") or DEFAULT_IMAGES)
+    os.environ["IMPULS_IMAGES_DIR"] = str(root)
+    started = time.monotonic()
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+
+    def progress(line: str) -> None:  # a first build takes a while: show it, even under capture
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            print(f"\n[microvm images {time.monotonic() - started:5.1f}s] {line}", end="", flush=True)
+
+    Builder(ImageStore(root), progress).build()
+    return root

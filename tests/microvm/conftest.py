@@ -9,10 +9,7 @@ test are restored by the next.  Tests skip only when QEMU is missing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import shutil
 import time
 import uuid
 from collections.abc import Coroutine
@@ -23,35 +20,15 @@ from typing import Any, TypeVar
 import pytest
 
 from impuls.engine.runtime_api import Invocation
-from impuls.images.builder import Builder
 from impuls.images.store import ImageStore
 from impuls.runtimes import RUNTIMES_DIR, Runtime, default_registry
 from impuls.sandbox.base import InstanceSpec
 
 T = TypeVar("T")
-QEMU = shutil.which("qemu-system-x86_64")
-DEFAULT_IMAGES = Path("/var/tmp/impuls-images")
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
-
-
-@pytest.fixture(scope="session")
-def images_dir(pytestconfig: pytest.Config) -> Path:
-    """The guest images, built (or confirmed up to date) once per test run."""
-    if QEMU is None:
-        pytest.skip("qemu-system-x86_64 is not installed (Debian package qemu-system-x86)")
-    root = Path(os.environ.get("IMPULS_IMAGES_DIR") or DEFAULT_IMAGES)
-    started = time.monotonic()
-    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
-
-    def progress(line: str) -> None:  # a first build takes a while: show it, even under capture
-        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-            print(f"\n[microvm images {time.monotonic() - started:5.1f}s] {line}", end="", flush=True)
-
-    Builder(ImageStore(root), progress).build()
-    return root
 
 
 def guest_node(store: ImageStore) -> Runtime | None:

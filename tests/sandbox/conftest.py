@@ -21,7 +21,7 @@ T = TypeVar("T")
 DEFAULT_HANDLER = {"python": "handler.handler", "nodejs": "index.handler", "go": "Handler",
                    "provided": "function.handler"}
 BUILD_CACHE = Path(tempfile.gettempdir()) / "impuls-test-build-cache"
-DRIVERS = ["process", "namespace"]
+DRIVERS = ["process", "namespace", "microvm"]
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
@@ -51,6 +51,8 @@ def world_dir() -> Iterator[Path]:
 
 @pytest.fixture(params=DRIVERS)
 def driver_kind(request: pytest.FixtureRequest) -> str:
+    if request.param == "microvm":
+        request.getfixturevalue("images_dir")  # builds the guest images once per run
     reason = _unavailable(request.param)
     if reason:
         pytest.skip(f"{request.param} sandbox unavailable here: {reason}")
@@ -58,11 +60,14 @@ def driver_kind(request: pytest.FixtureRequest) -> str:
 
 
 class SpecFactory:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, driver_kind: str = "") -> None:
         self.root = root
+        self.driver_kind = driver_kind
 
     def __call__(self, files: dict[str, str], runtime: str = "python3.11",
                  handler: str | None = None, **over: Any) -> InstanceSpec:
+        if self.driver_kind == "microvm" and runtime == "nodejs20":
+            runtime = "nodejs18"  # the guest's Node.js is Debian's
         rt: Runtime = default_registry().resolve(runtime)
         code = self.root / f"code-{uuid.uuid4().hex[:8]}"
         code.mkdir()
@@ -83,5 +88,6 @@ class SpecFactory:
 
 
 @pytest.fixture
-def make_spec(world_dir: Path) -> SpecFactory:
-    return SpecFactory(world_dir)
+def make_spec(world_dir: Path, request: pytest.FixtureRequest) -> SpecFactory:
+    kind = request.getfixturevalue("driver_kind") if "driver_kind" in request.fixturenames else ""
+    return SpecFactory(world_dir, kind)

@@ -151,16 +151,19 @@ def handler(event, context):
 '''
 
 
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    from impuls.sandbox import namespace_available
+@pytest.fixture(scope="module", params=["namespace", "microvm"])
+def srv(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    from impuls import sandbox
 
-    reason = namespace_available()
+    env = {"IMPULS_TEST_SECRET": SECRET}
+    if request.param == "microvm":
+        env["IMPULS_IMAGES_DIR"] = str(request.getfixturevalue("images_dir"))
+    reason = getattr(sandbox, f"{request.param}_available")()
     if reason:
-        pytest.skip(f"the namespace sandbox is unavailable here: {reason}")
-    server = Server(tmp_path_factory.mktemp("security") / "data",
-                    env={"IMPULS_TEST_SECRET": SECRET}, args=["--sandbox", "namespace"]).start()
-    assert server.request("GET", "/health").json()["sandbox"] == "namespace"
+        pytest.skip(f"the {request.param} sandbox is unavailable here: {reason}")
+    server = Server(tmp_path_factory.mktemp("security") / "data", env=env,
+                    args=["--sandbox", request.param]).start(timeout=120)
+    assert server.request("GET", "/health").json()["sandbox"] == request.param
     yield server
     server.stop()
 
@@ -262,11 +265,13 @@ def test_no_network_but_loopback(srv: Server, attacker: str) -> None:
     assert net["interfaces"] == ["lo"] and net["routes"] == [] and net["routes6"] == []
 
 
-def test_fork_bomb_is_contained(srv: Server, attacker: str) -> None:
+def test_fork_bomb_is_contained(srv: Server) -> None:
+    bomber = srv.deploy(runtime="python3.11", handler="handler.handler", code=ATTACKER, timeout_sec=10)
+    in_vm = srv.request("GET", "/health").json()["sandbox"] == "microvm"
     before = len(os.listdir("/proc"))
-    doc = attack(srv, attacker, "fork-bomb")
+    doc = attack(srv, bomber["name"], "fork-bomb")
     assert doc["status_code"] in (200, 500, 502, 504)
-    if doc["status_code"] == 200:
+    if doc["status_code"] == 200 and not in_vm:  # emulated forks may be too slow to hit the limit
         assert doc["body"]["failures"] > 0  # the pids limit stopped it
     assert len(os.listdir("/proc")) < before + 50  # nothing left behind on the host
 

@@ -1,0 +1,69 @@
+"""The benchmark harness (``bench/``) in ``--quick`` mode on the process sandbox: every row, numbers > 0.
+
+A smoke test of the harness, not of performance: it asserts the tables are
+complete and plausible, never how fast anything is.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which("wrk") is None,
+                       reason="wrk is not installed (scripts/setup installs it)"),
+    pytest.mark.timeout(60),  # quick: the --quick run takes about 20 s
+]
+
+LEVELS = (1, 8, 32)
+BASELINES = ("floor", "floor + FastAPI", "spawn-per-call")
+
+
+def test_quick_run_produces_every_row(tmp_path: Path) -> None:
+    report, raw = tmp_path / "benchmarks.md", tmp_path / "results.json"
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--sandbox", "process",
+         "--output", str(report), "--json", str(raw)],
+        cwd=ROOT, capture_output=True, text=True, timeout=55, check=False)
+    log = out.stderr[-4000:]  # the harness's progress lines and notes, shown with any failure
+    assert out.returncode == 0, log
+    results = json.loads(raw.read_text())
+
+    warm = {(r["system"], r["sandbox"], r["runtime"], r["concurrency"]): r for r in results["warm"]}
+    expected = [(b, "-", "python", c) for b in BASELINES for c in LEVELS]
+    expected += [("impuls", "process", rt, c) for rt in ("python", "node") for c in LEVELS]
+    for key in expected:
+        assert key in warm, f"missing warm row {key}; have {sorted(warm)}\n{log}"
+        row = warm[key]
+        assert row["requests"] > 0 and row["rps"] > 0, (row, log)
+        assert 0 < row["p50_ms"] <= row["p99_ms"], (row, log)
+        assert row["errors"] == 0, (row, log)
+        assert row["cpu_server_us"] > 0 and row["cpu_client_us"] > 0, (row, log)
+
+    cold = {r["runtime"]: r for r in results["cold"] if r["sandbox"] == "process"}
+    assert set(cold) == {"python", "node"}, log
+    for row in cold.values():
+        assert row["samples"] > 0 and row["client_p50_ms"] > 0 and row["server_p50_ms"] > 0, (row, log)
+        assert row["burst_cold"] > 0 and row["instances_per_s"] > 0, (row, log)
+    assert {r["runtime"] for r in results["memory"]} == {"python", "node"}, log
+    assert all(r["pss_mib_mean"] > 0 for r in results["memory"])
+    assert results["sandboxes"] == ["process"]
+
+    # the printed table and the page hold every system and a verdict for every target
+    for text in (out.stdout, report.read_text()):
+        for system in ("impuls (process)", *BASELINES):
+            assert system in text, log
+        assert "not measured" not in text, text
+        assert text.count("**met**") + text.count("**missed**") == 3, text
+    page = report.read_text()
+    for heading in ("## Machine and command", "## Targets", "## Warm invocations", "## Cold starts",
+                    "## Where the time goes", "## How it measures"):
+        assert heading in page
+    assert "git commit" in page and "--quick" in page
