@@ -1,0 +1,398 @@
+"""The one command: measure everything side by side, print the tables, write docs/benchmarks.md.
+
+    .venv/bin/python -m bench [--quick] [--sandbox process,namespace] [--output PATH] [--json PATH]
+
+(``bench/run`` is the same, from any directory.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import profiling, report
+from bench.loadgen import Client, LoadGenError, burst, lua_script, run_wrk, scratch_dir, wrk_path, wrk_version
+from bench.results import (
+    FLOOR,
+    FLOOR_FASTAPI,
+    IMPULS,
+    SPAWN,
+    ColdRow,
+    MemoryRow,
+    Results,
+    ServerTime,
+    WarmRow,
+    percentile,
+)
+from bench.servers import ImpulsServer, ServerProcess, ServerRefused
+from bench.sysinfo import ROOT, cpu_sample, instance_memory, ipc_round_trips, machine, system_busy_s
+from bench.workloads import EVENT, EXPECTED_BODY, PYTHON, WORKLOADS, Workload
+
+ALL_SANDBOXES = ("process", "namespace", "microvm")
+DEFAULT_OUTPUT = ROOT / "docs" / "benchmarks.md"
+CORES = os.cpu_count() or 1
+OTHER_LOAD_WARNING_PCT = 10.0
+QUIET_LOAD_PCT = 10.0
+QUIET_WINDOW_S = 0.5
+BOOTSTRAP_MARK = {"python": "bootstrap.py", "node": "bootstrap.js"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long and how much: the defaults, or the smoke-run values of ``--quick``."""
+
+    quick: bool
+    concurrency: tuple[int, ...]
+    duration_s: int
+    warmup_s: int
+    prewarm_rounds: int
+    server_time_calls: int
+    cold_samples: int
+    cold_budget_s: float
+    cold_burst: int
+    settle_s: float
+    quiet_budget_s: float  # at most this long in all, wait for other load to drop before a row
+    repeats: int  # at most this many warm rows measured again because other load disturbed them
+
+    @classmethod
+    def make(cls, args: argparse.Namespace) -> Plan:
+        levels = tuple(int(x) for x in args.concurrency.split(","))
+        if args.quick:
+            plan = cls(True, levels, 1, 0, 1, 10, 4, 10.0, 8, 0.02, 0.0, 0)
+        else:
+            plan = cls(False, levels, 5, 2, 2, 200, 40, 30.0, 32, 0.05, 60.0, 6)
+        overrides = {k: v for k, v in (("duration_s", args.duration), ("warmup_s", args.warmup),
+                                       ("cold_samples", args.cold_samples),
+                                       ("quiet_budget_s", args.quiet_wait),
+                                       ("repeats", args.repeats)) if v is not None}
+        return cls(**{**plan.__dict__, **overrides})
+
+    @property
+    def max_concurrency(self) -> int:
+        return max(*self.concurrency, self.cold_burst)
+
+
+def log(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+class Runner:
+    def __init__(self, plan: Plan, results: Results, work: Path, profile: bool) -> None:
+        self.plan = plan
+        self.results = results
+        self.work = work
+        self.script = lua_script(EVENT, work)
+        self.profile = profile
+        self.quiet_left = plan.quiet_budget_s
+        self.repeats_left = plan.repeats
+
+    def wait_quiet(self) -> None:
+        """Between rows nothing of ours runs: if the machine is busy anyway, wait (bounded) for quiet."""
+        waited = 0.0
+        while self.quiet_left > 0:
+            before = system_busy_s()
+            time.sleep(QUIET_WINDOW_S)
+            load = (system_busy_s() - before) / (QUIET_WINDOW_S * CORES) * 100
+            if load < QUIET_LOAD_PCT:
+                break
+            self.quiet_left -= QUIET_WINDOW_S
+            waited += QUIET_WINDOW_S
+        if waited:
+            log(f"waited {waited:.1f} s for other load to drop ({self.quiet_left:.0f} s of waiting left)")
+
+    # --- warm rows -------------------------------------------------------------------------
+
+    def check(self, server: ServerProcess, path: str) -> str | None:
+        """None if one call returns the expected body, else why not."""
+        try:
+            status, doc, _ = Client(server.url).request("POST", path, EVENT)
+        except OSError as exc:
+            return f"cannot call {server.label}: {exc}"
+        if status != 200 or not isinstance(doc, dict) or doc.get("status_code") != 200 \
+                or doc.get("body") != EXPECTED_BODY:
+            return f"HTTP {status}: {str(doc)[:300]}"
+        return None
+
+    def warm(self, server: ServerProcess, path: str, system: str, sandbox: str, runtime: str) -> None:
+        problem = self.check(server, path)
+        if problem is not None:
+            self.note(f"{server.label} {runtime}: skipped, a test call failed: {problem}")
+            return
+        for level in self.plan.concurrency:
+            for _ in range(self.plan.prewarm_rounds):
+                failed = [r for r in burst(server.url, path, EVENT, level) if r[0] != 200]
+                if failed:
+                    self.note(f"{server.label} {runtime} c={level}: {len(failed)} of {level} pre-warm calls "
+                              f"failed, e.g. {str(failed[0][1])[:200]}")
+            url = server.url + path
+            row = self.measure(server, url, system, sandbox, runtime, level)
+            while row.other_cpu_pct > OTHER_LOAD_WARNING_PCT and self.repeats_left > 0:
+                self.repeats_left -= 1
+                log(f"{row.label} {runtime} c={level}: other load {row.other_cpu_pct:.0f}%, measuring again "
+                    f"({self.repeats_left} repeats left)")
+                again = self.measure(server, url, system, sandbox, runtime, level)
+                row = min(row, again, key=lambda r: r.other_cpu_pct)
+            self.results.warm.append(row)
+            log(f"{row.label:<22} {runtime:<6} c={level:<3} p50 {row.p50_ms:8.3f} ms  "
+                f"p99 {row.p99_ms:8.3f} ms  {row.rps:9.0f} inv/s  errors {row.errors}  "
+                f"other load {row.other_cpu_pct:.0f}%")
+            if level == 1:
+                self.server_time(server, path, system, sandbox, runtime)
+
+    def measure(self, server: ServerProcess, url: str, system: str, sandbox: str, runtime: str,
+                level: int) -> WarmRow:
+        """One warm row: (wait for quiet,) wrk warm-up, then the measured wrk run with CPU accounting."""
+        self.wait_quiet()
+        if self.plan.warmup_s:
+            run_wrk(url, self.script, level, self.plan.warmup_s)
+        before, busy_before = cpu_sample(server.pid), system_busy_s()
+        result = run_wrk(url, self.script, level, self.plan.duration_s)
+        after, busy_after = cpu_sample(server.pid), system_busy_s()
+        n = max(result.requests, 1)
+        server_s, others_s = after.server_s - before.server_s, after.others_s - before.others_s
+        other = max(0.0, busy_after - busy_before - server_s - others_s - result.client_cpu_s)
+        return WarmRow(
+            system, sandbox, runtime, level, result.requests, result.duration_s, result.p50_ms,
+            result.p99_ms, result.rps, result.errors + result.non_2xx, server_s / n * 1e6,
+            others_s / n * 1e6, result.client_cpu_s / n * 1e6, other / (result.duration_s * CORES) * 100)
+
+    def server_time(self, server: ServerProcess, path: str, system: str, sandbox: str, runtime: str) -> None:
+        client, client_ms, server_ms = Client(server.url), [], []
+        for _ in range(self.plan.server_time_calls):
+            status, doc, elapsed = client.request("POST", path, EVENT)
+            if status == 200 and isinstance(doc, dict) and "duration_ms" in doc:
+                client_ms.append(elapsed * 1000)
+                server_ms.append(float(doc["duration_ms"]))
+        client.close()
+        if server_ms:
+            self.results.server_times.append(ServerTime(
+                system, sandbox, runtime, len(server_ms), statistics.median(client_ms),
+                statistics.median(server_ms)))
+
+    # --- baselines -------------------------------------------------------------------------
+
+    def baselines(self) -> None:
+        code_file = self.work / "handler.py"
+        code_file.write_text(PYTHON.code)
+        python = runtime_interpreter()
+        for kind, system in (("floor", FLOOR), ("fastapi", FLOOR_FASTAPI), ("spawn", SPAWN)):
+            argv = [sys.executable, "-m", "bench.baselines", kind, "--port", "{port}",
+                    "--code-file", str(code_file), "--python", python]
+            server = ServerProcess(system, argv, self.work / f"{kind}.log")
+            try:
+                server.start()
+            except ServerRefused as exc:
+                self.note(f"{system}: could not start: {exc}")
+                continue
+            try:
+                log(f"measuring {system}")
+                self.warm(server, "/invoke", system, "-", PYTHON.label)
+            finally:
+                server.stop()
+
+    # --- Impuls, per sandbox -------------------------------------------------------------
+
+    def impuls(self, sandbox: str) -> None:
+        data = self.work / f"data-{sandbox}"
+        server = ImpulsServer(sandbox, data, self.work / f"impuls-{sandbox}.log")
+        try:
+            server.start()
+        except ServerRefused as exc:
+            self.note(f"sandbox {sandbox}: skipped, the server refused to start with it: {exc}")
+            return
+        log(f"measuring impuls with sandbox {sandbox} (server pid {server.pid})")
+        self.results.sandboxes.append(sandbox)
+        try:
+            offered = set((server.health_doc or {}).get("runtimes") or [])
+            workloads = [w for w in WORKLOADS if not offered or w.runtime in offered]
+            for workload in sorted(set(WORKLOADS) - set(workloads), key=WORKLOADS.index):
+                self.note(f"sandbox {sandbox}: {workload.runtime} is not available on this host")
+            for workload in workloads:
+                try:
+                    path = server.create(f"bench-{workload.label}", workload, self.plan.max_concurrency)
+                    self.warm(server, path, IMPULS, sandbox, workload.label)
+                    self.memory(server, sandbox, workload)
+                    if self.profile and workload is PYTHON:
+                        self.wait_quiet()
+                        self.results.profile, self.results.profile_note = profiling.profile_server(
+                            server.pid, server.url + path, self.script, self.plan.duration_s)
+                except (OSError, RuntimeError) as exc:
+                    self.note(f"impuls ({sandbox}) {workload.label} warm rows stopped: {exc}")
+            for workload in workloads:
+                try:
+                    self.wait_quiet()
+                    self.cold(server, sandbox, workload)
+                except (OSError, RuntimeError) as exc:
+                    self.note(f"impuls ({sandbox}) {workload.label} cold starts stopped: {exc}")
+        finally:
+            server.stop()
+
+    def memory(self, server: ImpulsServer, sandbox: str, workload: Workload) -> None:
+        found = instance_memory(server.pid, list(BOOTSTRAP_MARK.values()))
+        sizes = found.instances[BOOTSTRAP_MARK[workload.label]]
+        if sizes:
+            self.results.memory.append(MemoryRow(sandbox, workload.label, len(sizes),
+                                                 statistics.mean(sizes) / 1024, found.shared_kib / 1024))
+
+    def cold(self, server: ImpulsServer, sandbox: str, workload: Workload) -> None:
+        name = f"cold-{workload.label}"
+        path = server.create(name, workload, self.plan.max_concurrency)
+        problem = self.check(server, path)  # also unpacks the code once, as any first call does
+        if problem is not None:
+            self.note(f"impuls ({sandbox}) {workload.label} cold start: skipped: {problem}")
+            return
+        client, client_ms, server_ms, not_cold = Client(server.url), [], [], 0
+        deadline = time.monotonic() + self.plan.cold_budget_s
+        for serial in range(self.plan.cold_samples):
+            if time.monotonic() > deadline:
+                self.note(f"impuls ({sandbox}) {workload.label} cold start: stopped after "
+                          f"{serial} samples (time budget {self.plan.cold_budget_s:.0f} s)")
+                break
+            server.touch(name, serial)
+            time.sleep(self.plan.settle_s)  # let the retired instance go away first
+            status, doc, elapsed = client.request("POST", path, EVENT)
+            if status != 200 or not isinstance(doc, dict) or doc.get("status_code") != 200:
+                raise RuntimeError(f"cold start call failed: HTTP {status}: {doc}")
+            if not doc.get("cold_start"):
+                not_cold += 1
+                continue
+            client_ms.append(elapsed * 1000)
+            server_ms.append(float(doc["duration_ms"]))
+        client.close()
+        server.touch(name, -1)
+        time.sleep(max(0.2, self.plan.settle_s))
+        replies = burst(server.url, path, EVENT, self.plan.cold_burst)  # all leave together
+        wall_ms = max(elapsed for _, _, elapsed in replies) * 1000
+        cold_n = sum(1 for status, doc, _ in replies
+                     if status == 200 and isinstance(doc, dict) and doc.get("cold_start"))
+        row = ColdRow(sandbox, workload.label, len(client_ms), percentile(client_ms, 50),
+                      percentile(client_ms, 99), percentile(server_ms, 50), percentile(server_ms, 99),
+                      self.plan.cold_burst, cold_n, wall_ms, not_cold)
+        self.results.cold.append(row)
+        log(f"impuls ({sandbox}) {workload.label} cold start: p50 {row.client_p50_ms:.1f} ms, "
+            f"p99 {row.client_p99_ms:.1f} ms over {row.samples}; burst of {row.burst}: "
+            f"{row.burst_cold} cold in {row.burst_wall_ms:.0f} ms")
+
+    def note(self, text: str) -> None:
+        log(text)
+        self.results.notes.append(text)
+
+
+def runtime_interpreter() -> str:
+    """The python3.11 interpreter Impuls's runtime uses (so spawn-per-call runs the same one)."""
+    from impuls.runtimes import default_registry
+
+    rt = default_registry().resolve("python3.11")
+    assert rt.interpreter is not None
+    return rt.interpreter
+
+
+def runtime_versions() -> dict[str, str]:
+    """The versions of the runtimes the rows use, as Impuls runs them."""
+    from impuls.runtimes import default_registry
+
+    out = {}
+    registry = default_registry()
+    for workload in WORKLOADS:
+        try:
+            rt = registry.resolve(workload.runtime)
+        except Exception as exc:  # not installed: the rows will say so too
+            out[f"{workload.runtime} runtime"] = f"unavailable ({exc})"
+            continue
+        out[f"{rt.id} runtime"] = f"{rt.version or '?'}" + (f" ({rt.interpreter})" if rt.interpreter else "")
+    return out
+
+
+def command_line(argv: list[str]) -> str:
+    prog = os.environ.get("BENCH_COMMAND")
+    if not prog:
+        exe = Path(sys.executable)
+        with_root = exe.absolute()
+        prog = f"{os.path.relpath(with_root, ROOT) if with_root.is_relative_to(ROOT) else exe} -m bench"
+    return " ".join([prog, *(shlex.quote(a) for a in argv)])
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bench/run", description="Impuls benchmark harness: warm and cold invocations per sandbox, "
+        "side by side with the spawn-per-call and in-process floor baselines (load generator: wrk).")
+    parser.add_argument("--sandbox", default="",
+                        help="comma-separated sandboxes to measure (default: every one the host "
+                        f"supports among {','.join(ALL_SANDBOXES)}; refused ones are skipped with a note)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run of a few seconds (1 s rows, no warm-up, few cold starts); "
+                        "writes no docs unless --output is given")
+    parser.add_argument("--concurrency", default="1,8,32", help="warm concurrency levels (default 1,8,32)")
+    parser.add_argument("--duration", type=int, help="seconds per measured row (default 5; --quick 1)")
+    parser.add_argument("--warmup", type=int,
+                        help="wrk warm-up seconds before each row (default 2; --quick 0)")
+    parser.add_argument("--cold-samples", type=int, help="cold starts per runtime (default 40; --quick 4)")
+    parser.add_argument("--quiet-wait", type=float,
+                        help="seconds in all to wait, before rows, for other processes' CPU load to drop "
+                        f"below {QUIET_LOAD_PCT:g}%% (default 60; --quick 0)")
+    parser.add_argument("--repeats", type=int,
+                        help=f"warm rows that ran with other load above {OTHER_LOAD_WARNING_PCT:g}%% are "
+                        "measured again, keeping the quieter run, this many times in all "
+                        "(default 6; --quick 0)")
+    parser.add_argument("--no-baselines", action="store_true", help="skip the floor and spawn-per-call rows")
+    parser.add_argument("--profile", action="store_true",
+                        help="also sample the server with py-spy during an extra Python concurrency-1 "
+                        "run and add the breakdown (needs py-spy on PATH or in the venv)")
+    parser.add_argument("--output", type=Path,
+                        help="markdown report (default docs/benchmarks.md; none with --quick)")
+    parser.add_argument("--json", type=Path, help="also write the raw results as JSON here")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if wrk_path() is None:
+        print("bench: wrk is not installed: apt-get install wrk (scripts/setup installs it)", file=sys.stderr)
+        return 2
+    plan = Plan.make(args)
+    sandboxes = [s for s in args.sandbox.split(",") if s] or list(ALL_SANDBOXES)
+    results = Results(machine(runtime_versions(), wrk_version()), command_line(argv), {
+        "concurrency": list(plan.concurrency), "duration_s": plan.duration_s, "warmup_s": plan.warmup_s,
+        "cold_samples": plan.cold_samples, "cold_burst": plan.cold_burst, "settle_s": plan.settle_s,
+        "quick": plan.quick,
+        "sandboxes_requested": sandboxes,
+    })
+    started = time.monotonic()
+    try:
+        with scratch_dir() as tmp:
+            runner = Runner(plan, results, Path(tmp), args.profile)
+            results.ipc_rtt_us = ipc_round_trips()
+            if not args.no_baselines:
+                runner.baselines()
+            for sandbox in sandboxes:
+                runner.impuls(sandbox)
+    except LoadGenError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    results.settings["elapsed_s"] = round(time.monotonic() - started, 1)
+    noisy = [r for r in results.warm if r.other_cpu_pct > OTHER_LOAD_WARNING_PCT]
+    if noisy:
+        results.notes.append(
+            f"{len(noisy)} of {len(results.warm)} warm rows ran while other processes used more than "
+            f"{OTHER_LOAD_WARNING_PCT:g}% of the machine's CPU (column 'other load'; up to "
+            f"{max(r.other_cpu_pct for r in noisy):.0f}%): those numbers are pessimistic; re-run on a quiet "
+            "machine.")
+    text = report.tables(results)
+    print(text)
+    output = args.output or (None if plan.quick else DEFAULT_OUTPUT)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(report.markdown(results))
+        log(f"wrote {output}")
+    if args.json is not None:
+        import json
+
+        args.json.write_text(json.dumps(results.to_json(), indent=2))
+    return 0

@@ -1,0 +1,336 @@
+"""Tables for the terminal and the docs/benchmarks.md page, targets, and where the time goes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from bench.results import FLOOR, FLOOR_FASTAPI, IMPULS, SPAWN, Results
+
+FLOOR_RATIO_GOAL = 2.0
+SPAWN_SPEEDUP_GOAL = 20.0
+THROUGHPUT_GOAL = 2000.0
+THROUGHPUT_LEVEL = 32
+# issue 4 (namespace sandbox): only evaluated for sandboxes other than process
+NS_COLD_P50_GOAL_MS = 20.0
+NS_WARM_OVERHEAD_GOAL = 1.10
+NS_STARTS_PER_S_GOAL = 100.0
+NS_PSS_GOAL_MIB = 15.0
+X = "\u00d7"  # multiplication sign
+NA = "\u2013"  # en dash: not measured
+
+
+def _ms(value: float) -> str:
+    if math.isnan(value):
+        return NA
+    return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+
+
+def _int(value: float) -> str:
+    return NA if math.isnan(value) else f"{value:,.0f}"
+
+
+def table(headers: list[str], rows: list[list[str]], right: set[int] | None = None) -> str:
+    """A markdown table padded so that it also reads well as plain text."""
+    right = right if right is not None else set(range(1, len(headers)))
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths, strict=True))) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if i in right else ("-" * (w + 2))
+                          for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
+
+
+# --- the tables ------------------------------------------------------------------------------
+
+
+def warm_table(results: Results) -> str:
+    rows = []
+    for row in results.warm:
+        floor = results.find_warm(FLOOR, "python", row.concurrency)
+        ratio = f"{row.p50_ms / floor.p50_ms:.2f}{X}" if floor and floor.p50_ms else NA
+        rows.append([row.label, row.runtime, str(row.concurrency), _ms(row.p50_ms), _ms(row.p99_ms),
+                     _int(row.rps), ratio, str(row.errors), _int(row.cpu_server_us),
+                     _int(row.cpu_sandbox_us), _int(row.cpu_client_us), f"{row.other_cpu_pct:.0f}%"])
+    return table(["system", "runtime", "concurrency", "p50 ms", "p99 ms", "inv/s", "p50 vs floor",
+                  "errors", "CPU µs/inv: server", "runtimes", "client (wrk)", "other load"], rows,
+                 set(range(2, 12)))
+
+
+def cold_table(results: Results) -> str:
+    rows = [[f"impuls ({r.sandbox})", r.runtime, str(r.samples), _ms(r.client_p50_ms), _ms(r.client_p99_ms),
+             _ms(r.server_p50_ms), _ms(r.server_p99_ms),
+             f"{r.burst_cold}/{r.burst} in {r.burst_wall_ms:.0f} ms", _int(r.instances_per_s)]
+            for r in results.cold]
+    spawn = results.find_warm(SPAWN, "python", 1)
+    if spawn is not None:
+        rows.append([f"{SPAWN} (every call)", "python", f"{spawn.requests:,}", _ms(spawn.p50_ms),
+                     _ms(spawn.p99_ms), "", "", "", ""])
+    return table(["system", "runtime", "samples", "client p50 ms", "client p99 ms", "server p50 ms",
+                  "server p99 ms", "concurrent burst", "instances/s"], rows, {2, 3, 4, 5, 6, 8})
+
+
+def memory_table(results: Results) -> str:
+    rows = [[f"impuls ({m.sandbox})", m.runtime, str(m.instances), f"{m.pss_mib_mean:.1f}",
+             f"{m.shared_mib:.1f}"] for m in results.memory]
+    return table(["system", "runtime", "idle warm instances", "PSS per instance MiB",
+                  "shared sandbox processes MiB (total)"], rows, {2, 3, 4})
+
+
+@dataclass
+class Target:
+    name: str
+    goal: str
+    measured: str
+    met: bool | None  # None: could not be evaluated
+
+    @property
+    def verdict(self) -> str:
+        return {True: "**met**", False: "**missed**", None: "not measured"}[self.met]
+
+
+def targets(results: Results) -> list[Target]:
+    out: list[Target] = []
+    floor = results.find_warm(FLOOR, "python", 1)
+    spawn = results.find_warm(SPAWN, "python", 1)
+    cores = results.machine.get("cores", "?")
+    for sandbox in results.sandboxes or ["process"]:
+        warm = results.find_warm(IMPULS, "python", 1, sandbox)
+        label = f"({sandbox})"
+        if warm and floor:
+            ratio = warm.p50_ms / floor.p50_ms
+            out.append(Target(f"warm Python p50 at concurrency 1 vs floor {label}",
+                              f"≤ {FLOOR_RATIO_GOAL:g}{X} floor",
+                              f"{ratio:.2f}{X} ({_ms(warm.p50_ms)} ms vs {_ms(floor.p50_ms)} ms)",
+                              ratio <= FLOOR_RATIO_GOAL))
+        else:
+            out.append(Target(f"warm Python p50 vs floor {label}", f"≤ {FLOOR_RATIO_GOAL:g}{X}", NA, None))
+        if warm and spawn:
+            speedup = spawn.p50_ms / warm.p50_ms
+            out.append(Target(f"warm Python p50 vs spawn-per-call {label}",
+                              f"≥ {SPAWN_SPEEDUP_GOAL:g}{X} faster",
+                              f"{speedup:.1f}{X} faster ({_ms(warm.p50_ms)} ms vs {_ms(spawn.p50_ms)} ms)",
+                              speedup >= SPAWN_SPEEDUP_GOAL))
+        else:
+            out.append(Target(f"warm Python vs spawn-per-call {label}", f"≥ {SPAWN_SPEEDUP_GOAL:g}{X}", NA,
+                              None))
+        busy = results.find_warm(IMPULS, "python", THROUGHPUT_LEVEL, sandbox)
+        out.append(Target(
+            f"Python throughput at concurrency {THROUGHPUT_LEVEL} {label}",
+            f"≥ {THROUGHPUT_GOAL:,.0f} inv/s on 2 cores",
+            f"{busy.rps:,.0f} inv/s on {cores} cores" if busy else NA,
+            (busy.rps >= THROUGHPUT_GOAL and busy.errors == 0) if busy else None))
+    for sandbox in (s for s in results.sandboxes if s != "process"):
+        out.extend(_issue4_targets(results, sandbox))
+    return out
+
+
+def _issue4_targets(results: Results, sandbox: str) -> list[Target]:
+    label = f"({sandbox}, issue 4)"
+    out = []
+    cold = results.find_cold(sandbox, "python")
+    out.append(Target(f"Python cold start p50 {label}", f"≤ {NS_COLD_P50_GOAL_MS:g} ms",
+                      f"{_ms(cold.client_p50_ms)} ms" if cold else NA,
+                      cold.client_p50_ms <= NS_COLD_P50_GOAL_MS if cold else None))
+    mine = results.find_warm(IMPULS, "python", 1, sandbox)
+    base = results.find_warm(IMPULS, "python", 1, "process")
+    if mine and base:
+        ratio = mine.p50_ms / base.p50_ms
+        out.append(Target(f"warm Python p50 vs process sandbox {label}",
+                          f"≤ {NS_WARM_OVERHEAD_GOAL:.2f}{X}", f"{ratio:.2f}{X}",
+                          ratio <= NS_WARM_OVERHEAD_GOAL))
+    else:
+        out.append(Target(f"warm Python p50 vs process sandbox {label}",
+                          f"≤ {NS_WARM_OVERHEAD_GOAL:.2f}{X}", f"{NA} (needs the process rows too)", None))
+    out.append(Target(f"instances started per second {label}", f"≥ {NS_STARTS_PER_S_GOAL:g}/s",
+                      f"{cold.instances_per_s:,.0f}/s" if cold else NA,
+                      cold.instances_per_s >= NS_STARTS_PER_S_GOAL if cold else None))
+    mem = next((m for m in results.memory if (m.sandbox, m.runtime) == (sandbox, "python")), None)
+    out.append(Target(f"PSS per idle warm Python instance {label}", f"≤ {NS_PSS_GOAL_MIB:g} MiB",
+                      f"{mem.pss_mib_mean:.1f} MiB" if mem else NA,
+                      mem.pss_mib_mean <= NS_PSS_GOAL_MIB if mem else None))
+    return out
+
+
+def targets_table(results: Results) -> str:
+    rows = [[t.name, t.goal, t.measured, t.verdict] for t in targets(results)]
+    return table(["target", "goal", "measured (this run)", "verdict"], rows, set())
+
+
+def tables(results: Results) -> str:
+    parts = ["Warm invocations (wrk, fixed duration per row; CPU is per invocation)", warm_table(results),
+             "", "Cold starts (new instance to first result)", cold_table(results)]
+    if results.memory:
+        parts += ["", "Memory", memory_table(results)]
+    parts += ["", "Targets", targets_table(results)]
+    if results.notes:
+        parts += ["", "Notes", *(f"- {n}" for n in results.notes)]
+    return "\n".join(parts)
+
+
+# --- where the time goes -------------------------------------------------------------------
+
+
+def where_time_goes(results: Results) -> list[str]:
+    out: list[str] = []
+    floor1 = results.find_warm(FLOOR, "python", 1)
+    fast1 = results.find_warm(FLOOR_FASTAPI, "python", 1)
+    floor_busy = results.find_warm(FLOOR, "python", THROUGHPUT_LEVEL)
+    fast_busy = results.find_warm(FLOOR_FASTAPI, "python", THROUGHPUT_LEVEL)
+    for sandbox in results.sandboxes:
+        warm1 = results.find_warm(IMPULS, "python", 1, sandbox)
+        st = results.find_server_time(IMPULS, sandbox, "python")
+        if warm1 is None:
+            continue
+        text = (f"**Latency, {sandbox} sandbox, Python, concurrency 1.** A warm call takes "
+                f"{_ms(warm1.p50_ms)} ms at the client (wrk p50).")
+        if floor1 is not None and fast1 is not None:
+            text += (f" Step by step: the bare floor (loopback round trip, uvicorn/httptools, the handler "
+                     f"in-process, the same reply) takes {_ms(floor1.p50_ms)} ms; putting FastAPI in front "
+                     f"of the same handler makes it {_ms(fast1.p50_ms)} ms "
+                     f"(+{_ms(fast1.p50_ms - floor1.p50_ms)} ms); Impuls adds "
+                     f"{_ms(warm1.p50_ms - fast1.p50_ms)} ms more: the engine, the hand-off to a separate "
+                     f"runtime process over the Runtime API and back, and the invoke endpoint's own work.")
+        if results.ipc_rtt_us:
+            rtts = " and ".join(f"{us:.0f} µs {where}" for where, us in results.ipc_rtt_us.items())
+            text += (f" For scale: one round trip between two processes over a unix socket pair takes "
+                     f"{rtts} on this machine (median, Python on both ends); Impuls "
+                     f"needs one such round trip into the runtime process that the floor does not, plus "
+                     f"the runtime's own work ({_int(warm1.cpu_sandbox_us)} µs of CPU per call here).")
+        if st is not None:
+            text += (f" The server's own `duration_ms` (engine: pool checkout, hand-off to the runtime "
+                     f"over the Runtime API, the handler, the reply back) has a median of "
+                     f"{_ms(st.duration_p50_ms)} ms ({st.calls} sequential calls); the other "
+                     f"{_ms(warm1.p50_ms - st.duration_p50_ms)} ms are the front: loopback, uvicorn, "
+                     f"FastAPI, the endpoint (body read, JSON check, reply serialisation, the invocation "
+                     f"record).")
+        out.append(text)
+        busy = results.find_warm(IMPULS, "python", THROUGHPUT_LEVEL, sandbox)
+        if busy is not None and busy.requests:
+            total = busy.cpu_server_us + busy.cpu_sandbox_us + busy.cpu_client_us
+            text = (f"**CPU, {sandbox} sandbox, Python, concurrency {THROUGHPUT_LEVEL}** (both cores busy): "
+                    f"per invocation the Impuls server process used {_int(busy.cpu_server_us)} µs, the "
+                    f"runtime processes {_int(busy.cpu_sandbox_us)} µs and wrk "
+                    f"{_int(busy.cpu_client_us)} µs, "
+                    f"{_int(total)} µs in all, which caps 2 cores at about "
+                    f"{_int(2e6 / total if total else math.nan)} inv/s (measured: {_int(busy.rps)}).")
+            if floor_busy is not None and fast_busy is not None:
+                text += (f" For comparison the floor's whole server used {_int(floor_busy.cpu_server_us)} µs "
+                         f"per call and the FastAPI floor {_int(fast_busy.cpu_server_us)} µs: the framework "
+                         f"accounts for about {_int(fast_busy.cpu_server_us - floor_busy.cpu_server_us)} µs, "
+                         f"and the Impuls server process spends "
+                         f"{_int(busy.cpu_server_us - fast_busy.cpu_server_us)} µs beyond it (engine, "
+                         f"Runtime API server, records, the second HTTP exchange's socket calls).")
+            out.append(text)
+    if results.profile:
+        out.append(f"**Profile of the server process** ({results.profile_note}), share of samples:")
+        out.append(table(["component", "share"],
+                         [[name, f"{share * 100:.1f}%"] for name, share in results.profile], {1}))
+    elif results.profile_note:
+        out.append(f"Profile: {results.profile_note}.")
+    return out
+
+
+# --- the page ---------------------------------------------------------------------------------
+
+
+INTRO = """\
+# Benchmarks
+
+Written by the benchmark harness (`bench/`); every number below comes from one
+run of the command shown, on the machine described. Re-run it to refresh this
+page. Targets come from the engine issue (warm path) and the namespace-sandbox
+issue (cold starts, isolation overhead).
+"""
+
+METHOD = """\
+## How it measures
+
+- **Load generator**: `wrk` (one thread, `-c` = concurrency, keep-alive, a Lua
+  script that POSTs the event `{{"name":"bench","n":1}}` with
+  `Content-Type: application/json`), identical for every row. wrk is a C epoll
+  loop, so on this 2-core machine it takes little CPU from the server (its cost
+  per call is in the "client (wrk)" column). Each row: {prewarm}, {warmup}then a
+  fixed {duration} s measurement; wrk stops by itself. Latency percentiles are
+  wrk's (per request, µs resolution); throughput = requests / duration. Only
+  127.0.0.1 is ever targeted. At concurrency 1 every call is a ping-pong
+  between processes, so its p50 moves by tens of µs with where the scheduler
+  puts them (one vCPU or two; see the round trips under "Where the time goes"):
+  compare rows of the same run, not of different runs.
+- **Handlers**: no-ops returning `{{"ok": true}}` — Python
+  `def handler(event, context): return {{"ok": True}}`, Node
+  `exports.handler = async () => ({{ ok: true }})`.
+- **Impuls**: `impuls server --sandbox S` with a fresh data directory (SQLite),
+  functions with `memory_mb` 128 and `max_concurrency` {maxc}, invoked through
+  `POST /api/v1/functions/{{name}}/invoke`.
+- **floor**: the same Python handler imported once and called in-process behind
+  a bare ASGI callable on uvicorn with uvloop + httptools (one worker, access log
+  off) — the same HTTP server stack Impuls uses, without a framework or an
+  engine; it returns the same reply envelope (`bench/baselines.py`).
+- **spawn-per-call**: the original Impuls local mode on the same uvicorn stack:
+  per request it writes a runner script and the handler to a fresh temp dir,
+  runs a fresh `python3` (the interpreter of Impuls's python3.11 runtime) that
+  imports the handler and calls it, returns what it printed, and removes the
+  dir (`bench/baselines.py`).
+- **Cold start**: a `PATCH` of the function's description retires its
+  instances, so the next call starts a new one; after a {settle} ms pause the
+  harness times that call with a keep-alive client (client p50/p99) and reads
+  its `duration_ms` (server view) and `cold_start` (must be true). The first call
+  of the function (which also unpacks its code) is not counted. "Concurrent
+  burst": after another update, {burst} calls sent at once on separate
+  connections; instances/s = cold starts / time until the last reply.
+- **CPU** per invocation: CPU time of the server process, of everything it
+  started (runtime processes, sandboxes, spawned interpreters; from /proc), and of
+  wrk, over the measured seconds, divided by the requests served.
+- **Other load**: CPU time the whole machine was busy during the row minus the
+  CPU of the processes above, as a share of all cores: other work on the machine
+  that competed with the row (0% on a quiet machine).
+- **Memory**: proportional set size (PSS, `/proc/PID/smaps_rollup`) after the
+  concurrency-{maxlevel} row of each runtime. An instance's memory is that of its
+  runtime process plus the processes above it that serve it alone (e.g. its
+  sandbox's init), averaged over instances; processes below the server that
+  serve all instances (a template, pre-forked spares) are shown in total.
+"""
+
+
+def markdown(results: Results) -> str:
+    s = results.settings
+    machine_rows = [[k, v] for k, v in results.machine.items()]
+    prewarm = "a pre-warm burst of `concurrency` simultaneous calls"
+    warmup = f"a {s['warmup_s']} s wrk warm-up, " if s["warmup_s"] else ""
+    parts = [
+        INTRO,
+        "## Machine and command\n",
+        table(["", ""], machine_rows, set()),
+        "",
+        "```sh\n" + results.command + "\n```\n",
+        f"Sandboxes requested: {', '.join(s['sandboxes_requested'])}; measured: "
+        f"{', '.join(results.sandboxes) or 'none'}. The whole run took {s.get('elapsed_s', '?')} s.",
+        "",
+        "## Targets\n",
+        targets_table(results),
+        "",
+        "## Warm invocations\n",
+        "p50/p99 latency at the client, throughput, the ratio of p50 to the (Python) floor at the same "
+        "concurrency, CPU per invocation, and how busy the rest of the machine was meanwhile.\n",
+        warm_table(results),
+        "",
+        "## Cold starts\n",
+        "New instance to first result. Client = observed by the caller through the HTTP API; "
+        "server = the reply's `duration_ms`.\n",
+        cold_table(results),
+        "",
+    ]
+    if results.memory:
+        parts += ["## Memory of idle warm instances\n", memory_table(results), ""]
+    parts += ["## Where the time goes\n", *(p + "\n" for p in where_time_goes(results))]
+    if results.notes:
+        parts += ["## Notes from this run\n", *(f"- {n}" for n in results.notes), ""]
+    parts.append(METHOD.format(
+        prewarm=prewarm, warmup=warmup, duration=s["duration_s"],
+        maxc=max([*s["concurrency"], s["cold_burst"]]),
+        settle=int(s["settle_s"] * 1000), burst=s["cold_burst"], maxlevel=max(s["concurrency"])))
+    return "\n".join(parts).rstrip() + "\n"

@@ -1,0 +1,120 @@
+"""What one run measured (plain dataclasses, also dumped as JSON with ``--json``)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+IMPULS = "impuls"
+FLOOR = "floor"
+FLOOR_FASTAPI = "floor + FastAPI"
+SPAWN = "spawn-per-call"
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0 to 100) by linear interpolation; NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+@dataclass
+class WarmRow:
+    system: str  # IMPULS, FLOOR or SPAWN
+    sandbox: str  # the Impuls sandbox, "-" for the baselines
+    runtime: str  # "python" / "node"
+    concurrency: int
+    requests: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    rps: float
+    errors: int  # socket errors, timeouts and non-2xx replies
+    cpu_server_us: float  # CPU per invocation: the server process
+    cpu_sandbox_us: float  # ... everything the server started (runtimes, sandboxes, spawned pythons)
+    cpu_client_us: float  # ... the load generator
+    other_cpu_pct: float = 0.0  # busy CPU not ours during the row, % of all cores (noise from others)
+
+    @property
+    def label(self) -> str:
+        return f"{self.system} ({self.sandbox})" if self.system == IMPULS else self.system
+
+
+@dataclass
+class ServerTime:
+    """Sequential calls at concurrency 1 with a per-call client: what the server says it spent."""
+
+    system: str
+    sandbox: str
+    runtime: str
+    calls: int
+    client_p50_ms: float
+    duration_p50_ms: float  # the reply's duration_ms
+
+
+@dataclass
+class ColdRow:
+    sandbox: str
+    runtime: str
+    samples: int
+    client_p50_ms: float
+    client_p99_ms: float
+    server_p50_ms: float  # the reply's duration_ms (the server's view of the same call)
+    server_p99_ms: float
+    burst: int  # concurrent first calls after an update
+    burst_cold: int  # how many of them reported cold_start
+    burst_wall_ms: float
+    not_cold: int = 0  # samples that unexpectedly reported cold_start false (excluded)
+
+    @property
+    def instances_per_s(self) -> float:
+        return self.burst_cold / (self.burst_wall_ms / 1000) if self.burst_wall_ms else 0.0
+
+
+@dataclass
+class MemoryRow:
+    sandbox: str
+    runtime: str
+    instances: int
+    pss_mib_mean: float  # an instance's own processes (runtime, and e.g. its sandbox init)
+    shared_mib: float = 0.0  # sandbox processes serving all instances (templates, spares), in total
+
+
+@dataclass
+class Results:
+    machine: dict[str, str]
+    command: str
+    settings: dict[str, Any]
+    warm: list[WarmRow] = field(default_factory=list)
+    server_times: list[ServerTime] = field(default_factory=list)
+    cold: list[ColdRow] = field(default_factory=list)
+    memory: list[MemoryRow] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    sandboxes: list[str] = field(default_factory=list)  # the ones measured
+    profile: list[tuple[str, float]] = field(default_factory=list)  # (component, share of samples)
+    profile_note: str = ""
+    ipc_rtt_us: dict[str, float] = field(default_factory=dict)  # round trip to an echo process
+
+    def find_warm(self, system: str, runtime: str, concurrency: int, sandbox: str = "-") -> WarmRow | None:
+        for row in self.warm:
+            if (row.system, row.runtime, row.concurrency) == (system, runtime, concurrency) and (
+                    system != IMPULS or row.sandbox == sandbox):
+                return row
+        return None
+
+    def find_cold(self, sandbox: str, runtime: str) -> ColdRow | None:
+        return next((r for r in self.cold if (r.sandbox, r.runtime) == (sandbox, runtime)), None)
+
+    def find_server_time(self, system: str, sandbox: str, runtime: str) -> ServerTime | None:
+        return next((r for r in self.server_times
+                     if (r.system, r.sandbox, r.runtime) == (system, sandbox, runtime)), None)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        for row, doc in zip(self.cold, out["cold"], strict=True):
+            doc["instances_per_s"] = row.instances_per_s
+        return out

@@ -1,0 +1,25 @@
+"""What every row invokes: the no-op handlers and the one event, identical for all rows."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+EVENT: bytes = json.dumps({"name": "bench", "n": 1}, separators=(",", ":")).encode()
+
+PYTHON_HANDLER = 'def handler(event, context):\n    return {"ok": True}\n'
+NODE_HANDLER = "exports.handler = async (event, context) => ({ ok: true });\n"
+
+
+@dataclass(frozen=True)
+class Workload:
+    runtime: str  # the Impuls runtime id
+    label: str  # short name used in tables
+    handler: str
+    code: str
+
+
+PYTHON = Workload("python3.11", "python", "handler.handler", PYTHON_HANDLER)
+NODE = Workload("nodejs20", "node", "index.handler", NODE_HANDLER)
+WORKLOADS = (PYTHON, NODE)
+EXPECTED_BODY = {"ok": True}
