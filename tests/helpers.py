@@ -13,11 +13,13 @@ import sys
 import time
 import uuid
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from impuls.engine.runtime_api import Invocation
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,3 +133,31 @@ def processes_under(directory: Path) -> list[int]:
             if cwd.startswith(root) and state != "Z":
                 found.append(int(entry.name))
     return found
+
+
+def live_pids(match: Callable[[list[bytes]], bool]) -> list[int]:
+    """Host pids of live (non-zombie) processes whose argv satisfies ``match``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and match(args):
+            found.append(int(entry.name))
+    return found
+
+
+def processes_with(argument: str) -> list[int]:
+    """Host pids of live processes with ``argument`` on their command line."""
+    return live_pids(lambda args: argument.encode() in args)
+
+
+def invocation(event: object, timeout: float = 5.0, function: str = "conformance") -> Invocation:
+    """An Invocation for driving an instance directly (no server)."""
+    return Invocation(request_id=str(uuid.uuid4()), payload=json.dumps(event).encode(),
+                      deadline_ms=int((time.time() + timeout) * 1000),
+                      function_arn=f"arn:aws:lambda:us-east-1:000000000000:function:{function}")

@@ -9,7 +9,6 @@ test are restored by the next.  Tests skip only when QEMU is missing.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import Coroutine
@@ -23,6 +22,7 @@ from impuls.engine.runtime_api import Invocation
 from impuls.images.store import ImageStore
 from impuls.runtimes import RUNTIMES_DIR, Runtime, default_registry
 from impuls.sandbox.base import InstanceSpec
+from tests import helpers
 
 T = TypeVar("T")
 
@@ -66,25 +66,12 @@ def specs(tmp_path: Path) -> Specs:
 
 
 def invocation(event: object, timeout: float = 10.0) -> Invocation:
-    return Invocation(request_id=str(uuid.uuid4()), payload=json.dumps(event).encode(),
-                      deadline_ms=int((time.time() + timeout) * 1000),
-                      function_arn="arn:aws:lambda:us-east-1:000000000000:function:microvm-test")
+    return helpers.invocation(event, timeout, function="microvm-test")
 
 
 def qemu_pids() -> set[int]:
     """Live (non-zombie) QEMU processes of this host."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if args and args[0].endswith(b"qemu-system-x86_64") and state != "Z":
-            found.add(int(entry.name))
-    return found
+    return set(helpers.live_pids(lambda args: bool(args) and args[0].endswith(b"qemu-system-x86_64")))
 
 
 def wait_gone(pid: int, timeout: float = 10.0) -> bool:

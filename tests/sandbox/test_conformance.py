@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from impuls.engine.runtime_api import Invocation, RuntimeReply
+from impuls.engine.runtime_api import RuntimeReply
 from impuls.errors import InitFailed, InvocationTimedOut, RuntimeExited, SandboxStartFailed
 from impuls.sandbox import make_driver
 from impuls.sandbox.base import Instance, InstanceSpec, SandboxDriver
+from tests.helpers import invocation, processes_with
 from tests.sandbox.conftest import SpecFactory, run
 
 RUNTIME_VARS = {
@@ -146,34 +147,12 @@ while True:
 """
 
 
-def invocation(event: object, timeout: float = 5.0) -> Invocation:
-    return Invocation(request_id=str(uuid.uuid4()), payload=json.dumps(event).encode(),
-                      deadline_ms=int((time.time() + timeout) * 1000),
-                      function_arn="arn:aws:lambda:us-east-1:000000000000:function:conformance")
-
-
 def driver_for(kind: str, work: Path) -> SandboxDriver:
     return make_driver(kind, work / "sandbox")
 
 
 async def call(instance: Instance, event: object, timeout: float = 5.0) -> RuntimeReply:
     return await instance.invoke(invocation(event, timeout), timeout)
-
-
-def _processes_with(argument: str) -> list[int]:
-    """Host pids of live (non-zombie) processes with ``argument`` on their command line."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if argument.encode() in args and state != "Z":
-            found.append(int(entry.name))
-    return found
 
 
 SOURCES = {"python3.11": {"handler.py": PY_OK}, "nodejs20": {"index.js": NODE_OK},
@@ -332,11 +311,11 @@ def test_destroy_is_idempotent_and_frees_everything(driver_kind: str, make_spec:
         marker = f"300.{uuid.uuid4().int % 10**9}"  # a unique argument to find the child by
         assert json.loads((await call(instance, {"spawn": marker})).body) == "spawned"
         vm = getattr(instance, "vm", None)  # a microVM's processes live in its guest
-        assert vm is not None or _processes_with(marker), "the background child should be running"
+        assert vm is not None or processes_with(marker), "the background child should be running"
         await instance.destroy()
         await instance.destroy()
         assert instance.exited.done() and instance.destroyed
-        assert not _processes_with(marker), "destroy must kill every process of the instance"
+        assert not processes_with(marker), "destroy must kill every process of the instance"
         if vm is not None:
             assert vm.proc.poll() is not None, "destroy must stop the VM"
         with pytest.raises(Exception):  # noqa: B017 - any error, never a hang

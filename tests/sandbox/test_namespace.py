@@ -24,6 +24,7 @@ import pytest
 
 from impuls.errors import ConfigError, InitFailed, InvocationTimedOut, OutOfMemory, RuntimeExited
 from impuls.sandbox import make_driver, namespace_available
+from tests.helpers import processes_with
 from tests.sandbox.conftest import SpecFactory, run
 from tests.sandbox.test_conformance import call
 
@@ -210,20 +211,6 @@ def handler(event, context):
 """
 
 
-def _processes_with(argument: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                args = (entry / "cmdline").read_bytes().split(b"\0")
-                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if argument.encode() in args and state != "Z":
-                found.append(int(entry.name))
-    return found
-
-
 def test_destroy_leaves_no_process_and_no_cgroup(launcher: str, make_spec: SpecFactory,
                                                   world_dir: Path) -> None:
     async def scenario() -> None:
@@ -232,14 +219,14 @@ def test_destroy_leaves_no_process_and_no_cgroup(launcher: str, make_spec: SpecF
         marker = f"400.{uuid.uuid4().int % 10**9}"
         assert json.loads((await call(instance, {"marker": marker})).body) == "spawned"
         await asyncio.sleep(0.2)
-        assert len(_processes_with(marker)) >= 6
+        assert len(processes_with(marker)) >= 6
         cgroup_dirs = list(instance.cgroup.paths.values())  # type: ignore[attr-defined]
         run_dir = instance.run_dir  # type: ignore[attr-defined]
         assert all(os.path.isdir(d) for d in cgroup_dirs) and run_dir.exists()
         await instance.destroy()
         await instance.destroy()
         assert instance.exited.done()
-        assert _processes_with(marker) == []
+        assert processes_with(marker) == []
         assert not any(os.path.exists(d) for d in cgroup_dirs)
         assert not run_dir.exists()
         await driver.close()
