@@ -58,7 +58,7 @@ class InvocationRecorder:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def add(self, record: InvocationRecord) -> None:
-        self._pending.append(asdict(record))
+        self._pending.append(dict(vars(record)))  # a shallow copy: asdict deep-copies
 
     async def flush(self) -> None:
         async with self._lock:
