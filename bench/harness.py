@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import http.client
 import os
 import shlex
 import statistics
@@ -59,18 +60,24 @@ class Plan:
     settle_s: float
     quiet_budget_s: float  # at most this long in all, wait for other load to drop before a row
     repeats: int  # at most this many warm rows measured again because other load disturbed them
+    sandbox_budget_s: float  # rows of one sandbox not started after this long are skipped (slow VMs)
 
     @classmethod
     def make(cls, args: argparse.Namespace) -> Plan:
         levels = tuple(int(x) for x in args.concurrency.split(","))
         if args.quick:
-            plan = cls(True, levels, 1, 0, 1, 10, 4, 10.0, 8, 0.02, 0.0, 0)
+            plan = cls(quick=True, concurrency=levels, duration_s=1, warmup_s=0, prewarm_rounds=1,
+                       server_time_calls=10, cold_samples=4, cold_budget_s=10.0, cold_burst=8,
+                       settle_s=0.02, quiet_budget_s=0.0, repeats=0, sandbox_budget_s=60.0)
         else:
-            plan = cls(False, levels, 5, 2, 2, 200, 40, 30.0, 32, 0.05, 60.0, 6)
+            plan = cls(quick=False, concurrency=levels, duration_s=5, warmup_s=2, prewarm_rounds=2,
+                       server_time_calls=200, cold_samples=40, cold_budget_s=30.0, cold_burst=32,
+                       settle_s=0.05, quiet_budget_s=60.0, repeats=6, sandbox_budget_s=150.0)
         overrides = {k: v for k, v in (("duration_s", args.duration), ("warmup_s", args.warmup),
                                        ("cold_samples", args.cold_samples),
                                        ("quiet_budget_s", args.quiet_wait),
-                                       ("repeats", args.repeats)) if v is not None}
+                                       ("repeats", args.repeats),
+                                       ("sandbox_budget_s", args.sandbox_budget)) if v is not None}
         return cls(**{**plan.__dict__, **overrides})
 
     @property
@@ -90,6 +97,7 @@ class Runner:
         self.script = lua_script(EVENT, work)
         self.profile = profile
         self.quiet_left = plan.quiet_budget_s
+        self.deadline = float("inf")  # of the sandbox being measured
         self.repeats_left = plan.repeats
 
     def wait_quiet(self) -> None:
@@ -104,16 +112,20 @@ class Runner:
             self.quiet_left -= QUIET_WINDOW_S
             waited += QUIET_WINDOW_S
         if waited:
+            self.deadline += waited  # waiting for others does not use up a sandbox's budget
             log(f"waited {waited:.1f} s for other load to drop ({self.quiet_left:.0f} s of waiting left)")
 
     # --- warm rows -------------------------------------------------------------------------
 
     def check(self, server: ServerProcess, path: str) -> str | None:
         """None if one call returns the expected body, else why not."""
+        client = Client(server.url, self.call_timeout())
         try:
-            status, doc, _ = Client(server.url).request("POST", path, EVENT)
-        except OSError as exc:
+            status, doc, _ = client.request("POST", path, EVENT)
+        except (OSError, http.client.HTTPException) as exc:
             return f"cannot call {server.label}: {exc}"
+        finally:
+            client.close()
         if status != 200 or not isinstance(doc, dict) or doc.get("status_code") != 200 \
                 or doc.get("body") != EXPECTED_BODY:
             return f"HTTP {status}: {str(doc)[:300]}"
@@ -125,8 +137,11 @@ class Runner:
             self.note(f"{server.label} {runtime}: skipped, a test call failed: {problem}")
             return
         for level in self.plan.concurrency:
+            if self.out_of_time(f"{server.label} {runtime} concurrency {level}"):
+                return
             for _ in range(self.plan.prewarm_rounds):
-                failed = [r for r in burst(server.url, path, EVENT, level) if r[0] != 200]
+                replies = burst(server.url, path, EVENT, level, self.call_timeout())
+                failed = [r for r in replies if r[0] != 200]
                 if failed:
                     self.note(f"{server.label} {runtime} c={level}: {len(failed)} of {level} pre-warm calls "
                               f"failed, e.g. {str(failed[0][1])[:200]}")
@@ -136,7 +151,9 @@ class Runner:
                 self.repeats_left -= 1
                 log(f"{row.label} {runtime} c={level}: other load {row.other_cpu_pct:.0f}%, measuring again "
                     f"({self.repeats_left} repeats left)")
+                started = time.monotonic()
                 again = self.measure(server, url, system, sandbox, runtime, level)
+                self.deadline += time.monotonic() - started  # nor does measuring a row again
                 row = min(row, again, key=lambda r: r.other_cpu_pct)
             self.results.warm.append(row)
             log(f"{row.label:<22} {runtime:<6} c={level:<3} p50 {row.p50_ms:8.3f} ms  "
@@ -193,6 +210,8 @@ class Runner:
             try:
                 log(f"measuring {system}")
                 self.warm(server, "/invoke", system, "-", PYTHON.label)
+            except (OSError, RuntimeError, http.client.HTTPException) as exc:
+                self.note(f"{system}: rows stopped: {exc}")
             finally:
                 server.stop()
 
@@ -204,34 +223,56 @@ class Runner:
         try:
             server.start()
         except ServerRefused as exc:
-            self.note(f"sandbox {sandbox}: skipped, the server refused to start with it: {exc}")
+            hint = ""
+            if "image" in str(exc):
+                hint = (" (the harness gives the server IMPULS_IMAGES_DIR, else the checkout's "
+                        ".impuls/images, where `.venv/bin/impuls images build` run from the checkout "
+                        "puts them)")
+            self.note(f"sandbox {sandbox}: skipped, the server refused to start with it: {exc}{hint}")
             return
         log(f"measuring impuls with sandbox {sandbox} (server pid {server.pid})")
         self.results.sandboxes.append(sandbox)
+        self.deadline = time.monotonic() + self.plan.sandbox_budget_s
         try:
             offered = set((server.health_doc or {}).get("runtimes") or [])
             workloads = [w for w in WORKLOADS if not offered or w.runtime in offered]
             for workload in sorted(set(WORKLOADS) - set(workloads), key=WORKLOADS.index):
                 self.note(f"sandbox {sandbox}: {workload.runtime} is not available on this host")
+            # cold starts first: for a slow sandbox (a microVM without KVM) they matter most
+            for workload in workloads:
+                if self.out_of_time(f"impuls ({sandbox}) {workload.label} cold starts"):
+                    continue
+                try:
+                    self.wait_quiet()
+                    self.cold(server, sandbox, workload)
+                except (OSError, RuntimeError, http.client.HTTPException) as exc:
+                    self.note(f"impuls ({sandbox}) {workload.label} cold starts stopped: {exc}")
             for workload in workloads:
                 try:
                     path = server.create(f"bench-{workload.label}", workload, self.plan.max_concurrency)
                     self.warm(server, path, IMPULS, sandbox, workload.label)
                     self.memory(server, sandbox, workload)
-                    if self.profile and workload is PYTHON:
-                        self.wait_quiet()
-                        self.results.profile, self.results.profile_note = profiling.profile_server(
+                    if self.profile and workload is PYTHON and not self.results.profile_note:
+                        self.wait_quiet()  # profiled once: on the first sandbox measured
+                        shares, note = profiling.profile_server(
                             server.pid, server.url + path, self.script, self.plan.duration_s)
-                except (OSError, RuntimeError) as exc:
+                        self.results.profile, self.results.profile_note = shares, f"{sandbox} sandbox; {note}"
+                except (OSError, RuntimeError, http.client.HTTPException) as exc:
                     self.note(f"impuls ({sandbox}) {workload.label} warm rows stopped: {exc}")
-            for workload in workloads:
-                try:
-                    self.wait_quiet()
-                    self.cold(server, sandbox, workload)
-                except (OSError, RuntimeError) as exc:
-                    self.note(f"impuls ({sandbox}) {workload.label} cold starts stopped: {exc}")
         finally:
+            self.deadline = float("inf")
             server.stop()
+
+    def out_of_time(self, what: str) -> bool:
+        if time.monotonic() < self.deadline:
+            return False
+        self.note(f"{what}: skipped, the sandbox's time budget ({self.plan.sandbox_budget_s:.0f} s, "
+                  "--sandbox-budget) is used up")
+        return True
+
+    def call_timeout(self) -> float:
+        """For single calls: 60 s, or what is left of the sandbox's budget (at least 5 s)."""
+        return max(5.0, min(60.0, self.deadline - time.monotonic()))
 
     def memory(self, server: ImpulsServer, sandbox: str, workload: Workload) -> None:
         found = instance_memory(server.pid, list(BOOTSTRAP_MARK.values()))
@@ -247,12 +288,12 @@ class Runner:
         if problem is not None:
             self.note(f"impuls ({sandbox}) {workload.label} cold start: skipped: {problem}")
             return
-        client, client_ms, server_ms, not_cold = Client(server.url), [], [], 0
-        deadline = time.monotonic() + self.plan.cold_budget_s
+        client, client_ms, server_ms, not_cold = Client(server.url, self.call_timeout()), [], [], 0
+        deadline = min(time.monotonic() + self.plan.cold_budget_s, self.deadline)
         for serial in range(self.plan.cold_samples):
             if time.monotonic() > deadline:
                 self.note(f"impuls ({sandbox}) {workload.label} cold start: stopped after "
-                          f"{serial} samples (time budget {self.plan.cold_budget_s:.0f} s)")
+                          f"{serial} samples (time budget)")
                 break
             server.touch(name, serial)
             time.sleep(self.plan.settle_s)  # let the retired instance go away first
@@ -267,7 +308,7 @@ class Runner:
         client.close()
         server.touch(name, -1)
         time.sleep(max(0.2, self.plan.settle_s))
-        replies = burst(server.url, path, EVENT, self.plan.cold_burst)  # all leave together
+        replies = burst(server.url, path, EVENT, self.plan.cold_burst, self.call_timeout())  # all together
         wall_ms = max(elapsed for _, _, elapsed in replies) * 1000
         cold_n = sum(1 for status, doc, _ in replies
                      if status == 200 and isinstance(doc, dict) and doc.get("cold_start"))
@@ -275,6 +316,7 @@ class Runner:
                       percentile(client_ms, 99), percentile(server_ms, 50), percentile(server_ms, 99),
                       self.plan.cold_burst, cold_n, wall_ms, not_cold)
         self.results.cold.append(row)
+        server.call("DELETE", f"/api/v1/functions/{name}")  # its instances go: they would skew memory
         log(f"impuls ({sandbox}) {workload.label} cold start: p50 {row.client_p50_ms:.1f} ms, "
             f"p99 {row.client_p99_ms:.1f} ms over {row.samples}; burst of {row.burst}: "
             f"{row.burst_cold} cold in {row.burst_wall_ms:.0f} ms")
@@ -340,6 +382,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help=f"warm rows that ran with other load above {OTHER_LOAD_WARNING_PCT:g}%% are "
                         "measured again, keeping the quieter run, this many times in all "
                         "(default 6; --quick 0)")
+    parser.add_argument("--sandbox-budget", type=float,
+                        help="seconds per sandbox after which its remaining rows are skipped with a note, "
+                        "for slow sandboxes such as microVMs without KVM (default 150; --quick 60)")
     parser.add_argument("--no-baselines", action="store_true", help="skip the floor and spawn-per-call rows")
     parser.add_argument("--profile", action="store_true",
                         help="also sample the server with py-spy during an extra Python concurrency-1 "

@@ -29,9 +29,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+KEPT_SETTINGS = ("IMPULS_IMAGES_DIR",)  # where microVM guest images are: changes nothing measured
+ROOT = Path(__file__).resolve().parents[1]
+
+
 def _clean_env() -> dict[str, str]:
-    """The harness's environment without IMPULS_* settings that would change what is measured."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("IMPULS_")}
+    """The harness's environment without IMPULS_* settings that would change what is measured.
+    Guest images are looked up in IMPULS_IMAGES_DIR, else in the checkout's .impuls/images (where
+    ``impuls images build`` run from the checkout puts them), as every run has a fresh data dir."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMPULS_") or k in KEPT_SETTINGS}
+    if "IMPULS_IMAGES_DIR" not in env and (ROOT / ".impuls" / "images").is_dir():
+        env["IMPULS_IMAGES_DIR"] = str(ROOT / ".impuls" / "images")
+    return env
 
 
 class ServerProcess:
