@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from impuls import __version__
 from impuls.api import functions, invoke
 from impuls.api.deps import platform_of
+from impuls.api.invoke_asgi import InvokeFastPath
 from impuls.errors import ImpulsError
 
 if TYPE_CHECKING:
@@ -57,7 +58,8 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal server error")
 
 
-def create_app(platform: Platform) -> FastAPI:
+def create_app(platform: Platform) -> InvokeFastPath:
+    """The ASGI application: invocations on the fast path, everything else through FastAPI."""
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await platform.start()
@@ -81,4 +83,4 @@ def create_app(platform: Platform) -> FastAPI:
 
     app.include_router(functions.router)
     app.include_router(invoke.router)
-    return app
+    return InvokeFastPath(app, platform)

@@ -1,4 +1,4 @@
-"""Invoking functions, their invocation records and their logs."""
+"""Invocation records and logs of a function (invoking itself: :mod:`impuls.api.invoke_asgi`)."""
 
 from __future__ import annotations
 
@@ -11,23 +11,10 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from impuls.api.body import parse_json, read_body
 from impuls.api.deps import platform_of
-from impuls.engine.engine import MAX_EVENT_BYTES
 
 router = APIRouter(prefix="/api/v1/functions/{name}")
 KEEPALIVE_SECONDS = 15.0
-
-
-@router.post("/invoke")
-async def invoke(request: Request, name: str, local: bool = False) -> Response:
-    payload = await read_body(request, MAX_EVENT_BYTES)
-    if not payload.strip():
-        payload = b"{}"
-    else:
-        parse_json(payload, "event")
-    result = await platform_of(request).engine.invoke(name, payload, local=local)
-    return Response(result.to_json(), status_code=result.http_status, media_type="application/json")
 
 
 @router.get("/invocations")

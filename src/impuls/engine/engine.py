@@ -264,7 +264,7 @@ class Engine:
                     request_id=request_id, payload=payload,
                     deadline_ms=int((time.time() + timeout) * 1000),
                     function_arn=f"arn:aws:lambda:us-east-1:000000000000:function:{name}",
-                    trace_id=f"Root=1-{int(time.time()):08x}-{uuid.uuid4().hex[:24]};Sampled=0",
+                    trace_id=f"Root=1-{int(time.time()):08x}-{request_id[-12:]}{request_id[:8]}{request_id[9:13]};Sampled=0",
                 )
                 try:
                     outcome = await self._pool(version, driver).run(invocation, timeout, listener)

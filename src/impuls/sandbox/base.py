@@ -187,8 +187,7 @@ class Instance(ABC):
         self.invocations += 1
         self.api.dispatch(invocation)
         reply = invocation.reply
-        waitables: set[asyncio.Future[Any]] = {reply, self.exited}
-        await asyncio.wait(waitables, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        await _first_of(reply, self.exited, timeout)
         self.drain_output()
         if reply.done():
             return reply.result()
@@ -198,6 +197,28 @@ class Instance(ABC):
                 raise OutOfMemory(f"instance exceeded its memory limit of {self.spec.memory_mb} MB")
             raise RuntimeExited(f"runtime exited with status {self.exited.result()} during the invocation")
         raise InvocationTimedOut(f"function timed out after {timeout:.2f} s")
+
+
+async def _first_of(a: asyncio.Future[Any], b: asyncio.Future[Any], timeout: float) -> None:
+    """Wait until ``a`` or ``b`` is done, or ``timeout`` seconds pass (cheaper than asyncio.wait)."""
+    if a.done() or b.done():
+        return
+    loop = asyncio.get_running_loop()
+    woken: asyncio.Future[None] = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        if not woken.done():
+            woken.set_result(None)
+
+    a.add_done_callback(wake)
+    b.add_done_callback(wake)
+    timer = loop.call_later(timeout, wake)
+    try:
+        await woken
+    finally:
+        timer.cancel()
+        a.remove_done_callback(wake)
+        b.remove_done_callback(wake)
 
 
 class SandboxDriver(ABC):
