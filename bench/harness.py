@@ -275,6 +275,8 @@ class Runner:
         return max(5.0, min(60.0, self.deadline - time.monotonic()))
 
     def memory(self, server: ImpulsServer, sandbox: str, workload: Workload) -> None:
+        if workload.label not in BOOTSTRAP_MARK:  # a compiled bootstrap: not told apart here
+            return
         found = instance_memory(server.pid, list(BOOTSTRAP_MARK.values()))
         sizes = found.instances[BOOTSTRAP_MARK[workload.label]]
         if sizes:

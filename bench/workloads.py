@@ -9,6 +9,14 @@ EVENT: bytes = json.dumps({"name": "bench", "n": 1}, separators=(",", ":")).enco
 
 PYTHON_HANDLER = 'def handler(event, context):\n    return {"ok": True}\n'
 NODE_HANDLER = "exports.handler = async (event, context) => ({ ok: true });\n"
+GO_HANDLER = """package main
+
+import "context"
+
+func Handler(ctx context.Context, event map[string]interface{}) (interface{}, error) {
+	return map[string]bool{"ok": true}, nil
+}
+"""
 
 
 @dataclass(frozen=True)
@@ -21,5 +29,6 @@ class Workload:
 
 PYTHON = Workload("python3.11", "python", "handler.handler", PYTHON_HANDLER)
 NODE = Workload("nodejs20", "node", "index.handler", NODE_HANDLER)
-WORKLOADS = (PYTHON, NODE)
+GO = Workload("go1.x", "go", "Handler", GO_HANDLER)  # compiled once at create
+WORKLOADS = (PYTHON, NODE, GO)
 EXPECTED_BODY = {"ok": True}
