@@ -232,6 +232,10 @@ class Runner:
             return
         log(f"measuring impuls with sandbox {sandbox} (server pid {server.pid})")
         self.results.sandboxes.append(sandbox)
+        health = server.health_doc or {}
+        if "accel" in health:  # a microVM row means little without its acceleration
+            self.note(f"impuls ({sandbox}) runs with acceleration {health['accel']}: "
+                      f"{health.get('accel_note', '')}")
         self.deadline = time.monotonic() + self.plan.sandbox_budget_s
         try:
             offered = set((server.health_doc or {}).get("runtimes") or [])

@@ -38,7 +38,7 @@ def test_quick_run_produces_every_row(tmp_path: Path) -> None:
 
     warm = {(r["system"], r["sandbox"], r["runtime"], r["concurrency"]): r for r in results["warm"]}
     expected = [(b, "-", "python", c) for b in BASELINES for c in LEVELS]
-    expected += [("impuls", "process", rt, c) for rt in ("python", "node") for c in LEVELS]
+    expected += [("impuls", "process", rt, c) for rt in ("python", "node", "go") for c in LEVELS]
     for key in expected:
         assert key in warm, f"missing warm row {key}; have {sorted(warm)}\n{log}"
         row = warm[key]
@@ -48,7 +48,7 @@ def test_quick_run_produces_every_row(tmp_path: Path) -> None:
         assert row["cpu_server_us"] > 0 and row["cpu_client_us"] > 0, (row, log)
 
     cold = {r["runtime"]: r for r in results["cold"] if r["sandbox"] == "process"}
-    assert set(cold) == {"python", "node"}, log
+    assert set(cold) == {"python", "node", "go"}, log
     for row in cold.values():
         assert row["samples"] > 0 and row["client_p50_ms"] > 0 and row["server_p50_ms"] > 0, (row, log)
         assert row["burst_cold"] > 0 and row["instances_per_s"] > 0, (row, log)
