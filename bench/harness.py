@@ -42,6 +42,8 @@ OTHER_LOAD_WARNING_PCT = 10.0
 QUIET_LOAD_PCT = 10.0
 QUIET_WINDOW_S = 0.5
 BOOTSTRAP_MARK = {"python": "bootstrap.py", "node": "bootstrap.js"}
+# a microVM instance is its QEMU process, told apart by its guest root file system
+MICROVM_MARK = {"python": "rootfs-python", "node": "rootfs-nodejs"}
 
 
 @dataclass(frozen=True)
@@ -279,10 +281,11 @@ class Runner:
         return max(5.0, min(60.0, self.deadline - time.monotonic()))
 
     def memory(self, server: ImpulsServer, sandbox: str, workload: Workload) -> None:
-        if workload.label not in BOOTSTRAP_MARK:  # a compiled bootstrap: not told apart here
+        marks = MICROVM_MARK if sandbox == "microvm" else BOOTSTRAP_MARK
+        if workload.label not in marks:  # a compiled bootstrap: not told apart here
             return
-        found = instance_memory(server.pid, list(BOOTSTRAP_MARK.values()))
-        sizes = found.instances[BOOTSTRAP_MARK[workload.label]]
+        found = instance_memory(server.pid, list(marks.values()))
+        sizes = found.instances[marks[workload.label]]
         if sizes:
             self.results.memory.append(MemoryRow(sandbox, workload.label, len(sizes),
                                                  statistics.mean(sizes) / 1024, found.shared_kib / 1024))
