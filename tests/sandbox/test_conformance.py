@@ -7,9 +7,11 @@ through the contract in :mod:`impuls.sandbox.base`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -151,6 +153,18 @@ def driver_for(kind: str, work: Path) -> SandboxDriver:
     return make_driver(kind, work / "sandbox")
 
 
+@contextlib.asynccontextmanager
+async def running(kind: str, work: Path, spec: InstanceSpec) -> AsyncIterator[Instance]:
+    """An instance of ``spec`` on a new ``kind`` driver; destroyed (and the driver closed) after."""
+    driver = driver_for(kind, work)
+    instance = await driver.create(spec)
+    try:
+        yield instance
+    finally:
+        await instance.destroy()
+        await driver.close()
+
+
 async def call(instance: Instance, event: object, timeout: float = 5.0) -> RuntimeReply:
     return await instance.invoke(invocation(event, timeout), timeout)
 
@@ -169,9 +183,7 @@ def test_ready_invoke_reuse_and_output(driver_kind: str, make_spec: SpecFactory,
     runtime, files = source
 
     async def scenario() -> None:
-        driver = driver_for(driver_kind, world_dir)
-        instance = await driver.create(make_spec(files, runtime=runtime))
-        try:
+        async with running(driver_kind, world_dir, make_spec(files, runtime=runtime)) as instance:
             first = await call(instance, {"n": 1})
             assert first.ok, first.body
             doc = json.loads(first.body)
@@ -182,9 +194,6 @@ def test_ready_invoke_reuse_and_output(driver_kind: str, make_spec: SpecFactory,
             assert second["count"] == 2  # code loaded once, state kept
             logs, _ = instance.output.take()
             assert "called 2" in logs and "init output" not in logs
-        finally:
-            await instance.destroy()
-            await driver.close()
 
     run(scenario())
 
@@ -195,12 +204,8 @@ def test_clean_environment(driver_kind: str, make_spec: SpecFactory, world_dir: 
     monkeypatch.setenv("IMPULS_SERVER_SECRET", "do-not-leak")
 
     async def scenario() -> None:
-        driver = driver_for(driver_kind, world_dir)
-        instance = await driver.create(make_spec(files, runtime=runtime))
-        try:
+        async with running(driver_kind, world_dir, make_spec(files, runtime=runtime)) as instance:
             env = json.loads((await call(instance, {"env": True})).body)
-        finally:
-            await instance.destroy()
         assert env["FUNCTION_VAR"] == "fn-value"
         assert env["AWS_LAMBDA_FUNCTION_NAME"] == "conformance" and env["_HANDLER"]
         assert "IMPULS_SERVER_SECRET" not in env and "do-not-leak" not in json.dumps(env)
@@ -213,13 +218,9 @@ def test_clean_environment(driver_kind: str, make_spec: SpecFactory, world_dir: 
 
 def test_scratch_directory_is_writable(driver_kind: str, make_spec: SpecFactory, world_dir: Path) -> None:
     async def scenario() -> None:
-        driver = driver_for(driver_kind, world_dir)
-        instance = await driver.create(make_spec({"handler.py": PY_OK}))
-        try:
+        async with running(driver_kind, world_dir, make_spec({"handler.py": PY_OK})) as instance:
             reply = await call(instance, {"tmp": True})
             assert reply.ok and json.loads(reply.body) == "ok"
-        finally:
-            await instance.destroy()
 
     run(scenario())
 
@@ -229,9 +230,7 @@ def test_function_error_keeps_instance(driver_kind: str, make_spec: SpecFactory,
     runtime, files = source
 
     async def scenario() -> None:
-        driver = driver_for(driver_kind, world_dir)
-        instance = await driver.create(make_spec(files, runtime=runtime))
-        try:
+        async with running(driver_kind, world_dir, make_spec(files, runtime=runtime)) as instance:
             reply = await call(instance, {"raise": "input"})
             assert not reply.ok
             doc = json.loads(reply.body)
@@ -240,8 +239,6 @@ def test_function_error_keeps_instance(driver_kind: str, make_spec: SpecFactory,
             if runtime in ("python3.11", "nodejs20"):
                 assert doc["stackTrace"]
             assert (await call(instance, {})).ok  # still serving
-        finally:
-            await instance.destroy()
 
     run(scenario())
 
@@ -290,15 +287,11 @@ def test_exit_mid_call(driver_kind: str, make_spec: SpecFactory, world_dir: Path
     runtime, files = source
 
     async def scenario() -> None:
-        driver = driver_for(driver_kind, world_dir)
-        instance = await driver.create(make_spec(files, runtime=runtime))
-        try:
+        async with running(driver_kind, world_dir, make_spec(files, runtime=runtime)) as instance:
             with pytest.raises(RuntimeExited) as info:
                 await call(instance, {"exit": True})
             assert type(info.value) is RuntimeExited
             assert "about to die" in instance.output.take()[0]
-        finally:
-            await instance.destroy()
 
     run(scenario())
 
