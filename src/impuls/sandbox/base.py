@@ -29,7 +29,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from impuls.engine.runtime_api import Invocation, RuntimeAPI, RuntimeReply
 from impuls.errors import InitFailed, InvocationTimedOut, OutOfMemory, RuntimeExited
@@ -197,6 +197,32 @@ class Instance(ABC):
                 raise OutOfMemory(f"instance exceeded its memory limit of {self.spec.memory_mb} MB")
             raise RuntimeExited(f"runtime exited with status {self.exited.result()} during the invocation")
         raise InvocationTimedOut(f"function timed out after {timeout:.2f} s")
+
+
+class RuntimeWatch(Protocol):
+    """How a driver observes a runtime on the host: its exit, and its output pipe."""
+
+    exited: asyncio.Future[int]
+
+    def output_to(self, capture: OutputCapture) -> None: ...
+
+    def drain(self) -> None: ...
+
+
+class WatchedInstance(Instance):
+    """An instance whose runtime is observed through a :class:`RuntimeWatch`."""
+
+    def __init__(self, spec: InstanceSpec, api: RuntimeAPI, watch: RuntimeWatch) -> None:
+        super().__init__(spec, api)
+        self.watch = watch
+        watch.output_to(self.output)
+
+    @property
+    def exited(self) -> asyncio.Future[int]:
+        return self.watch.exited
+
+    def drain_output(self) -> None:
+        self.watch.drain()
 
 
 async def _first_of(a: asyncio.Future[Any], b: asyncio.Future[Any], timeout: float) -> None:

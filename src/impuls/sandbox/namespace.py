@@ -56,7 +56,7 @@ from typing import Any
 from impuls.engine.runtime_api import Invocation, RuntimeAPI, RuntimeReply
 from impuls.errors import ConfigError, InitFailed, SandboxStartFailed
 from impuls.sandbox import cgroups, seccomp
-from impuls.sandbox.base import Instance, InstanceSpec, SandboxDriver
+from impuls.sandbox.base import Instance, InstanceSpec, SandboxDriver, WatchedInstance
 from impuls.sandbox.bwrap_launch import BwrapLauncher
 from impuls.sandbox.launch import (
     SANDBOX_UID,
@@ -88,23 +88,16 @@ def default_launcher(host: cgroups.CgroupHost) -> Launcher:
 # --- instances and the driver --------------------------------------------------------
 
 
-class NamespaceInstance(Instance):
+class NamespaceInstance(WatchedInstance):
+    watch: Watch
+
     def __init__(self, spec: InstanceSpec, api: RuntimeAPI, cgroup: cgroups.Cgroup, watch: Watch,
                  run_dir: Path, live: dict[str, str]) -> None:
-        super().__init__(spec, api)
+        super().__init__(spec, api, watch)
         self.cgroup = cgroup
-        self.watch = watch
         self.run_dir = run_dir
         self._live = live
         live[spec.instance_id] = cgroup.name
-        watch.output_to(self.output)
-
-    @property
-    def exited(self) -> asyncio.Future[int]:
-        return self.watch.exited
-
-    def drain_output(self) -> None:
-        self.watch.drain()
 
     def oom_killed(self) -> bool:
         try:

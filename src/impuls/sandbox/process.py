@@ -9,7 +9,6 @@ development only; the ``namespace`` and ``microvm`` drivers contain code.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -22,7 +21,7 @@ from typing import Any
 
 from impuls.engine.runtime_api import RuntimeAPI
 from impuls.errors import SandboxStartFailed
-from impuls.sandbox.base import Instance, InstanceSpec, SandboxDriver
+from impuls.sandbox.base import Instance, InstanceSpec, SandboxDriver, WatchedInstance
 from impuls.sandbox.procs import PidFile, ProcessWatch, kill_tree
 
 log = logging.getLogger("impuls.sandbox.process")
@@ -31,22 +30,15 @@ INIT_TIMEOUT = 30.0
 NOFILE = 1024
 
 
-class ProcessInstance(Instance):
+class ProcessInstance(WatchedInstance):
+    watch: ProcessWatch
+
     def __init__(self, spec: InstanceSpec, api: RuntimeAPI, proc: subprocess.Popen[bytes],
                  watch: ProcessWatch, scratch: Path, pidfile: PidFile) -> None:
-        super().__init__(spec, api)
+        super().__init__(spec, api, watch)
         self.proc = proc
-        self.watch = watch
         self.scratch = scratch
         self.pidfile = pidfile
-        watch.output_to(self.output)
-
-    @property
-    def exited(self) -> asyncio.Future[int]:
-        return self.watch.exited
-
-    def drain_output(self) -> None:
-        self.watch.drain()
 
     async def _teardown(self) -> None:
         kill_tree(self.proc.pid)
