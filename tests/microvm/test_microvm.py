@@ -271,3 +271,22 @@ def test_http_api_python_and_node(images_dir: Path, make_server: object) -> None
                     code="exports.handler = async (event) => ({node: process.version, event});\n")
     doc = srv.invoke(js["name"], {"b": 2}).json()
     assert doc["status_code"] == 200 and doc["body"]["event"] == {"b": 2}, doc
+
+
+def test_server_refuses_microvm_without_images(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMPULS_")}
+    env["IMPULS_IMAGES_DIR"] = str(tmp_path / "no-images")
+    out = subprocess.run([sys.executable, "-m", "impuls", "server", "--port", "1", "--data-dir",
+                          str(tmp_path / "data"), "--sandbox", "microvm"],
+                         capture_output=True, text=True, timeout=60, env=env, check=False)
+    assert out.returncode != 0
+    assert "impuls images build" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_images_ls_cli(images_dir: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "impuls", "images", "ls", "--images-dir", str(images_dir)],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    for name in ("kernel", "initramfs", "rootfs-python"):
+        assert name in out.stdout
+    assert "MB" in out.stdout or "MiB" in out.stdout
