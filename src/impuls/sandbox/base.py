@@ -160,6 +160,15 @@ class Instance(ABC):
         self.api.close()
         await self._teardown()
 
+    async def ready_or_destroyed(self, timeout: float) -> None:
+        """``wait_ready``; on any failure the instance is destroyed before the error
+        propagates, so a failed ``create`` leaves nothing behind."""
+        try:
+            await self.wait_ready(timeout)
+        except BaseException:
+            await self.destroy()
+            raise
+
     async def wait_ready(self, timeout: float) -> None:
         """Wait until the runtime asks for its first event; raise InitFailed otherwise."""
         waitables: set[asyncio.Future[Any]] = {self.api.ready, self.exited}

@@ -789,11 +789,7 @@ class MicroVMDriver(SandboxDriver):
             if isinstance(exc, OSError):
                 raise SandboxStartFailed(f"cannot start the microVM: {exc}") from exc
             raise
-        try:
-            await instance.wait_ready(INIT_TIMEOUT)
-        except BaseException:
-            await instance.destroy()
-            raise
+        await instance.ready_or_destroyed(INIT_TIMEOUT)
         instance.timings["ready"] = time.perf_counter() - t0
         if instance.vm is not None and instance.vm.link.first_request_ms:
             instance.timings["guest runtime init"] = instance.vm.link.first_request_ms / 1000

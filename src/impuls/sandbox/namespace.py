@@ -247,11 +247,7 @@ class NamespaceDriver(SandboxDriver):
                 raise
             raise SandboxStartFailed(f"cannot start a {spec.runtime.id} sandbox: {exc}") from exc
         instance = NamespaceInstance(spec, api, launched.cgroup, launched.watch, run_dir, self._live)
-        try:
-            await instance.wait_ready(INIT_TIMEOUT)
-        except BaseException:
-            await instance.destroy()
-            raise
+        await instance.ready_or_destroyed(INIT_TIMEOUT)
         return instance
 
     async def reap_orphans(self) -> int:

@@ -97,11 +97,7 @@ class ProcessDriver(SandboxDriver):
             shutil.rmtree(scratch, ignore_errors=True)
             raise SandboxStartFailed(f"cannot start {spec.runtime.id} runtime: {exc}") from exc
         instance = ProcessInstance(spec, api, proc, watch, scratch, pidfile)
-        try:
-            await instance.wait_ready(INIT_TIMEOUT)
-        except BaseException:
-            await instance.destroy()
-            raise
+        await instance.ready_or_destroyed(INIT_TIMEOUT)
         return instance
 
     async def reap_orphans(self) -> int:
