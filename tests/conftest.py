@@ -103,7 +103,7 @@ def images_dir(pytestconfig: pytest.Config) -> Path:
     run, so drivers and servers made by tests find the images.
     """
     from impuls.images.builder import Builder
-    from impuls.images.store import ImageStore
+    from impuls.sandbox.microvm.images import ImageStore
 
     if QEMU is None:
         pytest.skip("qemu-system-x86_64 is not installed (Debian package qemu-system-x86)")

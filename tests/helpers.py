@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from impuls.engine.runtime_api import Invocation
+from impuls.sandbox.runtime_api import Invocation
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -74,9 +74,9 @@ def handler(event, context):
 @pytest.fixture(scope="module", params=["process", "namespace"])
 def srv(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     if request.param == "namespace":
-        from impuls.sandbox import namespace_available
+        from impuls.sandbox import namespace
 
-        if reason := namespace_available():
+        if reason := namespace.available():
             pytest.skip(f"the namespace sandbox is unavailable here: {reason}")
     server = Server(tmp_path_factory.mktemp("runtimes") / "data", args=["--sandbox", request.param]).start()
     yield server

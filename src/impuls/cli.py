@@ -17,6 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 from impuls import __version__
+from impuls.config import Settings
+from impuls.errors import ImpulsError
 
 # piped output is never cut to 80 columns: scripts grep it
 console = Console(width=None if sys.stdout.isatty() else 10_000)
@@ -79,7 +81,6 @@ def server(host: str | None, port: int | None, data_dir: Path | None, sandbox: s
            allow_local: bool | None) -> None:
     """Run the Impuls HTTP API server."""
     from impuls import config
-    from impuls.errors import ImpulsError
     from impuls.server import serve
 
     try:
@@ -285,6 +286,12 @@ _DATA_DIR = click.option("--data-dir", type=click.Path(path_type=Path), default=
                          help="data directory (IMPULS_DATA_DIR, default ./.impuls)")
 
 
+def _images_settings(images_dir: Path | None, data_dir: Path | None) -> Settings:
+    from impuls import config
+
+    return config.load({"images_dir": images_dir, "data_dir": data_dir})
+
+
 @images.command("build")
 @click.option("--runtime", "runtimes", multiple=True, type=click.Choice(["python", "nodejs"]),
               help="build only these guest runtimes (repeatable; default: all)")
@@ -295,11 +302,11 @@ def images_build(runtimes: tuple[str, ...], force: bool, images_dir: Path | None
                  data_dir: Path | None) -> None:
     """Build the guest images from Debian packages (idempotent: rebuilds only what changed)."""
     from impuls.images import cli as images_cli
-    from impuls.images.builder import BuildError
+    from impuls.images.builder import ImageBuildFailed
 
     try:
-        images_cli.build(console, images_cli.images_dir(images_dir, data_dir), runtimes, force)
-    except BuildError as exc:
+        images_cli.build(console, _images_settings(images_dir, data_dir), runtimes, force)
+    except (ImageBuildFailed, ImpulsError) as exc:
         fail(str(exc))
 
 
@@ -310,4 +317,8 @@ def images_ls(images_dir: Path | None, data_dir: Path | None) -> None:
     """List the built guest images and snapshots with their sizes."""
     from impuls.images import cli as images_cli
 
-    images_cli.listing(console, images_cli.images_dir(images_dir, data_dir))
+    try:
+        root = _images_settings(images_dir, data_dir).images_path
+    except ImpulsError as exc:
+        fail(str(exc))
+    images_cli.listing(console, root)

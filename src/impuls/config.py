@@ -31,6 +31,14 @@ class Settings:
     shutdown_grace: float = 30.0
     invocation_retention_days: float = 7.0
     log_level: str = "info"
+    #: microVM guest images (default: ``<data dir>/images``)
+    images_dir: Path | None = None
+    #: Debian mirror the image builder downloads from (default: the host's apt source)
+    images_mirror: str = ""
+    #: ``auto`` (KVM when a probe boot works, else TCG), ``kvm`` or ``tcg``
+    microvm_accel: str = "auto"
+    #: cold starts restore a per-runtime snapshot (else every instance boots)
+    microvm_snapshots: bool = True
 
     @property
     def db_url(self) -> str:
@@ -40,6 +48,10 @@ class Settings:
         return f"sqlite:///{(self.data_dir / 'impuls.db').resolve()}"
 
     @property
+    def images_path(self) -> Path:
+        return self.images_dir if self.images_dir is not None else self.data_dir / "images"
+
+    @property
     def store_kind(self) -> str:
         return self.db_url.split(":", 1)[0].split("+", 1)[0]
 
@@ -47,15 +59,16 @@ class Settings:
 _BOOL_TRUE = {"1", "true", "yes", "on"}
 
 
-def _convert(name: str, raw: str, default: Any) -> Any:
+def _convert(name: str, raw: str, kind: str) -> Any:
+    """``raw`` as the field's type (``kind`` is its annotation, e.g. ``"Path | None"``)."""
     try:
-        if isinstance(default, bool):
+        if kind == "bool":
             return raw.strip().lower() in _BOOL_TRUE
-        if isinstance(default, int):
+        if kind == "int":
             return int(raw)
-        if isinstance(default, float):
+        if kind == "float":
             return float(raw)
-        if isinstance(default, Path):
+        if kind.startswith("Path"):
             return Path(raw)
     except ValueError as exc:
         raise ConfigError(f"IMPULS_{name.upper()}: cannot parse {raw!r}: {exc}") from exc
@@ -69,11 +82,13 @@ def load(overrides: dict[str, Any] | None = None, environ: dict[str, str] | None
     for f in fields(Settings):
         raw = env.get(f"IMPULS_{f.name.upper()}")
         if raw is not None and raw != "":
-            values[f.name] = _convert(f.name, raw, f.default)
+            values[f.name] = _convert(f.name, raw, str(f.type))
     settings = replace(Settings(), **values)
     settings = replace(settings, **{k: v for k, v in (overrides or {}).items() if v is not None})
     if settings.sandbox not in SANDBOX_KINDS:
         raise ConfigError(f"sandbox must be one of {', '.join(SANDBOX_KINDS)}, not {settings.sandbox!r}")
+    if settings.microvm_accel not in ("auto", "kvm", "tcg"):
+        raise ConfigError(f"microvm accel must be auto, kvm or tcg, not {settings.microvm_accel!r}")
     if settings.idle_timeout <= 0:
         raise ConfigError("idle timeout must be positive")
     return settings

@@ -14,10 +14,10 @@ from typing import Any
 from sqlalchemy import Engine as DBEngine
 
 from impuls.config import Settings
-from impuls.engine.engine import Engine
-from impuls.engine.packages import PackageBuilder
+from impuls.engine.invoker import Invoker
 from impuls.engine.records import InvocationRecorder, LogHub
-from impuls.registry import FunctionRegistry
+from impuls.functions.packages import PackageBuilder
+from impuls.functions.registry import FunctionRegistry
 from impuls.runtimes import RuntimeRegistry, default_registry
 from impuls.sandbox import make_driver
 from impuls.sandbox.process import ProcessDriver
@@ -38,19 +38,18 @@ class Platform:
         removed = self.registry.collect_garbage()
         if removed:
             log.info("removed %d unreferenced code blobs", removed)
-        sandbox_dir = settings.data_dir / "sandbox"
-        self.driver = make_driver(settings.sandbox, sandbox_dir)
+        self.driver = make_driver(settings, self.registry.runtimes)
         local = None
         if settings.allow_local:
             local = self.driver if isinstance(self.driver, ProcessDriver) else ProcessDriver(
-                sandbox_dir / "process")
+                settings.data_dir / "sandbox" / "process")
         self.hub = LogHub()
         self.recorder = InvocationRecorder(
             self.db, timedelta(days=settings.invocation_retention_days))
-        self.engine = Engine(settings, self.registry, self.driver, local, self.recorder, self.hub)
+        self.invoker = Invoker(settings, self.registry, self.driver, local, self.recorder, self.hub)
 
     async def start(self) -> None:
-        await self.engine.start()
+        await self.invoker.start()
         if self.driver.unsafe:
             log.warning("sandbox 'process' runs functions as host processes: "
                         "UNSAFE for untrusted code, development only")
@@ -58,7 +57,7 @@ class Platform:
             log.warning("local=true is allowed: callers may run code unsandboxed (unsafe)")
 
     async def stop(self) -> None:
-        await self.engine.close()
+        await self.invoker.close()
 
     def describe(self) -> dict[str, Any]:
         """What /health and the start-up line report."""
@@ -66,7 +65,7 @@ class Platform:
                 "runtimes": [rt.id for rt in self.registry.runtimes.available()]}
 
     def health(self) -> dict[str, Any]:
-        return {**self.describe(), "engine": self.engine.stats()}
+        return {**self.describe(), "engine": self.invoker.stats()}
 
     def store_description(self) -> str:
         url = self.db.url

@@ -18,10 +18,10 @@ from typing import Any, TypeVar
 
 import pytest
 
-from impuls.engine.runtime_api import Invocation
-from impuls.images.store import ImageStore
 from impuls.runtimes import RUNTIMES_DIR, Runtime, default_registry
 from impuls.sandbox.base import InstanceSpec
+from impuls.sandbox.microvm.images import ImageStore
+from impuls.sandbox.runtime_api import Invocation
 from tests import helpers
 
 T = TypeVar("T")

@@ -19,9 +19,9 @@ from rich.console import Console
 from impuls.errors import InvocationTimedOut, OutOfMemory, RuntimeExited
 from impuls.images import cli as images_cli
 from impuls.images.builder import Builder
-from impuls.images.codedisk import CodeDisks
-from impuls.images.store import ImageStore
-from impuls.sandbox.microvm import MicroVMDriver, MicroVMInstance
+from impuls.sandbox.microvm.codedisk import CodeDisks
+from impuls.sandbox.microvm.driver import MicroVMDriver, MicroVMInstance
+from impuls.sandbox.microvm.images import ImageStore
 from tests.microvm.conftest import Specs, guest_node, invocation, run, wait_gone
 
 pytestmark = pytest.mark.microvm
@@ -61,10 +61,8 @@ def driver(images_dir: Path, tmp_path: Path) -> MicroVMDriver:
 
 
 def test_image_build_is_idempotent_and_listed(images_dir: Path) -> None:
-    started = time.monotonic()
     report = Builder(ImageStore(images_dir)).build()
     assert report.built == [] and "rootfs-python" in report.cached and "kernel" in report.cached
-    assert time.monotonic() - started < 20  # a no-op: no debootstrap, no mke2fs
     console = Console(record=True, width=300)
     assert images_cli.listing(console, images_dir) == 0
     text = console.export_text()
@@ -209,7 +207,7 @@ def test_guest_panic_and_qemu_crash_end_the_call(images_dir: Path, tmp_path: Pat
 CRASHING_SERVER = """
 import asyncio, sys
 from pathlib import Path
-from impuls.sandbox.microvm import MicroVMDriver
+from impuls.sandbox.microvm.driver import MicroVMDriver
 from tests.microvm.conftest import Specs
 
 async def main():

@@ -1,4 +1,4 @@
-"""Real-cgroup tests of impuls.sandbox.cgroups (root + cgroup v1 or v2)."""
+"""Real-cgroup tests of impuls.sandbox.namespace.cgroups (root + cgroup v1 or v2)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import uuid
 
 import pytest
 
-from impuls.sandbox import cgroups
-from impuls.sandbox.cgroups import Cgroup, CgroupError, CgroupHost
+from impuls.sandbox.namespace import cgroups
+from impuls.sandbox.namespace.cgroups import Cgroup, CgroupError, CgroupHost
 
 PY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 

@@ -17,10 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from impuls.engine.runtime_api import RuntimeReply
+from impuls import config
 from impuls.errors import InitFailed, InvocationTimedOut, RuntimeExited, SandboxStartFailed
+from impuls.runtimes import default_registry
 from impuls.sandbox import make_driver
 from impuls.sandbox.base import Instance, InstanceSpec, SandboxDriver
+from impuls.sandbox.runtime_api import RuntimeReply
 from tests.helpers import invocation, processes_with
 from tests.sandbox.conftest import SpecFactory, run
 
@@ -150,7 +152,7 @@ while True:
 
 
 def driver_for(kind: str, work: Path) -> SandboxDriver:
-    return make_driver(kind, work / "sandbox")
+    return make_driver(config.load({"sandbox": kind, "data_dir": work}), default_registry())
 
 
 @contextlib.asynccontextmanager

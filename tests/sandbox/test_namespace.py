@@ -1,7 +1,7 @@
 """The namespace driver through its real launchers (template and one bwrap per instance).
 
 Needs root, bubblewrap, libseccomp and cgroups; skipped with the reason from
-``namespace_available()`` otherwise.  The shared behaviour is in
+``impuls.sandbox.namespace.available()`` otherwise.  The shared behaviour is in
 ``test_conformance.py``; this file covers what is particular to the driver:
 isolation as seen from inside, limits, destroy and crash recovery.
 """
@@ -22,8 +22,10 @@ from pathlib import Path
 
 import pytest
 
+from impuls import config
 from impuls.errors import ConfigError, InitFailed, InvocationTimedOut, OutOfMemory, RuntimeExited
-from impuls.sandbox import make_driver, namespace_available
+from impuls.runtimes import default_registry
+from impuls.sandbox import make_driver, namespace
 from tests.helpers import processes_with
 from tests.sandbox.conftest import SpecFactory, run
 from tests.sandbox.test_conformance import call
@@ -36,21 +38,21 @@ LAUNCHERS = ["template", "bwrap"]
 
 @pytest.fixture(autouse=True)
 def _needs_namespace() -> None:
-    reason = namespace_available()
+    reason = namespace.available()
     if reason:
         pytest.skip(f"namespace sandbox unavailable here: {reason}")
 
 
 def make_namespace_driver(work: Path, launcher: str = "template", **template: int):  # type: ignore[no-untyped-def]
     from impuls.runtimes import default_registry
-    from impuls.sandbox.bwrap_launch import BwrapLauncher
-    from impuls.sandbox.namespace import NamespaceDriver
-    from impuls.sandbox.template import TemplateLauncher
+    from impuls.sandbox.namespace.bwrap_launch import BwrapLauncher
+    from impuls.sandbox.namespace.driver import NamespaceDriver
+    from impuls.sandbox.namespace.template import TemplateLauncher
 
     if launcher == "bwrap":
-        return NamespaceDriver(work, launcher=BwrapLauncher)
-    return NamespaceDriver(work, launcher=lambda host: TemplateLauncher(
-        host, default_registry().available(), **template))
+        return NamespaceDriver(work, default_registry(), launcher=lambda host, _: BwrapLauncher(host))
+    return NamespaceDriver(work, default_registry(), launcher=lambda host, runtimes: TemplateLauncher(
+        host, runtimes.available(), **template))
 
 
 @pytest.fixture(params=LAUNCHERS)
@@ -307,7 +309,7 @@ def test_without_a_pool_of_slots(make_spec: SpecFactory, world_dir: Path) -> Non
 
 
 def test_limits_follow_the_spec(make_spec: SpecFactory, world_dir: Path) -> None:
-    from impuls.sandbox.launch import PIDS_MAX, cpu_weight
+    from impuls.sandbox.namespace.launch import PIDS_MAX, cpu_weight
 
     assert cpu_weight(128) < cpu_weight(1769) == 100 < cpu_weight(10240)
 
@@ -392,16 +394,19 @@ def test_reap_orphans_after_a_server_crash(launcher: str, make_spec: SpecFactory
 
 
 def test_make_driver_selection(world_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from impuls import sandbox
-    from impuls.sandbox.namespace import NamespaceDriver
+    from impuls.sandbox.namespace.driver import NamespaceDriver
     from impuls.sandbox.process import ProcessDriver
 
-    assert isinstance(make_driver("namespace", world_dir / "a"), NamespaceDriver)
-    assert isinstance(make_driver("auto", world_dir / "b"), NamespaceDriver)
-    monkeypatch.setattr(sandbox, "namespace_available", lambda: "no bubblewrap here")
+    def make(kind: str, data_dir: Path) -> object:
+        settings = config.load({"sandbox": kind, "data_dir": data_dir}, environ={})
+        return make_driver(settings, default_registry())
+
+    assert isinstance(make("namespace", world_dir / "a"), NamespaceDriver)
+    assert isinstance(make("auto", world_dir / "b"), NamespaceDriver)
+    monkeypatch.setattr(namespace, "available", lambda: "no bubblewrap here")
     with pytest.raises(ConfigError, match="no bubblewrap here"):
-        make_driver("namespace", world_dir / "c")
-    assert isinstance(make_driver("auto", world_dir / "d"), ProcessDriver)
+        make("namespace", world_dir / "c")
+    assert isinstance(make("auto", world_dir / "d"), ProcessDriver)
 
 
 

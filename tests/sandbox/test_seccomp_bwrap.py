@@ -21,8 +21,8 @@ import uuid
 
 import pytest
 
-from impuls.sandbox import bwrap, cgroups, seccomp
-from impuls.sandbox.bwrap import BwrapConfigError, BwrapSpec
+from impuls.sandbox.namespace import bwrap, cgroups, seccomp
+from impuls.sandbox.namespace.bwrap import BwrapConfigError, BwrapSpec
 
 PY = "/usr/bin/python3"
 UID = GID = 993

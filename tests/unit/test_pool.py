@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from impuls.engine.pool import Capacity, Pool, PoolRetired
-from impuls.engine.runtime_api import Invocation, RuntimeAPI, RuntimeReply
 from impuls.errors import InitFailed, TooManyRequests
 from impuls.runtimes import default_registry
 from impuls.sandbox.base import Instance, InstanceSpec, SandboxDriver
+from impuls.sandbox.runtime_api import Invocation, RuntimeAPI, RuntimeReply
 
 
 class FakeClock:

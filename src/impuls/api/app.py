@@ -13,9 +13,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from impuls import __version__
-from impuls.api import functions, invoke
+from impuls.api import functions, invocations
 from impuls.api.deps import platform_of
-from impuls.api.invoke_asgi import InvokeFastPath
+from impuls.api.invoke import InvokeFastPath
 from impuls.errors import ImpulsError
 
 if TYPE_CHECKING:
@@ -82,5 +82,5 @@ def create_app(platform: Platform) -> InvokeFastPath:
                 **platform_of(request).health()}
 
     app.include_router(functions.router)
-    app.include_router(invoke.router)
+    app.include_router(invocations.router)
     return InvokeFastPath(app, platform)

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from impuls.api.body import read_json
 from impuls.api.deps import platform_of
-from impuls.models import MAX_ZIP_BYTES, Function
+from impuls.functions.models import MAX_ZIP_BYTES, Function
 from impuls.platform import Platform
 
 # base64 of the largest zip, plus room for the other fields

@@ -19,9 +19,9 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from impuls.engine.runtime_api import Invocation, RuntimeReply
 from impuls.errors import InitFailed, SandboxError, TooManyRequests
 from impuls.sandbox.base import Instance, InstanceSpec, SandboxDriver
+from impuls.sandbox.runtime_api import Invocation, RuntimeReply
 
 log = logging.getLogger("impuls.pool")
 Clock = Callable[[], float]

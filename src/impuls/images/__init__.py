@@ -1,11 +1,8 @@
-"""Guest images for the ``microvm`` sandbox, built by Impuls from Debian packages.
+"""Building the ``microvm`` sandbox's guest images from Debian packages (``impuls images``).
 
-* :mod:`impuls.images.store` — the images directory and its manifest;
 * :mod:`impuls.images.builder` — ``impuls images build`` (kernel, initramfs, rootfs per runtime);
-* :mod:`impuls.images.qemu` — how the images boot (QEMU microvm) and the KVM probe;
 * :mod:`impuls.images.cli` — what the ``impuls images`` commands print.
+
+The images directory itself (what the builder writes and the driver reads) is
+:mod:`impuls.sandbox.microvm.images`.
 """
-
-from impuls.images.store import GUEST_RUNTIMES, ImageStore, default_images_dir
-
-__all__ = ["GUEST_RUNTIMES", "ImageStore", "default_images_dir"]

@@ -48,7 +48,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from impuls.images.store import GUEST_RUNTIMES, ImageStore, disk_usage
 from impuls.runtimes import RUNTIMES_DIR
 from impuls.runtimes.guest import AGENT, INIT_SCRIPT
 from impuls.runtimes.guest.agent import (
@@ -61,6 +60,7 @@ from impuls.runtimes.guest.agent import (
     SANDBOX_USER,
     TASK_ROOT,
 )
+from impuls.sandbox.microvm.images import GUEST_RUNTIMES, ImageStore, disk_usage
 
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 SUITE = "bookworm"
@@ -78,7 +78,7 @@ APT_OPTS = ("-o", "APT::Sandbox::User=root", "-q")
 Progress = Callable[[str], None]
 
 
-class BuildError(Exception):
+class ImageBuildFailed(Exception):
     """A step failed; the message names the step and the tool's complaint."""
 
 
@@ -118,7 +118,7 @@ class Builder:
                  suite: str = SUITE) -> None:
         self.store = store
         self.progress = progress or (lambda _line: None)
-        self.mirror = mirror or os.environ.get("IMPULS_IMAGES_MIRROR") or detect_mirror()
+        self.mirror = mirror or detect_mirror()
         self.suite = suite
         self.log_path = store.root / "build.log"
         self._apt_updated = False
@@ -128,7 +128,7 @@ class Builder:
 
     def _run(self, argv: Sequence[str], cwd: Path | None = None, what: str = "",
              on_line: Callable[[str], None] | None = None) -> str:
-        """Run a tool, appending its output to build.log; BuildError with its tail on failure."""
+        """Run a tool, appending its output to build.log; ImageBuildFailed with its tail on failure."""
         with open(self.log_path, "a") as log:
             log.write(f"\n$ {' '.join(argv)}\n")
             log.flush()
@@ -137,7 +137,7 @@ class Builder:
                 proc = subprocess.Popen(list(argv), cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, errors="replace", env=env)
             except OSError as exc:
-                raise BuildError(f"{what or argv[0]}: cannot run {argv[0]}: {exc}") from exc
+                raise ImageBuildFailed(f"{what or argv[0]}: cannot run {argv[0]}: {exc}") from exc
             assert proc.stdout is not None
             lines: list[str] = []
             for line in proc.stdout:
@@ -149,7 +149,7 @@ class Builder:
         out = "".join(lines)
         if rc != 0:
             tail = "".join(lines[-15:]).strip()
-            raise BuildError(f"{what or argv[0]} failed (exit {rc}); see {self.log_path}:\n{tail}")
+            raise ImageBuildFailed(f"{what or argv[0]} failed (exit {rc}); see {self.log_path}:\n{tail}")
         return out
 
     def _apt_show(self, package: str) -> dict[str, str]:
@@ -171,7 +171,7 @@ class Builder:
                 self.progress("  apt-get update (package lists are missing or stale)")
                 self._run(["apt-get", *APT_OPTS, "update"], what="apt-get update")
                 self._apt_updated = True
-        raise BuildError(f"package {package} is unknown to apt (check the Debian sources)")
+        raise ImageBuildFailed(f"package {package} is unknown to apt (check the Debian sources)")
 
     def _download(self, package: str, version: str) -> Path:
         downloads = self.store.cache / "debs"
@@ -189,7 +189,7 @@ class Builder:
                       what=f"download {package}")
             found = find()
         if found is None:
-            raise BuildError(f"apt-get download {package}={version} left no .deb in {downloads}")
+            raise ImageBuildFailed(f"apt-get download {package}={version} left no .deb in {downloads}")
         return found
 
     # --- the build ----------------------------------------------------------------
@@ -198,7 +198,8 @@ class Builder:
         wanted = list(runtimes or GUEST_RUNTIMES)
         for name in wanted:
             if name not in GUEST_RUNTIMES:
-                raise BuildError(f"unknown guest runtime {name!r}; choose from {', '.join(GUEST_RUNTIMES)}")
+                raise ImageBuildFailed(
+                    f"unknown guest runtime {name!r}; choose from {', '.join(GUEST_RUNTIMES)}")
         report = BuildReport()
         started = time.monotonic()
         self.store.root.mkdir(parents=True, exist_ok=True)
@@ -235,7 +236,8 @@ class Builder:
         meta = self._apt_show(KERNEL_META_PACKAGE)
         m = re.search(r"(linux-image-[0-9][^\s,]*)\s*\(=\s*([^)]+)\)", meta.get("Depends", ""))
         if not m:
-            raise BuildError(f"{KERNEL_META_PACKAGE} does not name a kernel package: {meta.get('Depends')}")
+            raise ImageBuildFailed(
+                f"{KERNEL_META_PACKAGE} does not name a kernel package: {meta.get('Depends')}")
         return m.group(1), m.group(2).strip()
 
     def _kernel_key(self) -> str:
@@ -259,11 +261,12 @@ class Builder:
         files = self._kernel_files()
         vmlinuz = next((files / "boot").glob("vmlinuz-*"), None)
         if vmlinuz is None:
-            raise BuildError(f"{package} has no boot/vmlinuz-*")
+            raise ImageBuildFailed(f"{package} has no boot/vmlinuz-*")
         self.progress(f"  extracting vmlinux from {vmlinuz.name}")
         image = extract_vmlinux(vmlinuz.read_bytes())
         if not has_pvh_note(image):
-            raise BuildError(f"{vmlinuz.name}: no PVH entry note; QEMU cannot boot this kernel directly")
+            raise ImageBuildFailed(
+                f"{vmlinuz.name}: no PVH entry note; QEMU cannot boot this kernel directly")
         out = self.store.kernel
         _write_atomic(out, image)
         return out, {"package": package, "version": version, "release": vmlinuz.name[len("vmlinuz-"):]}
@@ -331,9 +334,9 @@ class Builder:
         for old in trees.glob(f"{runtime}-*"):
             shutil.rmtree(old, ignore_errors=True)
         if os.geteuid() != 0:
-            raise BuildError("building a root filesystem runs debootstrap, which needs root")
+            raise ImageBuildFailed("building a root filesystem runs debootstrap, which needs root")
         if shutil.which("debootstrap") is None:
-            raise BuildError("debootstrap is not installed (apt-get install debootstrap)")
+            raise ImageBuildFailed("debootstrap is not installed (apt-get install debootstrap)")
         packages = GUEST_RUNTIMES[runtime].packages
         self.progress(f"  debootstrap {self.suite} minbase + {', '.join(packages)} from {self.mirror} "
                       "(about a minute)")
@@ -434,7 +437,7 @@ def _runtime_versions(tree: Path, runtime: str) -> tuple[dict[str, str], list[st
         node = _dpkg_version(tree, "nodejs")
         m = re.match(r"(?:\d+:)?(\d+)\.", node)
         if not m:
-            raise BuildError("the nodejs rootfs has no nodejs package")
+            raise ImageBuildFailed("the nodejs rootfs has no nodejs package")
         versions["nodejs"] = node.split("+")[0].split("~")[0]
         ids.append(f"nodejs{m.group(1)}")
     return versions, ids
@@ -459,7 +462,7 @@ def extract_vmlinux(vmlinuz: bytes) -> bytes:
             if data[:4] == b"\x7fELF":
                 return data
             start = vmlinuz.find(magic, start + 1)
-    raise BuildError("no known compressed ELF payload found in vmlinuz")
+    raise ImageBuildFailed("no known compressed ELF payload found in vmlinuz")
 
 
 def _decompress(kind: str, data: bytes) -> bytes:
@@ -472,7 +475,7 @@ def _decompress(kind: str, data: bytes) -> bytes:
         return b""
     tool = shutil.which(kind)
     if tool is None:
-        raise BuildError(f"the kernel is {kind}-compressed and the '{kind}' tool is not installed")
+        raise ImageBuildFailed(f"the kernel is {kind}-compressed and the '{kind}' tool is not installed")
     proc = subprocess.run([tool, "-dc"], input=data, capture_output=True, check=False)
     return proc.stdout  # trailing bytes after the payload make the tool complain: judge by the output
 

@@ -13,22 +13,21 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from impuls.config import Settings
 from impuls.errors import ConfigError
-from impuls.images.builder import Builder, BuildError, BuildReport
-from impuls.images.qemu import choose_accel, qemu_binary
-from impuls.images.store import ImageStore, default_images_dir
+from impuls.images.builder import Builder, BuildReport, ImageBuildFailed
+from impuls.sandbox.microvm.images import ImageStore
+from impuls.sandbox.microvm.qemu import choose_accel, qemu_binary
 
 
-def images_dir(explicit: Path | None = None, data_dir: Path | None = None) -> Path:
-    return explicit or default_images_dir(data_dir)
-
-
-def build(console: Console, root: Path, runtimes: Sequence[str] = (), force: bool = False,
+def build(console: Console, settings: Settings, runtimes: Sequence[str] = (), force: bool = False,
           probe: bool = True) -> BuildReport:
-    """Build (or confirm up to date) every image; then settle the acceleration verdict.
+    """Build (or confirm up to date) every image in ``settings.images_path``; then settle
+    the acceleration verdict.
 
-    Raises BuildError (or ConfigError) with a message meant for the user.
+    Raises ImageBuildFailed with a message meant for the user.
     """
+    root = settings.images_path
     store = ImageStore(root)
     started = time.monotonic()
 
@@ -36,12 +35,13 @@ def build(console: Console, root: Path, runtimes: Sequence[str] = (), force: boo
         console.print(f"[dim]{time.monotonic() - started:6.1f}s[/dim] {line}", highlight=False)
 
     console.print(f"building microVM guest images in {root}", highlight=False)
-    report = Builder(store, progress).build(list(runtimes) or None, force=force)
+    report = Builder(store, progress, settings.images_mirror or None).build(list(runtimes) or None,
+                                                                           force=force)
     if probe and qemu_binary() is not None:
         try:
-            choice = choose_accel(store)
+            choice = choose_accel(store, settings.microvm_accel)
         except ConfigError as exc:
-            raise BuildError(exc.message) from exc
+            raise ImageBuildFailed(exc.message) from exc
         progress(f"acceleration: {choice.accel} ({choice.reason})")
     summary = f"built {', '.join(report.built)}" if report.built else "nothing to do, everything up to date"
     console.print(f"done in {report.seconds:.1f} s: {summary}", highlight=False)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from impuls.errors import InvalidInput
-from impuls.runtimes import builders
+from impuls.runtimes import build_steps
 
 RUNTIMES_DIR = Path(__file__).resolve().parent
 
@@ -31,7 +31,7 @@ _MODULE_HANDLER = re.compile(
 _GO_HANDLER = re.compile(r"^[A-Z][A-Za-z0-9_]*$")
 _ANY_HANDLER = re.compile(r"^[^\s\x00-\x1f]{1,256}$")
 
-#: (package dir, handler, tool cache dir) -> build log; raises builders.BuildError
+#: (package dir, handler, tool cache dir) -> build log; raises build_steps.BuildStepFailed
 BuildStep = Callable[[Path, str, Path], str]
 
 
@@ -123,7 +123,7 @@ def _python() -> Runtime:
         interpreter=interp, bootstrap=RUNTIMES_DIR / "python" / "bootstrap.py",
         installed=interp is not None,
         version=_version_of([interp, "--version"]) if interp else "",
-        extension=".py", module_extensions=(".py",), build=builders.python_requirements,
+        extension=".py", module_extensions=(".py",), build=build_steps.python_requirements,
         sandboxes=("process", "namespace", "microvm"),
     )
 
@@ -135,7 +135,7 @@ def _node() -> Runtime:
         id="nodejs20", aliases=("nodejs20.x", "nodejs"), language="nodejs",
         interpreter=node, bootstrap=RUNTIMES_DIR / "nodejs" / "bootstrap.js",
         installed=version.startswith("v20."), version=version,
-        extension=".js", module_extensions=(".js", ".mjs", ".cjs"), build=builders.node_modules,
+        extension=".js", module_extensions=(".js", ".mjs", ".cjs"), build=build_steps.node_modules,
     )
 
 
@@ -144,7 +144,7 @@ def _go() -> Runtime:
     return Runtime(
         id="go1.x", aliases=("go",), language="go", interpreter=None, bootstrap=None,
         installed=go is not None, version=_version_of([go, "version"]) if go else "",
-        extension=".go", handler_rule="go", build=builders.go_binary,
+        extension=".go", handler_rule="go", build=build_steps.go_binary,
         sandboxes=("process", "namespace", "microvm"),
     )
 
@@ -153,7 +153,7 @@ def _provided() -> Runtime:
     return Runtime(
         id="provided", aliases=("provided.al2", "provided.al2023"), language="provided",
         interpreter=None, bootstrap=None, installed=True, handler_rule="any",
-        build=builders.provided_bootstrap, unix_socket_client=False,
+        build=build_steps.provided_bootstrap, unix_socket_client=False,
         sandboxes=("process", "namespace", "microvm"),
     )
 
@@ -164,7 +164,7 @@ def _node_guest() -> Runtime:
         id="nodejs18", aliases=("nodejs18.x",), language="nodejs", interpreter="/usr/bin/node",
         bootstrap=RUNTIMES_DIR / "nodejs" / "bootstrap.js", installed=True,
         version="v18 (Debian 12, microVM guest)", extension=".js",
-        module_extensions=(".js", ".mjs", ".cjs"), build=builders.node_modules, sandboxes=("microvm",),
+        module_extensions=(".js", ".mjs", ".cjs"), build=build_steps.node_modules, sandboxes=("microvm",),
     )
 
 

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from impuls.engine.runtime_api import Invocation, RuntimeAPI, RuntimeReply
 from impuls.errors import InitFailed, InvocationTimedOut, OutOfMemory, RuntimeExited
 from impuls.runtimes import Runtime
+from impuls.sandbox.runtime_api import Invocation, RuntimeAPI, RuntimeReply
 
 LOG_RECORD_LIMIT = 64 * 1024
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"

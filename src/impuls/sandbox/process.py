@@ -19,10 +19,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from impuls.engine.runtime_api import RuntimeAPI
 from impuls.errors import SandboxStartFailed
 from impuls.sandbox.base import Instance, InstanceSpec, SandboxDriver, WatchedInstance
-from impuls.sandbox.procs import PidFile, ProcessWatch, kill_tree
+from impuls.sandbox.runtime_api import RuntimeAPI
+from impuls.sandbox.watch import PidFile, ProcessWatch, kill_tree
 
 log = logging.getLogger("impuls.sandbox.process")
 

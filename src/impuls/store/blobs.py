@@ -17,7 +17,7 @@ class BlobMissing(ImpulsError):
 class BlobStore:
     """Immutable blobs named by their sha256.  ``put`` is idempotent; identical
     content is stored once.  Callers serialise ``put``+commit against
-    ``collect`` (see :class:`impuls.registry.FunctionRegistry`)."""
+    ``collect`` (see :class:`impuls.functions.registry.FunctionRegistry`)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root

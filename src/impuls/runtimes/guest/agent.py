@@ -7,7 +7,7 @@ and multiplexes everything over it as frames (``HEADER`` + payload):
   connection the runtime client opens to the agent (unix socket
   ``/run/impuls/api.sock``, or TCP 127.0.0.1:9001 for clients that only speak
   TCP).  The agent does not parse HTTP: the host relays each channel,
-  untouched, to the instance's :class:`~impuls.engine.runtime_api.RuntimeAPI`.
+  untouched, to the instance's :class:`~impuls.sandbox.runtime_api.RuntimeAPI`.
 * ``LOG`` carries the runtime's stdout+stderr (one pipe).  Before the agent
   forwards anything the runtime sent on a connection (a response POST, say)
   or reports its exit, it drains that pipe; one ordered stream then
@@ -36,7 +36,7 @@ and file limits) and waits on a pipe for its orders, so a restore pays for
 neither fork nor set-up.  For Python that process is a zygote — the runtime
 client is already imported and its ``main()`` runs in place (saving the
 interpreter start-up, hundreds of ms under TCG), loading host-compiled pycs
-for /var/task (see :mod:`impuls.images.codedisk`).  Node.js, and packages
+for /var/task (see :mod:`impuls.sandbox.microvm.codedisk`).  Node.js, and packages
 that bring their own ``bootstrap``, are exec'd after the reseed: a node
 process started before the snapshot would carry one V8 ``Math.random`` state
 and one OpenSSL DRBG into every clone.  The function's code is read-only at
@@ -87,7 +87,7 @@ FUNCTION_CGROUP = CGROUP_ROOT + "/function"
 API_SOCKET = "/run/impuls/api.sock"
 API_TCP_PORT = 9001
 API_ADDRESS = f"127.0.0.1:{API_TCP_PORT}"
-CODE_DEVICE = "/dev/vdb1"  # the code disk's partition (see impuls.images.codedisk)
+CODE_DEVICE = "/dev/vdb1"  # the code disk's partition (see impuls.sandbox.microvm.codedisk)
 SANDBOX_USER = "sbx_user1051"
 SANDBOX_UID = 993
 SANDBOX_GID = 990
@@ -563,7 +563,7 @@ class Agent:
         reseed(bytes.fromhex(message["seed"]))
         steps["clock+reseed"], t = (clock() - t) * 1000, clock()
         code_fs = str(message.get("code_fs", "romfs"))
-        if code_fs != "romfs":  # the romfs code disk was mounted at boot (see impuls.images.codedisk)
+        if code_fs != "romfs":  # a romfs code disk was mounted at boot (see sandbox/microvm/codedisk)
             _mount(CODE_DEVICE, TASK_ROOT, code_fs, MS_RDONLY | MS_NOSUID | MS_NODEV)
             steps["code"], t = (clock() - t) * 1000, clock()
         tmp_mb = max(int(message.get("tmp_mb", DEFAULT_TMP_MB)), 1)
@@ -671,7 +671,7 @@ class Agent:
 
 def _install_pyc_loader() -> None:
     """Modules under TASK_ROOT load the host-compiled pycs of the code disk when present
-    (see impuls.images.codedisk); anything else imports as usual."""
+    (see impuls.sandbox.microvm.codedisk); anything else imports as usual."""
     import importlib.machinery as machinery
     import importlib.util
     import marshal

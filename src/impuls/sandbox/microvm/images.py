@@ -1,6 +1,7 @@
 """The images directory: what is built, where, and what each rootfs offers.
 
-Layout of ``<images dir>`` (``IMPULS_IMAGES_DIR``, else ``<data dir>/images``)::
+Layout of the images directory (``Settings.images_path``: ``IMPULS_IMAGES_DIR``, else
+``<data dir>/images``)::
 
     manifest.json             what is built, from which inputs (keys), sizes
     vmlinux                   uncompressed guest kernel (boots directly via PVH)
@@ -46,16 +47,6 @@ GUEST_RUNTIMES: dict[str, GuestRuntime] = {
     "python": GuestRuntime("python", ("python3",)),
     "nodejs": GuestRuntime("nodejs", ("python3", "nodejs")),
 }
-
-
-def default_images_dir(data_dir: Path | None = None) -> Path:
-    """``IMPULS_IMAGES_DIR``, else ``<data dir>/images`` (data dir: IMPULS_DATA_DIR or ./.impuls)."""
-    explicit = os.environ.get("IMPULS_IMAGES_DIR")
-    if explicit:
-        return Path(explicit)
-    if data_dir is None:
-        data_dir = Path(os.environ.get("IMPULS_DATA_DIR") or ".impuls")
-    return data_dir / "images"
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ succeeds, yet a stock guest kernel dies in KVM's instruction emulator.  So
 ``auto`` boots the real kernel + initramfs under ``-accel kvm`` to a marker
 line once per host (the verdict is cached in ``<images>/accel/``) and falls
 back to TCG, QEMU's software emulation, when that fails.
-``IMPULS_MICROVM_ACCEL=kvm|tcg`` overrides the probe.
+``IMPULS_MICROVM_ACCEL=kvm|tcg`` (``Settings.microvm_accel``) overrides the probe.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from impuls.errors import ConfigError
-from impuls.images.store import ImageStore
 from impuls.runtimes.guest.agent import PORT_NAME
+from impuls.sandbox.microvm.images import ImageStore
 
 QEMU = "qemu-system-x86_64"
 PROBE_TIMEOUT = 15.0  # a working KVM boots kernel + initramfs to the marker in about a second
@@ -159,9 +159,8 @@ def probe_kvm(store: ImageStore, binary: str, timeout: float = PROBE_TIMEOUT) ->
         proc.stdout.close()
 
 
-def choose_accel(store: ImageStore, mode: str | None = None, binary: str | None = None) -> AccelChoice:
-    """The acceleration to use: the override, or the (cached) probe verdict."""
-    mode = (mode or os.environ.get("IMPULS_MICROVM_ACCEL") or "auto").strip().lower()
+def choose_accel(store: ImageStore, mode: str = "auto", binary: str | None = None) -> AccelChoice:
+    """The acceleration to use: ``mode`` when it is ``kvm`` or ``tcg``, else the (cached) probe verdict."""
     if mode not in ACCEL_MODES:
         raise ConfigError(f"IMPULS_MICROVM_ACCEL must be one of {', '.join(ACCEL_MODES)}, not {mode!r}")
     if mode != "auto":

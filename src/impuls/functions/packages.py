@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from impuls.errors import InvalidInput
-from impuls.models import MAX_UNZIPPED_BYTES, Code, check_zip
+from impuls.functions.models import MAX_UNZIPPED_BYTES, Code, check_zip
 from impuls.runtimes import Runtime
-from impuls.runtimes.builders import BuildError
+from impuls.runtimes.build_steps import BuildStepFailed
 
 BUILD_RECIPE = "1"
 LOG_LIMIT = 64 * 1024
@@ -105,7 +105,7 @@ class PackageBuilder:
             log = runtime.build(tmp, handler, self.cache) if runtime.build is not None else ""
             _make_read_only(tmp)
             os.rename(tmp, self.root / key)
-        except BuildError as exc:
+        except BuildStepFailed as exc:
             raise BuildFailed(exc.summary, exc.log[-LOG_LIMIT:]) from exc
         finally:
             if tmp.exists():
@@ -131,7 +131,7 @@ def _unzip(data: bytes, dest: Path) -> None:
             while chunk := src.read(1 << 20):
                 written += len(chunk)
                 if written > MAX_UNZIPPED_BYTES:
-                    raise BuildError("the archive expands beyond the unzipped size limit", "")
+                    raise BuildStepFailed("the archive expands beyond the unzipped size limit", "")
                 out.write(chunk)
         if (info.external_attr >> 16) & stat.S_IXUSR:
             path.chmod(0o755)

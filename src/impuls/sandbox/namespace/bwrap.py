@@ -17,7 +17,7 @@ usr/bin`` into ``--symlink``); it spawns nothing.  The sandbox it describes:
   read-only ``/dev`` with a size-capped ``/dev/shm``, a size-capped tmpfs
   ``/tmp``, the code read-only at ``/var/task``
   and optionally the runtime API socket at ``/run/impuls/runtime.sock``;
-* the seccomp filter of ``impuls.sandbox.seccomp`` (installed by bwrap on the
+* the seccomp filter of ``impuls.sandbox.namespace.seccomp`` (installed by bwrap on the
   command and on its pid-1 reaper);
 * ``--clearenv`` plus exactly ``spec.env``; working directory ``/var/task``.
 
@@ -41,7 +41,7 @@ How to run it (this module does not):
   ``pass_fds``, closed by the parent after the spawn.
 * To have the process in its cgroup before anything runs, use
   ``BwrapCommand.argv_with_args_fd`` and ``Cgroup.add_pid`` (see
-  ``impuls.sandbox.cgroups``).
+  ``impuls.sandbox.namespace.cgroups``).
 * ``--die-with-parent`` is ``PR_SET_PDEATHSIG``, which fires when the *thread*
   that forked bwrap exits: spawn from a long-lived thread (the event loop),
   not from a short-lived worker thread.

@@ -1,6 +1,6 @@
 """Fast namespace-sandbox starts: instances forked from a pre-initialised template.
 
-A :class:`TemplateLauncher` keeps one template process (:mod:`impuls.sandbox.zygote`)
+A :class:`TemplateLauncher` keeps one template process (:mod:`impuls.sandbox.namespace.zygote`)
 running in a bwrap sandbox with the instance layout.  The template has already
 started the Python interpreter and imported the Python runtime client, so a
 Python instance costs a ``fork`` plus namespaces and mounts instead of
@@ -9,7 +9,7 @@ runtimes are forked the same way and then ``exec`` their interpreter.
 
 The function-independent part of an instance -- fork, namespaces, cgroup
 membership, ``/proc`` -- is done ahead of time: the launcher keeps a small
-pool of empty *slots* (:mod:`impuls.sandbox.slots`), refilled in the
+pool of empty *slots* (:mod:`impuls.sandbox.namespace.slots`), refilled in the
 background.  ``launch`` takes one (or builds one at once when the pool is
 empty), sets the cgroup's limits and hands it the function: a detached
 read-only mount of its code (``open_tree``, made by the server, so code
@@ -45,9 +45,9 @@ from pathlib import Path
 
 from impuls.errors import SandboxStartFailed
 from impuls.runtimes import Runtime
-from impuls.sandbox import bwrap, cgroups, seccomp
 from impuls.sandbox.base import DEFAULT_PATH, InstanceSpec, OutputCapture
-from impuls.sandbox.launch import (
+from impuls.sandbox.namespace import bwrap, cgroups, seccomp
+from impuls.sandbox.namespace.launch import (
     PIDS_MAX,
     RUNTIME_DIR,
     SANDBOX_GID,
@@ -60,10 +60,10 @@ from impuls.sandbox.launch import (
     sandbox_command,
     sandbox_env,
 )
-from impuls.sandbox.procs import OutputPump
-from impuls.sandbox.slots import Slot, SlotWatch
+from impuls.sandbox.namespace.slots import Slot, SlotWatch
+from impuls.sandbox.watch import OutputPump
 
-log = logging.getLogger("impuls.sandbox.template")
+log = logging.getLogger("impuls.sandbox.namespace.template")
 
 ZYGOTE_SOURCE = Path(__file__).with_name("zygote.py")
 TEMPLATE_CAPS = ("CAP_SYS_ADMIN", "CAP_NET_ADMIN", "CAP_SETPCAP")

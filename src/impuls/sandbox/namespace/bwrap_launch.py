@@ -1,6 +1,6 @@
 """One ``bwrap`` per namespace-sandbox instance: the simple launcher.
 
-Slower than the template (:mod:`impuls.sandbox.template`: every start pays
+Slower than the template (:mod:`impuls.sandbox.namespace.template`: every start pays
 bwrap and the interpreter's start-up) and more demanding -- the code
 directory and the socket must be reachable by the sandbox uid, since bwrap
 resolves them as that uid, and TCP-only runtime clients get no relay -- but
@@ -18,9 +18,9 @@ import subprocess
 from pathlib import Path
 
 from impuls.errors import SandboxStartFailed
-from impuls.sandbox import bwrap, cgroups, seccomp
 from impuls.sandbox.base import InstanceSpec
-from impuls.sandbox.launch import (
+from impuls.sandbox.namespace import bwrap, cgroups, seccomp
+from impuls.sandbox.namespace.launch import (
     PIDS_MAX,
     SANDBOX_GID,
     SANDBOX_UID,
@@ -32,7 +32,7 @@ from impuls.sandbox.launch import (
     sandbox_command,
     sandbox_env,
 )
-from impuls.sandbox.procs import ProcessWatch
+from impuls.sandbox.watch import ProcessWatch
 
 
 class BwrapWatch(ProcessWatch):

@@ -4,11 +4,11 @@ A :class:`Launcher` starts the runtime of one instance inside fresh
 namespaces and a cgroup of its own, and hands back a :class:`Launched`: the
 cgroup (it holds every process of the instance from before its first
 instruction) and a :class:`Watch` (output, exit, kill).  Two exist:
-:class:`~impuls.sandbox.template.TemplateLauncher` (fork from a
+:class:`~impuls.sandbox.namespace.template.TemplateLauncher` (fork from a
 pre-initialised template; the default) and
-:class:`~impuls.sandbox.bwrap_launch.BwrapLauncher` (one ``bwrap`` per
+:class:`~impuls.sandbox.namespace.bwrap_launch.BwrapLauncher` (one ``bwrap`` per
 instance).  Both give the runtime the same view (see
-:mod:`impuls.sandbox.namespace`).
+:mod:`impuls.sandbox.namespace.driver`).
 
 Errors: :class:`LaunchFailed` (and subclasses), never ``OSError``;
 :class:`LauncherUnavailable` means "this launcher cannot work on this host"
@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Protocol
 
 from impuls.errors import SandboxStartFailed
-from impuls.sandbox import bwrap, cgroups
 from impuls.sandbox.base import InstanceSpec, OutputCapture
+from impuls.sandbox.namespace import bwrap, cgroups
 
 SANDBOX_UID = SANDBOX_GID = 993
 PIDS_MAX = 256

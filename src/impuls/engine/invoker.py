@@ -21,7 +21,6 @@ from typing import Any
 from impuls.config import Settings
 from impuls.engine.pool import Capacity, Clock, Pool, PoolRetired
 from impuls.engine.records import InvocationRecord, InvocationRecorder, LogHub
-from impuls.engine.runtime_api import Invocation, parse_error
 from impuls.errors import (
     FunctionInactive,
     InitFailed,
@@ -32,10 +31,11 @@ from impuls.errors import (
     SandboxError,
     ServiceUnavailable,
 )
-from impuls.models import Function
-from impuls.registry import FunctionRegistry
+from impuls.functions.models import Function
+from impuls.functions.registry import FunctionRegistry
 from impuls.runtimes import Runtime
 from impuls.sandbox.base import InstanceSpec, SandboxDriver
+from impuls.sandbox.runtime_api import Invocation, parse_error
 
 log = logging.getLogger("impuls.engine")
 MAX_EVENT_BYTES = 6 * 1024 * 1024
@@ -82,7 +82,7 @@ class InvocationResult:
         return json.dumps(out).encode()
 
 
-class Engine:
+class Invoker:
     def __init__(self, settings: Settings, registry: FunctionRegistry, driver: SandboxDriver,
                  local_driver: SandboxDriver | None, recorder: InvocationRecorder, hub: LogHub,
                  clock: Clock = time.monotonic) -> None:

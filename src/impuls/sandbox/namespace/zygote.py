@@ -1,6 +1,6 @@
 """The template ("zygote") process of the ``namespace`` sandbox.  Runs INSIDE a sandbox.
 
-:mod:`impuls.sandbox.template` starts this file once per driver, with the
+:mod:`impuls.sandbox.namespace.template` starts this file once per driver, with the
 system interpreter of the Python runtime, inside a bwrap sandbox that has the
 instance layout (read-only root, ``/usr``, ``/etc`` files, runtime clients in
 ``/var/runtime``, empty mount points ``/var/task`` and

@@ -2,8 +2,8 @@
 
 Each step gets the package directory (writable, being built) and the
 function's handler, changes the directory in place and returns its log; it
-raises :class:`BuildError` (with the log) when the package cannot work.
-Steps run once per code version (see :mod:`impuls.engine.packages`), never
+raises :class:`BuildStepFailed` (with the log) when the package cannot work.
+Steps run once per code version (see :mod:`impuls.functions.packages`), never
 per call or per instance.
 """
 
@@ -17,7 +17,7 @@ BUILD_TIMEOUT = 600
 GO_WRAPPER = Path(__file__).resolve().parent / "go" / "impuls_main.go"
 
 
-class BuildError(Exception):
+class BuildStepFailed(Exception):
     def __init__(self, summary: str, log: str) -> None:
         super().__init__(summary)
         self.summary = summary
@@ -29,12 +29,12 @@ def _run(argv: list[str], cwd: Path, env: dict[str, str], what: str) -> str:
         out = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True,
                              timeout=BUILD_TIMEOUT, check=False)
     except subprocess.TimeoutExpired as exc:
-        raise BuildError(f"{what} took longer than {BUILD_TIMEOUT} s", str(exc.output or "")) from exc
+        raise BuildStepFailed(f"{what} took longer than {BUILD_TIMEOUT} s", str(exc.output or "")) from exc
     except OSError as exc:
-        raise BuildError(f"{what} could not start: {exc}", "") from exc
+        raise BuildStepFailed(f"{what} could not start: {exc}", "") from exc
     log = f"$ {' '.join(argv)}\n{out.stdout}{out.stderr}"
     if out.returncode != 0:
-        raise BuildError(f"{what} failed (exit status {out.returncode})", log)
+        raise BuildStepFailed(f"{what} failed (exit status {out.returncode})", log)
     return log
 
 
@@ -78,7 +78,7 @@ def node_modules(package: Path, handler: str, cache: Path) -> str:
 def go_binary(package: Path, handler: str, cache: Path) -> str:
     """Compile the package with a generated Runtime API wrapper into ``./bootstrap``."""
     if not any(package.glob("*.go")):
-        raise BuildError("the package has no .go file at its root", "")
+        raise BuildStepFailed("the package has no .go file at its root", "")
     wrapper = GO_WRAPPER.read_text().replace("HandlerFunctionName", handler)
     (package / "impuls_main.go").write_text(wrapper)
     if not (package / "go.mod").exists():
@@ -94,7 +94,7 @@ def provided_bootstrap(package: Path, handler: str, cache: Path) -> str:
     """A custom runtime needs an executable ``bootstrap`` at the package root."""
     bootstrap = package / "bootstrap"
     if not bootstrap.is_file():
-        raise BuildError("the package has no 'bootstrap' file at its root "
+        raise BuildStepFailed("the package has no 'bootstrap' file at its root "
                          "(a custom runtime starts ./bootstrap)", "")
     bootstrap.chmod(0o755)
     with open(bootstrap, "rb") as fh:

@@ -21,9 +21,9 @@ from typing import Any
 from sqlalchemy import Engine, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from impuls.engine.packages import Package, PackageBuilder
 from impuls.errors import FunctionExists, FunctionNotFound, InvalidInput
-from impuls.models import Code, Function, check_zip, split_request, validate_config
+from impuls.functions.models import Code, Function, check_zip, split_request, validate_config
+from impuls.functions.packages import Package, PackageBuilder
 from impuls.runtimes import Runtime, RuntimeRegistry
 from impuls.store.blobs import BlobStore
 from impuls.store.schema import functions
@@ -62,9 +62,9 @@ def _utc(ts: datetime) -> datetime:
 class FunctionRegistry:
     """Create, read, update and delete functions; owns validation and code blobs."""
 
-    def __init__(self, engine: Engine, blobs: BlobStore, runtimes: RuntimeRegistry,
+    def __init__(self, db: Engine, blobs: BlobStore, runtimes: RuntimeRegistry,
                  packages: PackageBuilder) -> None:
-        self.engine = engine
+        self.db = db
         self.blobs = blobs
         self.runtimes = runtimes
         self.packages = packages
@@ -81,7 +81,7 @@ class FunctionRegistry:
     # --- reads ---------------------------------------------------------------
 
     def get(self, name: str) -> Function:
-        with self.engine.connect() as conn:
+        with self.db.connect() as conn:
             row = conn.execute(select(functions).where(functions.c.name == name)).first()
         if row is None:
             raise FunctionNotFound(name)
@@ -93,7 +93,7 @@ class FunctionRegistry:
             raise InvalidInput(f"limit: must be between 1 and {MAX_PAGE}")
         if offset < 0:
             raise InvalidInput("offset: must be 0 or more")
-        with self.engine.connect() as conn:
+        with self.db.connect() as conn:
             rows = conn.execute(
                 select(functions).order_by(functions.c.name).limit(limit).offset(offset)
             ).all()
@@ -138,7 +138,7 @@ class FunctionRegistry:
         with self._blob_lock:
             values["code_sha256"] = self.blobs.put(code.data)
             try:
-                with self.engine.begin() as conn:
+                with self.db.begin() as conn:
                     conn.execute(insert(functions).values(**values))
             except IntegrityError as exc:
                 self._collect(values["code_sha256"])
@@ -173,7 +173,7 @@ class FunctionRegistry:
                     code_kind=code.kind,
                 )
             try:
-                with self.engine.begin() as conn:
+                with self.db.begin() as conn:
                     result = conn.execute(
                         update(functions)
                         .where(functions.c.name == name, functions.c.revision == current.revision)
@@ -192,7 +192,7 @@ class FunctionRegistry:
 
     def delete(self, name: str) -> None:
         with self._blob_lock:
-            with self.engine.begin() as conn:
+            with self.db.begin() as conn:
                 row = conn.execute(
                     select(functions.c.code_sha256).where(functions.c.name == name)
                 ).first()
@@ -224,7 +224,7 @@ class FunctionRegistry:
 
     def _collect(self, sha: str) -> None:
         """Remove blob ``sha`` if no function references it (caller holds the blob lock)."""
-        with self.engine.connect() as conn:
+        with self.db.connect() as conn:
             used = conn.execute(
                 select(func.count()).select_from(functions).where(functions.c.code_sha256 == sha)
             ).scalar_one()
@@ -234,7 +234,7 @@ class FunctionRegistry:
     def collect_garbage(self) -> int:
         """Remove every unreferenced blob (left by a crash); returns how many."""
         with self._blob_lock:
-            with self.engine.connect() as conn:
+            with self.db.connect() as conn:
                 used = set(conn.execute(select(functions.c.code_sha256)).scalars())
             removed = 0
             for sha in list(self.blobs.all()):

@@ -5,7 +5,7 @@ device, no firmware (the PVH kernel boots directly), virtio-mmio devices
 only: the runtime's root filesystem (read-only), the function's code disk
 (read-only) and one virtio-serial port.  Acceleration is KVM only when a
 probe boot under KVM worked on this host, else TCG (software emulation); see
-:mod:`impuls.images.qemu`, which also holds the VMM layer (argv, QMP), so
+:mod:`impuls.sandbox.microvm.qemu`, which also holds the VMM layer (argv, QMP), so
 another VMM (Firecracker, where it exists) could take QEMU's place.
 
 Host ↔ guest.  vhost-vsock is absent on these hosts, so the link is a
@@ -15,14 +15,14 @@ clean up); QMP uses a second socketpair.  Over the port, the guest agent
 (:mod:`impuls.runtimes.guest.agent`, PID 1) multiplexes the runtime's Runtime
 API connections and its stdout/stderr in one ordered stream of frames.  The
 host side (:class:`GuestLink`) relays each guest connection byte for byte to
-the instance's own :class:`~impuls.engine.runtime_api.RuntimeAPI` unix socket:
+the instance's own :class:`~impuls.sandbox.runtime_api.RuntimeAPI` unix socket:
 the HTTP stream is parsed once, on the host, and the runtime clients run
 unchanged.  Because the agent drains the runtime's output pipe before it
 forwards anything the runtime sent, logs written before a response are in
 ``Instance.output`` before that response completes the invocation.
 
 Code.  Each code version becomes a small read-only disk, made once and cached
-(:mod:`impuls.images.codedisk`: romfs in a fixed-size partitioned disk, with
+(:mod:`impuls.sandbox.microvm.codedisk`: romfs in a fixed-size partitioned disk, with
 host-compiled pycs for Python).  A disk rather than a copy over the serial
 port: read-only is enforced by QEMU (``read-only=on``), nothing is held in
 guest RAM, large packages cost no transfer, and the guest mounts it at boot
@@ -84,23 +84,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from impuls.engine.runtime_api import Invocation, RuntimeAPI, RuntimeReply
 from impuls.errors import ConfigError, RuntimeExited, SandboxStartFailed
-from impuls.images.codedisk import CODE_DISK_BYTES, CodeDisk, CodeDiskError, CodeDisks
-from impuls.images.qemu import (
-    AccelChoice,
-    Memory,
-    Qmp,
-    QmpError,
-    VMConfig,
-    choose_accel,
-    cpu_model,
-    host_cpu,
-    kernel_cmdline,
-    qemu_binary,
-    qemu_version,
-)
-from impuls.images.store import GUEST_RUNTIMES, ImageStore, default_images_dir
 from impuls.runtimes import Runtime
 from impuls.runtimes.guest.agent import (
     API_ADDRESS,
@@ -123,9 +107,25 @@ from impuls.runtimes.guest.agent import (
     frames,
 )
 from impuls.sandbox.base import Instance, InstanceSpec, OutputCapture, SandboxDriver
-from impuls.sandbox.procs import PidFile, ProcessWatch
+from impuls.sandbox.microvm.codedisk import CODE_DISK_BYTES, CodeDisk, CodeDiskError, CodeDisks
+from impuls.sandbox.microvm.images import ImageStore
+from impuls.sandbox.microvm.qemu import (
+    AccelChoice,
+    Memory,
+    Qmp,
+    QmpError,
+    VMConfig,
+    choose_accel,
+    cpu_model,
+    host_cpu,
+    kernel_cmdline,
+    qemu_binary,
+    qemu_version,
+)
+from impuls.sandbox.runtime_api import Invocation, RuntimeAPI, RuntimeReply
+from impuls.sandbox.watch import PidFile, ProcessWatch
 
-log = logging.getLogger("impuls.sandbox.microvm")
+log = logging.getLogger("impuls.sandbox.microvm.driver")
 
 BOOT_TIMEOUT = 120.0  # kernel + agent under TCG, several VMs sharing two cores
 RESTORE_TIMEOUT = 30.0
@@ -134,17 +134,6 @@ SNAPSHOT_RECIPE = "1"
 SELF_CONTAINED_RUNTIMES = ("provided", "go1.x")
 DIAG_LIMIT = 16 * 1024
 SHORT_DIR_PREFIX = "impuls-vm-"
-
-
-def available(images_dir: Path | None = None) -> str | None:
-    """None when microVMs can run here, else the reason they cannot."""
-    if qemu_binary() is None:
-        return "qemu-system-x86_64 is not installed (Debian package qemu-system-x86)"
-    store = ImageStore(images_dir or default_images_dir())
-    missing = store.missing(["python"])
-    if missing:
-        return f"guest images missing in {store.root} ({', '.join(missing)}): run `impuls images build`"
-    return None
 
 
 def guest_command(runtime: Runtime) -> tuple[list[str], bool]:
@@ -677,13 +666,15 @@ class MicroVMDriver(SandboxDriver):
     name = "microvm"
     unsafe = False
 
-    def __init__(self, work_dir: Path, images_dir: Path | None = None, accel: str | None = None,
-                 snapshots: bool | None = None) -> None:
+    def __init__(self, work_dir: Path, images_dir: Path, accel: str = "auto",
+                 snapshots: bool = True) -> None:
+        """``accel``: ``auto`` (probe), ``kvm`` or ``tcg``; ``snapshots``: restore cold starts
+        from a per-runtime snapshot (else every instance boots)."""
         binary = qemu_binary()
         if binary is None:
             raise ConfigError("the microvm sandbox needs qemu-system-x86_64 (Debian package qemu-system-x86)")
         self.binary = binary
-        self.store = ImageStore(images_dir or default_images_dir())
+        self.store = ImageStore(images_dir)
         missing = self.store.missing(["python"])
         if missing:
             raise ConfigError(
@@ -691,9 +682,6 @@ class MicroVMDriver(SandboxDriver):
                 f"{'is' if len(missing) == 1 else 'are'} missing in {self.store.root}: "
                 "build them with `impuls images build`")
         self.accel: AccelChoice = choose_accel(self.store, accel)
-        if snapshots is None:
-            flag = os.environ.get("IMPULS_MICROVM_SNAPSHOTS", "1").strip().lower()
-            snapshots = flag not in ("0", "false", "no", "off")
         self.use_snapshots = snapshots
         self.work_dir = work_dir
         self.pid_dir = work_dir / "run"
@@ -894,4 +882,4 @@ class MicroVMDriver(SandboxDriver):
         }
 
 
-__all__ = ["GUEST_RUNTIMES", "MicroVMDriver", "MicroVMInstance", "available"]
+__all__ = ["MicroVMDriver", "MicroVMInstance"]

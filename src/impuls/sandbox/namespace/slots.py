@@ -1,11 +1,11 @@
 """The server's end of one template-built instance ("slot") of the namespace sandbox.
 
 A :class:`Slot` is an empty instance prepared ahead of time by the template
-process (:mod:`impuls.sandbox.zygote` describes the other end): namespaces
+process (:mod:`impuls.sandbox.namespace.zygote` describes the other end): namespaces
 made, ``/proc`` mounted, a process waiting -- in a cgroup of its own, but
 bound to no function yet.  :meth:`Slot.assign` turns it into an instance of
 one function in microseconds; its :class:`SlotWatch` then reports that
-instance's output and exit like any :class:`~impuls.sandbox.namespace.Watch`.
+instance's output and exit like any :class:`~impuls.sandbox.namespace.driver.Watch`.
 
 The control socket (``SOCK_SEQPACKET``, ``SO_PASSCRED`` on our end) carries:
 
@@ -18,7 +18,7 @@ The control socket (``SOCK_SEQPACKET``, ``SO_PASSCRED`` on our end) carries:
 * from us: ``go``, then the assignment (JSON and three descriptors).
 
 End-of-file means every process of the slot is gone.  Contract: ``assign``
-raises :class:`~impuls.sandbox.namespace.LaunchFailed`, never ``OSError``;
+raises :class:`~impuls.sandbox.namespace.driver.LaunchFailed`, never ``OSError``;
 ``discard`` (idempotent) closes the socket -- an unassigned slot then exits
 by itself -- and removes the cgroup.
 """
@@ -36,12 +36,12 @@ import struct
 from pathlib import Path
 
 from impuls.errors import SandboxStartFailed
-from impuls.sandbox import cgroups
 from impuls.sandbox.base import OutputCapture
-from impuls.sandbox.launch import LaunchFailed, close_fds
-from impuls.sandbox.procs import OutputPump
+from impuls.sandbox.namespace import cgroups
+from impuls.sandbox.namespace.launch import LaunchFailed, close_fds
+from impuls.sandbox.watch import OutputPump
 
-log = logging.getLogger("impuls.sandbox.slots")
+log = logging.getLogger("impuls.sandbox.namespace.slots")
 
 _CREDS = struct.calcsize("3i")
 _SYS_OPEN_TREE = 428

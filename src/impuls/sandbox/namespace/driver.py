@@ -4,8 +4,8 @@ What an instance gets:
 
 * new user, pid, mount, network (loopback only), ipc, uts and cgroup
   namespaces; the sandbox uid/gid 993 with no capabilities and
-  ``no_new_privs``; the seccomp filter of :mod:`impuls.sandbox.seccomp`;
-* a read-only root (:mod:`impuls.sandbox.bwrap`'s layout) with ``/usr``
+  ``no_new_privs``; the seccomp filter of :mod:`impuls.sandbox.namespace.seccomp`;
+* a read-only root (:mod:`impuls.sandbox.namespace.bwrap`'s layout) with ``/usr``
   (the interpreters), a few ``/etc`` files, the runtime clients in
   ``/var/runtime``, the function's code read-only at ``/var/task``, a
   private ``/tmp`` capped at ``ephemeral_storage_mb``, its own ``/proc``
@@ -13,16 +13,16 @@ What an instance gets:
 * the Runtime API as a unix socket at ``/run/impuls/runtime.sock``
   (``IMPULS_RUNTIME_API_SOCKET``); ``AWS_LAMBDA_RUNTIME_API`` names
   ``127.0.0.1:9001``, where a relay listens for clients that only speak TCP;
-* a cgroup (:mod:`impuls.sandbox.cgroups`, v1 or v2) that holds every
+* a cgroup (:mod:`impuls.sandbox.namespace.cgroups`, v1 or v2) that holds every
   process of the instance from before its first instruction: memory limit
   ``memory_mb`` (no swap; /tmp pages count too), at most ``PIDS_MAX``
   tasks, a CPU weight proportional to the memory size (1769 MB = one full
   share, as on Lambda).
 
 How instances are started is a launcher's business
-(:mod:`impuls.sandbox.launch`): by default they are forked from a
-pre-initialised template process (:mod:`impuls.sandbox.template`); where
-that cannot run, one ``bwrap`` per instance (:mod:`impuls.sandbox.bwrap_launch`).
+(:mod:`impuls.sandbox.namespace.launch`): by default they are forked from a
+pre-initialised template process (:mod:`impuls.sandbox.namespace.template`); where
+that cannot run, one ``bwrap`` per instance (:mod:`impuls.sandbox.namespace.bwrap_launch`).
 
 Contract (beyond :mod:`impuls.sandbox.base`):
 
@@ -53,12 +53,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from impuls.engine.runtime_api import Invocation, RuntimeAPI, RuntimeReply
 from impuls.errors import ConfigError, InitFailed, SandboxStartFailed
-from impuls.sandbox import cgroups, seccomp
+from impuls.runtimes import RuntimeRegistry
 from impuls.sandbox.base import Instance, InstanceSpec, SandboxDriver, WatchedInstance
-from impuls.sandbox.bwrap_launch import BwrapLauncher
-from impuls.sandbox.launch import (
+from impuls.sandbox.namespace import cgroups, seccomp
+from impuls.sandbox.namespace.bwrap_launch import BwrapLauncher
+from impuls.sandbox.namespace.launch import (
     SANDBOX_UID,
     Launcher,
     LauncherUnavailable,
@@ -66,22 +66,22 @@ from impuls.sandbox.launch import (
     SandboxLost,
     Watch,
 )
+from impuls.sandbox.runtime_api import Invocation, RuntimeAPI, RuntimeReply
 
-log = logging.getLogger("impuls.sandbox.namespace")
+log = logging.getLogger("impuls.sandbox.namespace.driver")
 
 INIT_TIMEOUT = 30.0
 KILL_GRACE = 0.2
 MAX_SOCKET_PATH = 100
 
 
-def default_launcher(host: cgroups.CgroupHost) -> Launcher:
+def default_launcher(host: cgroups.CgroupHost, runtimes: RuntimeRegistry) -> Launcher:
     """The template launcher when a Python interpreter can host it, else one bwrap per instance."""
-    from impuls.runtimes import default_registry
-    from impuls.sandbox.template import TemplateLauncher, template_interpreter
+    from impuls.sandbox.namespace.template import TemplateLauncher, template_interpreter
 
-    runtimes = default_registry().available()
-    if template_interpreter(runtimes) is not None:
-        return TemplateLauncher(host, runtimes)
+    available = runtimes.available()
+    if template_interpreter(available) is not None:
+        return TemplateLauncher(host, available)
     return BwrapLauncher(host)
 
 
@@ -192,8 +192,8 @@ class NamespaceDriver(SandboxDriver):
     name = "namespace"
     unsafe = False
 
-    def __init__(self, work_dir: Path,
-                 launcher: Callable[[cgroups.CgroupHost], Launcher] | None = None,
+    def __init__(self, work_dir: Path, runtimes: RuntimeRegistry,
+                 launcher: Callable[[cgroups.CgroupHost, RuntimeRegistry], Launcher] | None = None,
                  cgroup_host: cgroups.CgroupHost | None = None) -> None:
         """``launcher`` makes the launcher from the cgroup host (default:
         :func:`default_launcher`; ``BwrapLauncher`` for one bwrap per instance)."""
@@ -214,7 +214,7 @@ class NamespaceDriver(SandboxDriver):
             seccomp.build_filter_bpf()
         except seccomp.SeccompError as exc:
             raise ConfigError(f"namespace sandbox: {exc.message}") from exc
-        self.launcher: Launcher = (launcher or default_launcher)(host)
+        self.launcher: Launcher = (launcher or default_launcher)(host, runtimes)
         self._live: dict[str, str] = {}  # instance id -> cgroup name
         # A driver dropped without close() (tests) takes its sandboxes with it.
         self._finalizer = weakref.finalize(self, _remove_all, host)

@@ -135,7 +135,7 @@ def build_filter_bpf() -> bytes:
 
     The bytes have to reach bwrap through a file descriptor that bwrap reads
     to EOF; a descriptor is consumed by one bwrap run (see
-    ``impuls.sandbox.bwrap.data_fd``).
+    ``impuls.sandbox.namespace.bwrap.data_fd``).
     """
     global _cached
     if _cached is not None:

@@ -1,0 +1,57 @@
+"""Invocation records and logs of a function (invoking itself: :mod:`impuls.api.invoke`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from impuls.api.deps import platform_of
+
+router = APIRouter(prefix="/api/v1/functions/{name}")
+KEEPALIVE_SECONDS = 15.0
+
+
+@router.get("/invocations")
+async def invocations(request: Request, name: str, limit: int = Query(50, ge=1, le=1000),
+                      offset: int = Query(0, ge=0)) -> dict[str, Any]:
+    p = platform_of(request)
+    await run_in_threadpool(p.registry.get, name)
+    await p.recorder.flush()
+    records, total = await run_in_threadpool(p.recorder.query, name, limit, offset)
+    return {"invocations": [r.to_api() for r in records], "count": len(records), "total": total}
+
+
+@router.get("/logs", response_model=None)
+async def logs(request: Request, name: str, follow: bool = False,
+               limit: int = Query(20, ge=1, le=1000)) -> Response | dict[str, Any]:
+    """Recent invocations' logs (oldest first); with ``follow=true`` a server-sent event stream."""
+    p = platform_of(request)
+    await run_in_threadpool(p.registry.get, name)
+    if not follow:
+        await p.recorder.flush()
+        records, _ = await run_in_threadpool(p.recorder.query, name, limit, 0)
+        return {"logs": [{"request_id": r.request_id, "started_at": r.to_api()["started_at"],
+                          "logs": r.logs, "truncated": r.logs_truncated} for r in reversed(records)]}
+    queue = p.hub.subscribe(name)
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            yield b": following logs of " + name.encode() + b"\n\n"
+            while True:
+                try:
+                    event = await asyncio.wait_for(queue.get(), KEEPALIVE_SECONDS)
+                except TimeoutError:
+                    yield b": keep-alive\n\n"
+                    continue
+                yield b"data: " + json.dumps(event).encode() + b"\n\n"
+        finally:
+            p.hub.unsubscribe(name, queue)
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
