@@ -1,18 +1,15 @@
-"""The exception tree: one class per condition, each knows its HTTP status.
+"""The conditions Impuls raises on purpose, one class each.
 
-``ImpulsError`` subclasses that reach the HTTP layer become
-``{"error": true, "message": ...}`` with ``status``.  Sandbox errors are kept
-apart: ``SandboxError`` subclasses describe an instance that failed, and the
-engine turns them into invocation results with an ``error_type``.
+They know nothing of HTTP: each front door (``impuls.api``) has one table that
+maps a condition to its own wire answer.  ``SandboxError`` subclasses describe
+an instance that failed; the engine turns them into invocation outcomes.
 """
 
 from __future__ import annotations
 
 
 class ImpulsError(Exception):
-    """Base of every error Impuls raises on purpose."""
-
-    status: int = 500
+    """Base of every error Impuls raises on purpose; ``message`` is meant for the user."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -20,37 +17,27 @@ class ImpulsError(Exception):
 
 
 class InvalidInput(ImpulsError):
-    """The request is well-formed but a field breaks a rule."""
-
-    status = 400
+    """A request is well-formed but a field breaks a rule (the message names the field)."""
 
 
 class FunctionNotFound(ImpulsError):
-    status = 404
-
     def __init__(self, name: str) -> None:
         super().__init__(f"function '{name}' not found")
         self.name = name
 
 
 class FunctionExists(ImpulsError):
-    status = 409
-
     def __init__(self, name: str) -> None:
         super().__init__(f"function '{name}' already exists")
         self.name = name
 
 
 class FunctionInactive(ImpulsError):
-    status = 403
-
     def __init__(self, name: str) -> None:
         super().__init__(f"function '{name}' is inactive; set status to 'active' to invoke it")
 
 
 class LocalModeDisabled(ImpulsError):
-    status = 403
-
     def __init__(self) -> None:
         super().__init__(
             "local=true runs code unsandboxed on the host and is disabled; "
@@ -59,23 +46,23 @@ class LocalModeDisabled(ImpulsError):
 
 
 class PayloadTooLarge(ImpulsError):
-    status = 413
+    """A request body or an event is over its size limit."""
 
 
 class UnsupportedMediaType(ImpulsError):
-    status = 415
+    """A body is not of a content type the operation accepts."""
 
 
-class TooManyRequests(ImpulsError):
-    """Concurrency limit reached and the wait queue is full (or waiting timed out)."""
-
-    status = 429
+class Throttled(ImpulsError):
+    """A function's concurrency limit is reached and its wait queue is full (or the wait timed out)."""
 
 
-class ServiceUnavailable(ImpulsError):
-    """The server is shutting down or cannot run this kind of sandbox."""
+class ShuttingDown(ImpulsError):
+    """The server is draining and takes no new work."""
 
-    status = 503
+
+class FunctionChanging(ImpulsError):
+    """A function was replaced again and again while a call tried to start on it."""
 
 
 class ConfigError(ImpulsError):
@@ -93,7 +80,6 @@ class SandboxError(ImpulsError):
     """
 
     error_type = "Sandbox.Error"
-    status = 502
 
     def __init__(self, message: str, logs: str = "") -> None:
         super().__init__(message)
@@ -112,8 +98,6 @@ class InitFailed(SandboxError):
     ``error_type`` comes from the runtime (``Runtime.ImportModuleError``...).
     """
 
-    status = 200
-
     def __init__(self, error_type: str, message: str, logs: str = "",
                  stack: list[str] | None = None) -> None:
         super().__init__(message, logs)
@@ -123,30 +107,15 @@ class InitFailed(SandboxError):
 
 class InvocationTimedOut(SandboxError):
     error_type = "Sandbox.Timeout"
-    status = 504
 
 
 class RuntimeExited(SandboxError):
     """The runtime process (or VM) died while serving an invocation."""
 
     error_type = "Runtime.ExitError"
-    status = 502
 
 
 class OutOfMemory(RuntimeExited):
     """The instance was killed for going over its memory limit."""
 
     error_type = "Runtime.OutOfMemory"
-    status = 200
-
-
-class ResponseTooLarge(SandboxError):
-    error_type = "Function.ResponseSizeTooLarge"
-    status = 200
-
-
-class InstanceClosed(SandboxError):
-    """The instance was destroyed by Impuls (retired, shut down) during use."""
-
-    error_type = "Sandbox.Closed"
-    status = 503

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from impuls.engine.pool import Capacity, Pool, PoolRetired
-from impuls.errors import InitFailed, TooManyRequests
+from impuls.errors import InitFailed, Throttled
 from impuls.runtimes import default_registry
 from impuls.sandbox.base import Instance, InstanceSpec, SandboxDriver
 from impuls.sandbox.runtime_api import Invocation, RuntimeAPI, RuntimeReply
@@ -103,7 +103,7 @@ def test_concurrency_limit_queue_and_429() -> None:
         running = [asyncio.create_task(p.run(inv(), 1)) for _ in range(3)]
         await asyncio.sleep(0.05)
         assert p.size == 2 and len(p.waiters) == 1
-        with pytest.raises(TooManyRequests):
+        with pytest.raises(Throttled):
             await p.run(inv(), 1)
         outcomes = await asyncio.gather(*running)
         assert driver.created == 2 and [o.cold_start for o in outcomes].count(False) == 1
@@ -116,7 +116,7 @@ def test_queue_timeout_is_429() -> None:
         p = pool(FakeDriver(delay=0.5), FakeClock(), max_concurrency=1, queue_timeout=0.05)
         first = asyncio.create_task(p.run(inv(), 1))
         await asyncio.sleep(0.01)
-        with pytest.raises(TooManyRequests):
+        with pytest.raises(Throttled):
             await p.run(inv(), 1)
         await first
         assert not p.waiters

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from impuls import __version__
 from impuls.api import functions, invocations
 from impuls.api.deps import platform_of
+from impuls.api.errors import error_response, status_of
 from impuls.api.invoke import InvokeFastPath
 from impuls.errors import ImpulsError
 
@@ -24,18 +25,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("impuls.api")
 
 
-def error_response(
-    status: int, message: str, headers: Mapping[str, str] | None = None, **extra: Any
-) -> JSONResponse:
-    return JSONResponse({"error": True, "message": message, **extra}, status_code=status,
-                        headers=headers)
-
-
 async def _impuls_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ImpulsError)
-    if exc.status >= 500:
+    status = status_of(exc)
+    if status >= 500:
         log.error("request failed: %s", exc.message)
-    return error_response(exc.status, exc.message)
+    return error_response(status, exc.message)
 
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:

@@ -27,7 +27,7 @@ def _full(p: Platform, fn: Function) -> dict[str, Any]:
 @router.post("", status_code=201)
 async def create_function(request: Request) -> JSONResponse:
     p = platform_of(request)
-    body = await read_json(request, MAX_FUNCTION_BODY)
+    body = await read_json(request.receive, request.headers.raw, MAX_FUNCTION_BODY)
     fn = await run_in_threadpool(p.registry.create, body)
     return JSONResponse(await run_in_threadpool(_full, p, fn), status_code=201)
 
@@ -59,7 +59,7 @@ async def get_function(request: Request, name: str) -> dict[str, Any]:
 @router.api_route("/{name}", methods=["PUT", "PATCH"])
 async def update_function(request: Request, name: str) -> dict[str, Any]:
     p = platform_of(request)
-    body = await read_json(request, MAX_FUNCTION_BODY)
+    body = await read_json(request.receive, request.headers.raw, MAX_FUNCTION_BODY)
     fn = await run_in_threadpool(p.registry.update, name, body)
     return await run_in_threadpool(_full, p, fn)
 

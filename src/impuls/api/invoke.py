@@ -4,9 +4,8 @@ Invocation is the hot path: served here, in front of FastAPI, it skips the
 framework's routing, dependency and response machinery (about half of the
 server's CPU per call in the benchmark profile).  Everything else goes to
 the FastAPI app.  The contract is the same as every other route: the event
-is the body (an empty body is ``{}``), at most 6 MB; errors are
-``{"error": true, "message": ...}`` with the status of the
-:class:`~impuls.errors.ImpulsError`.
+is the body (an empty body is ``{}``), at most 6 MB; errors are the one error
+shape with the status of :mod:`impuls.api.errors`.
 """
 
 from __future__ import annotations
@@ -17,17 +16,20 @@ import re
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote
 
+from impuls.api.body import parse_json, read_body
+from impuls.api.errors import OUTCOME_STATUS, error_body, status_of
 from impuls.engine.invoker import MAX_EVENT_BYTES
-from impuls.errors import ImpulsError, InvalidInput, PayloadTooLarge
+from impuls.engine.results import InvocationResult
+from impuls.errors import ImpulsError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, MutableMapping
 
+    from impuls.api.body import Receive
     from impuls.platform import Platform
 
     Scope = MutableMapping[str, Any]
     Message = MutableMapping[str, Any]
-    Receive = Callable[[], Awaitable[Message]]
     Send = Callable[[Message], Awaitable[None]]
     ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
@@ -35,6 +37,8 @@ log = logging.getLogger("impuls.api")
 INVOKE_PATH = re.compile(r"^/api/v1/functions/([^/]+)/invoke$")
 JSON_HEADERS = [(b"content-type", b"application/json")]
 TRUE = {"1", "true", "yes", "on"}
+#: how much of the call's output the reply carries (the record keeps more)
+REPLY_LOG_BYTES = 4096
 
 
 class InvokeFastPath:
@@ -50,56 +54,53 @@ class InvokeFastPath:
             await self.app(scope, receive, send)
             return
         if scope["method"] != "POST":
-            await _reply(send, 405, _error("method not allowed"), [(b"allow", b"POST")])
+            await _reply(send, 405, error_body("method not allowed"), [(b"allow", b"POST")])
             return
         try:
-            for name, value in scope["headers"]:
-                if name == b"content-length" and value.isdigit() and int(value) > MAX_EVENT_BYTES:
-                    raise PayloadTooLarge(
-                        f"request body of {int(value)} bytes exceeds the {MAX_EVENT_BYTES} byte limit")
-            payload = await _read_body(receive, MAX_EVENT_BYTES)
+            payload = await read_body(receive, scope["headers"], MAX_EVENT_BYTES)
             if not payload.strip():
                 payload = b"{}"
             else:
-                _check_json(payload)
+                parse_json(payload, "event")
             query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
             local = query.get("local", ["false"])[-1].lower() in TRUE
             result = await self.platform.invoker.invoke(unquote(match[1]), payload, local=local)
         except ImpulsError as exc:
-            if exc.status >= 500:
+            status = status_of(exc)
+            if status >= 500:
                 log.error("invocation failed: %s", exc.message)
-            await _reply(send, exc.status, _error(exc.message))
+            await _reply(send, status, error_body(exc.message))
             return
         except Exception:
             log.exception("internal error during an invocation")
-            await _reply(send, 500, _error("internal server error"))
+            await _reply(send, 500, error_body("internal server error"))
             return
-        await _reply(send, result.http_status, result.to_json())
+        http_status, status_code = OUTCOME_STATUS[result.outcome]
+        await _reply(send, http_status, envelope(result, status_code))
 
 
-def _error(message: str) -> bytes:
-    return json.dumps({"error": True, "message": message}).encode()
+def envelope(result: InvocationResult, status_code: int) -> bytes:
+    """The native invoke reply: the handler's result (or error) with the call's facts."""
+    out: dict[str, Any] = {"status_code": status_code}
+    if result.error_type is None:
+        out["body"] = _decoded(result.payload)
+    else:
+        out.update(error=result.error_message, error_type=result.error_type, stack=result.stack)
+    out.update(
+        duration_ms=round(result.duration_ms, 3),
+        logs=result.logs[-REPLY_LOG_BYTES:],
+        request_id=result.request_id,
+        cold_start=result.cold_start,
+    )
+    return json.dumps(out).encode()
 
 
-def _check_json(payload: bytes) -> None:
+def _decoded(payload: bytes) -> Any:
+    """The runtime's response as JSON (a body that is not JSON comes back as text)."""
     try:
-        json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidInput(f"event: not valid JSON ({exc})") from exc
-
-
-async def _read_body(receive: Receive, limit: int) -> bytes:
-    body = bytearray()
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        body += message.get("body", b"")
-        if len(body) > limit:
-            raise PayloadTooLarge(f"request body exceeds the {limit} byte limit")
-        if not message.get("more_body", False):
-            break
-    return bytes(body)
+        return json.loads(payload) if payload else None
+    except (ValueError, UnicodeDecodeError):
+        return payload.decode("utf-8", "replace")
 
 
 async def _reply(send: Send, status: int, body: bytes,

@@ -1,6 +1,6 @@
 """The invocation engine: from a function name and an event to a result.
 
-The hot path (:meth:`Engine.invoke`) reads no database: function metadata
+The hot path (:meth:`Invoker.invoke`) reads no database: function metadata
 and unpacked code are cached per name and invalidated by the registry's
 change notifications, which retire the old version's pools before the
 update is answered.  Records are queued for a background writer.
@@ -9,37 +9,34 @@ update is answered.  Records are queued for a background writer.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from impuls.config import Settings
 from impuls.engine.pool import Capacity, Clock, Pool, PoolRetired
 from impuls.engine.records import InvocationRecord, InvocationRecorder, LogHub
+from impuls.engine.results import InvocationResult
 from impuls.errors import (
+    FunctionChanging,
     FunctionInactive,
-    InitFailed,
     InvalidInput,
     LocalModeDisabled,
     PayloadTooLarge,
-    ResponseTooLarge,
     SandboxError,
-    ServiceUnavailable,
+    ShuttingDown,
 )
-from impuls.functions.models import Function
+from impuls.functions.models import Function, function_arn
 from impuls.functions.registry import FunctionRegistry
 from impuls.runtimes import Runtime
 from impuls.sandbox.base import InstanceSpec, SandboxDriver
-from impuls.sandbox.runtime_api import Invocation, parse_error
+from impuls.sandbox.runtime_api import Invocation
 
 log = logging.getLogger("impuls.engine")
 MAX_EVENT_BYTES = 6 * 1024 * 1024
-REPLY_LOG_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -47,39 +44,6 @@ class FunctionVersion:
     fn: Function
     runtime: Runtime
     code_dir: Path
-
-
-@dataclass
-class InvocationResult:
-    """What one invocation produced; ``to_json`` is the API reply body."""
-
-    request_id: str
-    http_status: int
-    status_code: int
-    duration_ms: float
-    cold_start: bool
-    logs: str
-    logs_truncated: bool
-    body: Any = None
-    error: str | None = None
-    error_type: str | None = None
-    stack: list[str] = field(default_factory=list)
-    outcome: str = "success"
-    note: str = ""
-
-    def to_json(self) -> bytes:
-        out: dict[str, Any] = {"status_code": self.status_code}
-        if self.error_type is None:
-            out["body"] = self.body
-        else:
-            out.update(error=self.error, error_type=self.error_type, stack=self.stack)
-        out.update(
-            duration_ms=round(self.duration_ms, 3),
-            logs=self.logs[-REPLY_LOG_BYTES:],
-            request_id=self.request_id,
-            cold_start=self.cold_start,
-        )
-        return json.dumps(out).encode()
 
 
 class Invoker:
@@ -222,7 +186,7 @@ class Invoker:
     async def invoke(self, name: str, payload: bytes, local: bool = False) -> InvocationResult:
         """Run function ``name`` on ``payload`` (JSON bytes); see the API docs for outcomes."""
         if self._closing:
-            raise ServiceUnavailable("the server is shutting down")
+            raise ShuttingDown("the server is shutting down")
         if len(payload) > MAX_EVENT_BYTES:
             raise PayloadTooLarge(f"event of {len(payload)} bytes exceeds the {MAX_EVENT_BYTES} byte limit")
         driver = self._driver_for(local)
@@ -263,55 +227,28 @@ class Invoker:
                 invocation = Invocation(
                     request_id=request_id, payload=payload,
                     deadline_ms=int((time.time() + timeout) * 1000),
-                    function_arn=f"arn:aws:lambda:us-east-1:000000000000:function:{name}",
-                    trace_id=f"Root=1-{int(time.time()):08x}-{request_id[-12:]}{request_id[:8]}{request_id[9:13]};Sampled=0",
+                    function_arn=function_arn(name), trace_id=_trace_id(request_id),
                 )
                 try:
-                    outcome = await self._pool(version, driver).run(invocation, timeout, listener)
+                    result = await self._pool(version, driver).run(invocation, timeout, listener)
                     break
                 except PoolRetired:
                     version = await self._function(name)
             else:
-                raise ServiceUnavailable(f"function '{name}' keeps changing; retry")
-            result = _from_reply(request_id, outcome.reply.ok, outcome.reply.body,
-                                 outcome.reply.error_type, outcome.cold_start, outcome.logs,
-                                 outcome.logs_truncated)
-            result.note = outcome.note
-        except InitFailed as exc:
-            result = InvocationResult(
-                request_id, 200, 500, 0.0, True, exc.logs, False, error=exc.message,
-                error_type=exc.error_type, stack=exc.stack, outcome="init_error")
+                raise FunctionChanging(f"function '{name}' keeps changing; retry")
         except SandboxError as exc:
-            outcome_name = {504: "timeout"}.get(exc.status, "crash")
-            if exc.error_type == "Runtime.OutOfMemory":
-                outcome_name = "oom"
-            result = InvocationResult(
-                request_id, exc.status, exc.status if exc.status != 200 else 500, 0.0, False,
-                exc.logs, False, error=exc.message, error_type=exc.error_type, outcome=outcome_name)
+            result = InvocationResult.from_error(request_id, exc)
         result.duration_ms = (time.perf_counter() - t0) * 1000
         self.recorder.add(InvocationRecord(
             request_id=request_id, function_name=name, function_id=version.fn.id, started_at=started,
-            duration_ms=result.duration_ms, outcome=result.outcome, error_type=result.error_type,
+            duration_ms=result.duration_ms, outcome=result.outcome.value, error_type=result.error_type,
             cold_start=result.cold_start, sandbox=driver.name, logs=result.logs,
             logs_truncated=result.logs_truncated, note=result.note,
         ))
         return result
 
 
-def _from_reply(request_id: str, ok: bool, body: bytes, error_type: str | None, cold: bool,
-                logs: str, truncated: bool) -> InvocationResult:
-    if ok:
-        try:
-            value = json.loads(body) if body else None
-        except (ValueError, UnicodeDecodeError):
-            value = body.decode("utf-8", "replace")
-        return InvocationResult(request_id, 200, 200, 0.0, cold, logs, truncated, body=value)
-    if error_type == ResponseTooLarge.error_type:
-        return InvocationResult(
-            request_id, 200, 500, 0.0, cold, logs, truncated,
-            error="the function's response exceeds the 6 MB limit", error_type=error_type,
-            outcome="error")
-    info = parse_error(body, error_type)
-    return InvocationResult(
-        request_id, 200, 500, 0.0, cold, logs, truncated, error=info["errorMessage"],
-        error_type=info["errorType"], stack=info["stackTrace"], outcome="error")
+def _trace_id(request_id: str) -> str:
+    """An X-Ray-style trace header (``Root=1-<time>-<24 hex>``) derived from the request id."""
+    hex_id = request_id.replace("-", "")
+    return f"Root=1-{int(time.time()):08x}-{hex_id[:24]};Sampled=0"

@@ -4,7 +4,7 @@ A :class:`Pool` owns the instances of one function revision on one driver.
 An instance serves one invocation at a time.  A call takes an idle instance
 (warm), or starts one (cold) while the pool is under its ``max_concurrency``
 and the server-wide :class:`Capacity` has room; otherwise it waits in a
-bounded queue and gets :class:`~impuls.errors.TooManyRequests` when the queue
+bounded queue and gets :class:`~impuls.errors.Throttled` when the queue
 is full or the wait times out.  A function whose init fails is not restarted
 in a tight loop: the failure is replayed to callers for a growing back-off.
 """
@@ -16,12 +16,12 @@ import collections
 import logging
 import uuid
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any
 
-from impuls.errors import InitFailed, SandboxError, TooManyRequests
+from impuls.engine.results import InvocationResult
+from impuls.errors import InitFailed, SandboxError, Throttled
 from impuls.sandbox.base import Instance, InstanceSpec, SandboxDriver
-from impuls.sandbox.runtime_api import Invocation, RuntimeReply
+from impuls.sandbox.runtime_api import Invocation
 
 log = logging.getLogger("impuls.pool")
 Clock = Callable[[], float]
@@ -31,15 +31,6 @@ INIT_BACKOFF_MAX = 60.0
 
 class PoolRetired(Exception):
     """The pool's function version was replaced; the caller should use the new one."""
-
-
-@dataclass
-class Outcome:
-    reply: RuntimeReply
-    logs: str
-    logs_truncated: bool
-    cold_start: bool
-    note: str = ""  # how a cold start was served (microvm: restored or booted, and why)
 
 
 class Capacity:
@@ -84,8 +75,9 @@ class Pool:
         return self.size - len(self.idle)
 
     async def run(self, invocation: Invocation, timeout: float,
-                  on_output: Callable[[bytes], None] | None = None) -> Outcome:
-        """Serve ``invocation`` on an instance of this pool (see module doc)."""
+                  on_output: Callable[[bytes], None] | None = None) -> InvocationResult:
+        """Serve ``invocation`` on an instance of this pool (see module doc); a sandbox
+        condition is raised with the instance's output in its ``logs``."""
         instance, cold = await self._acquire()
         healthy = False
         instance.output.listener = on_output
@@ -93,7 +85,8 @@ class Pool:
             reply = await instance.invoke(invocation, timeout)
             healthy = True
             logs, truncated = instance.output.take()
-            return Outcome(reply, logs, truncated, cold, instance.note if cold else "")
+            return InvocationResult.from_reply(invocation.request_id, reply, cold, logs, truncated,
+                                               instance.note if cold else "")
         except SandboxError as exc:
             exc.logs, _ = instance.output.take()
             raise
@@ -138,7 +131,7 @@ class Pool:
 
     async def _wait(self) -> Instance | None:
         if len(self.waiters) >= self.queue_size:
-            raise TooManyRequests(
+            raise Throttled(
                 f"too many concurrent invocations: {self.busy} running (max_concurrency "
                 f"{self.max_concurrency}) and {len(self.waiters)} queued"
             )
@@ -151,7 +144,7 @@ class Pool:
                 waiter.cancel()
                 self.waiters.remove(waiter)
         if waiter.cancelled():
-            raise TooManyRequests(
+            raise Throttled(
                 f"no instance became free within {self.queue_timeout:.0f} s "
                 f"(max_concurrency {self.max_concurrency})"
             )

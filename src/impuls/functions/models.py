@@ -30,6 +30,9 @@ MAX_ENV_BYTES = 4096
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RESERVED_ENV = ("_HANDLER", "LAMBDA_TASK_ROOT", "LAMBDA_RUNTIME_DIR")
+#: Lambda's identity of a function: ARNs name this region and account
+DEFAULT_REGION = "us-east-1"
+DEFAULT_ACCOUNT = "000000000000"
 READ_ONLY_FIELDS = ("id", "code_sha256", "code_size", "created_at", "updated_at", "revision")
 CODE_FIELDS = ("code", "code_zip")
 
@@ -125,6 +128,13 @@ class Function:
         if code is not None:
             out.update(code.api_fields())
         return out
+
+
+def function_arn(name: str, qualifier: str | None = None, region: str = DEFAULT_REGION,
+                 account: str = DEFAULT_ACCOUNT) -> str:
+    """``arn:aws:lambda:<region>:<account>:function:<name>[:<qualifier>]``."""
+    arn = f"arn:aws:lambda:{region}:{account}:function:{name}"
+    return f"{arn}:{qualifier}" if qualifier else arn
 
 
 def _rfc3339(ts: datetime) -> str:

@@ -56,10 +56,6 @@ class InstanceSpec:
     region: str = "us-east-1"
     version: str = "$LATEST"
 
-    @property
-    def function_arn(self) -> str:
-        return f"arn:aws:lambda:{self.region}:000000000000:function:{self.function_name}"
-
     def runtime_environment(self, api_address: str, task_root: str, tmpdir: str,
                             path: str = DEFAULT_PATH) -> dict[str, str]:
         """The instance's whole environment: the function's variables plus the

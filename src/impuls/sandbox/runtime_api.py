@@ -22,11 +22,13 @@ from typing import Any, cast
 
 import httptools
 
-from impuls.errors import InitFailed, ResponseTooLarge
+from impuls.errors import InitFailed
 
 PREFIX = b"/2018-06-01/runtime/"
 MAX_RESPONSE_BYTES = 6 * 1024 * 1024
 MAX_ERROR_BYTES = 1024 * 1024
+#: the error type of a reply whose response body was over MAX_RESPONSE_BYTES
+RESPONSE_TOO_LARGE = "Function.ResponseSizeTooLarge"
 
 
 @dataclass
@@ -71,6 +73,7 @@ def _reply(status: int, reason: str, body: bytes = b'{"status":"OK"}') -> bytes:
 
 
 ACCEPTED = _reply(202, "Accepted")
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 def _error_reply(status: int, reason: str, message: str) -> bytes:
@@ -241,8 +244,12 @@ class _Connection(asyncio.Protocol):
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() == b"lambda-runtime-function-error-type":
+        name = name.lower()
+        if name == b"lambda-runtime-function-error-type":
             self.error_type = value.decode("latin-1")
+        elif name == b"expect" and value.lower() == b"100-continue":
+            # curl sends this for bodies over 1 MB and would wait a second for the go-ahead
+            self.write(CONTINUE)
 
     def on_body(self, body: bytes) -> None:
         if len(self.body) + len(body) > MAX_RESPONSE_BYTES:
@@ -257,14 +264,19 @@ class _Connection(asyncio.Protocol):
             self.write(_error_reply(404, "Not Found", "unknown Runtime API path"))
             return
         rest = path[len(PREFIX):]
-        if rest == b"invocation/next" and method == b"GET":
+        if rest in (b"invocation/next", b"init/error") and method != (b"GET" if rest == b"invocation/next"
+                                                                      else b"POST"):
+            self.write(_error_reply(405, "Method Not Allowed", "unsupported method for this path"))
+        elif rest == b"invocation/next":
             self.api._on_next(self)
+        elif rest == b"init/error":
+            self.api._on_init_error(self, bytes(self.body[:MAX_ERROR_BYTES]), self.error_type)
         elif rest.startswith(b"invocation/") and method == b"POST":
             _, request_id, kind = [*rest.split(b"/"), b"", b""][:3]
             rid = request_id.decode("latin-1")
             if kind == b"response":
                 if self.too_large:
-                    reply = RuntimeReply(False, b"", ResponseTooLarge.error_type)
+                    reply = RuntimeReply(False, b"", RESPONSE_TOO_LARGE)
                 else:
                     reply = RuntimeReply(True, bytes(self.body))
                 self.api._on_result(self, rid, reply)
@@ -273,8 +285,5 @@ class _Connection(asyncio.Protocol):
                                                             self.error_type))
             else:
                 self.write(_error_reply(404, "Not Found", "unknown Runtime API path"))
-        elif rest == b"init/error" and method == b"POST":
-            self.api._on_init_error(self, bytes(self.body[:MAX_ERROR_BYTES]), self.error_type)
         else:
-            self.write(_error_reply(405 if rest in (b"invocation/next", b"init/error") else 404,
-                                    "Not Allowed", "unsupported method or path"))
+            self.write(_error_reply(404, "Not Found", "unknown Runtime API path"))

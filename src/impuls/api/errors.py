@@ -1,0 +1,69 @@
+"""The native API's wire answers: one table from condition to HTTP status, one error body.
+
+Every failure on ``/api/v1`` is ``{"error": true, "message": ...}`` with the
+status :func:`status_of` gives; an invocation's outcome maps to the HTTP status
+and the envelope's ``status_code`` through :data:`OUTCOME_STATUS`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+from impuls.engine.results import Outcome
+from impuls.errors import (
+    FunctionChanging,
+    FunctionExists,
+    FunctionInactive,
+    FunctionNotFound,
+    ImpulsError,
+    InvalidInput,
+    LocalModeDisabled,
+    PayloadTooLarge,
+    ShuttingDown,
+    Throttled,
+    UnsupportedMediaType,
+)
+
+#: condition → HTTP status; a condition not listed (nor any of its bases) is a 500
+ERROR_STATUS: dict[type[ImpulsError], int] = {
+    InvalidInput: 400,
+    FunctionInactive: 403,
+    LocalModeDisabled: 403,
+    FunctionNotFound: 404,
+    FunctionExists: 409,
+    PayloadTooLarge: 413,
+    UnsupportedMediaType: 415,
+    Throttled: 429,
+    FunctionChanging: 503,
+    ShuttingDown: 503,
+}
+
+#: invocation outcome → (HTTP status, the envelope's ``status_code``)
+OUTCOME_STATUS: dict[Outcome, tuple[int, int]] = {
+    Outcome.SUCCESS: (200, 200),
+    Outcome.ERROR: (200, 500),
+    Outcome.INIT_ERROR: (200, 500),
+    Outcome.OOM: (200, 500),
+    Outcome.TIMEOUT: (504, 504),
+    Outcome.CRASH: (502, 502),
+}
+
+
+def status_of(exc: ImpulsError) -> int:
+    for cls in type(exc).__mro__:
+        status = ERROR_STATUS.get(cls)
+        if status is not None:
+            return status
+    return 500
+
+
+def error_body(message: str, **extra: Any) -> bytes:
+    return json.dumps({"error": True, "message": message, **extra}).encode()
+
+
+def error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": True, "message": message}, status_code=status, headers=headers)

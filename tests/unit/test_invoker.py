@@ -1,0 +1,297 @@
+"""The invocation engine in-process: a real registry and recorder on SQLite in a temporary
+folder, a fake sandbox driver whose instances do what the event asks, an injected clock."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Coroutine
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from impuls import config
+from impuls.engine.invoker import MAX_EVENT_BYTES, Invoker
+from impuls.engine.records import InvocationRecorder, LogHub
+from impuls.engine.results import Outcome
+from impuls.errors import (
+    FunctionInactive,
+    FunctionNotFound,
+    InitFailed,
+    InvalidInput,
+    InvocationTimedOut,
+    LocalModeDisabled,
+    OutOfMemory,
+    PayloadTooLarge,
+    RuntimeExited,
+    ShuttingDown,
+)
+from impuls.functions.packages import PackageBuilder
+from impuls.functions.registry import FunctionRegistry
+from impuls.runtimes import Runtime, default_registry
+from impuls.sandbox.base import Instance, InstanceSpec, SandboxDriver
+from impuls.sandbox.runtime_api import Invocation, RuntimeAPI, RuntimeReply
+from impuls.store.blobs import BlobStore
+from impuls.store.db import open_engine
+from tests.unit.test_pool import FakeClock
+
+CODE = "def handler(event, context):\n    return event\n"
+
+
+class ScriptedInstance(Instance):
+    """Does what the event's ``do`` says: echo it (default), raise, time out, run out of memory, die."""
+
+    def __init__(self, spec: InstanceSpec) -> None:
+        super().__init__(spec, RuntimeAPI())
+        self._exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    @property
+    def exited(self) -> asyncio.Future[int]:
+        return self._exited
+
+    def drain_output(self) -> None:
+        pass
+
+    async def _teardown(self) -> None:
+        if not self._exited.done():
+            self._exited.set_result(-9)
+
+    async def invoke(self, invocation: Invocation, timeout: float) -> RuntimeReply:
+        self.invocations += 1
+        event = json.loads(invocation.payload)
+        self.output.feed(f"call {self.invocations} of revision {self.spec.revision}\n".encode())
+        do = event.get("do") if isinstance(event, dict) else None
+        if do == "sleep":
+            await asyncio.sleep(event["seconds"])
+        if do == "raise":
+            return RuntimeReply(False, json.dumps({"errorType": "ValueError", "errorMessage": "bad",
+                                                   "stackTrace": ["line 1"]}).encode())
+        if do == "timeout":
+            raise InvocationTimedOut(f"function timed out after {timeout:.2f} s")
+        if do == "oom":
+            self._exited.set_result(-9)
+            raise OutOfMemory("instance exceeded its memory limit")
+        if do == "crash":
+            self._exited.set_result(1)
+            raise RuntimeExited("runtime exited with status 1 during the invocation")
+        return RuntimeReply(True, json.dumps({"echo": event, "arn": invocation.function_arn}).encode())
+
+
+class ScriptedDriver(SandboxDriver):
+    name = "scripted"
+
+    def __init__(self) -> None:
+        self.specs: list[InstanceSpec] = []
+        self.instances: list[ScriptedInstance] = []
+        self.init_error: InitFailed | None = None
+
+    async def create(self, spec: InstanceSpec) -> Instance:
+        self.specs.append(spec)
+        if self.init_error is not None:
+            raise self.init_error
+        instance = ScriptedInstance(spec)
+        self.instances.append(instance)
+        return instance
+
+    def supports(self, runtime: Runtime) -> bool:
+        return runtime.language == "python"
+
+
+class World:
+    def __init__(self, tmp: Path, **settings: Any) -> None:
+        self.settings = config.load({"data_dir": tmp, **settings}, environ={})
+        self.db = open_engine(self.settings.db_url)
+        self.registry = FunctionRegistry(self.db, BlobStore(tmp / "blobs"), default_registry(),
+                                         PackageBuilder(tmp / "packages", tmp / "build-cache"))
+        self.driver = ScriptedDriver()
+        self.clock = FakeClock()
+        self.recorder = InvocationRecorder(self.db, timedelta(days=1))
+        self.hub = LogHub()
+        self.invoker = Invoker(self.settings, self.registry, self.driver, None, self.recorder, self.hub,
+                               clock=self.clock)
+
+    def create(self, name: str = "fn", **fields: Any) -> None:
+        self.registry.create({"name": name, "runtime": "python3.11", "handler": "handler.handler",
+                              "code": CODE, **fields})
+
+    async def invoke(self, event: Any, name: str = "fn") -> Any:
+        return await self.invoker.invoke(name, json.dumps(event).encode())
+
+
+Scenario = Callable[[World], Coroutine[Any, Any, None]]
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    if not default_registry().resolve("python3.11").installed:
+        pytest.skip("python3.11 is not installed on this host")
+    return World(tmp_path)
+
+
+def run(world: World, scenario: Scenario) -> None:
+    async def main() -> None:
+        await world.invoker.start()
+        try:
+            await scenario(world)
+        finally:
+            await world.invoker.close()
+            world.db.dispose()
+
+    asyncio.run(main())
+
+
+def test_success_is_warm_the_second_time_and_recorded(world: World) -> None:
+    async def scenario(w: World) -> None:
+        w.create()
+        first = await w.invoke({"n": 1})
+        second = await w.invoke({"n": 2})
+        assert first.outcome is Outcome.SUCCESS and first.cold_start
+        assert json.loads(first.payload)["echo"] == {"n": 1}
+        assert json.loads(first.payload)["arn"] == "arn:aws:lambda:us-east-1:000000000000:function:fn"
+        assert second.cold_start is False and "call 2 of revision 1" in second.logs
+        assert len(w.driver.instances) == 1
+        await w.recorder.flush()
+        records, total = w.recorder.query("fn", 10, 0)
+        assert total == 2 and {r.request_id for r in records} == {first.request_id, second.request_id}
+        assert all(r.outcome == "success" and r.sandbox == "scripted" for r in records)
+
+    run(world, scenario)
+
+
+@pytest.mark.parametrize(("do", "outcome", "error_type"), [
+    ("raise", Outcome.ERROR, "ValueError"),
+    ("timeout", Outcome.TIMEOUT, "Sandbox.Timeout"),
+    ("oom", Outcome.OOM, "Runtime.OutOfMemory"),
+    ("crash", Outcome.CRASH, "Runtime.ExitError"),
+])
+def test_failures_become_outcomes(world: World, do: str, outcome: Outcome, error_type: str) -> None:
+    async def scenario(w: World) -> None:
+        w.create()
+        result = await w.invoke({"do": do})
+        assert result.outcome is outcome and result.error_type == error_type
+        assert "call 1" in result.logs  # the output before the failure is kept
+        if do == "raise":
+            assert result.error_message == "bad" and result.stack == ["line 1"]
+            assert (await w.invoke({})).cold_start is False  # a handler error keeps the instance
+        else:
+            assert (await w.invoke({})).cold_start is True  # a broken instance is replaced
+        await w.recorder.flush()
+        records, _ = w.recorder.query("fn", 10, 0)
+        assert outcome.value in {r.outcome for r in records}
+
+    run(world, scenario)
+
+
+def test_init_failure_is_replayed_during_the_back_off(world: World) -> None:
+    async def scenario(w: World) -> None:
+        w.create()
+        w.driver.init_error = InitFailed("Runtime.ImportModuleError", "no module named x", "boom\n")
+        first = await w.invoke({})
+        assert first.outcome is Outcome.INIT_ERROR and first.cold_start
+        assert first.error_type == "Runtime.ImportModuleError" and first.logs == "boom\n"
+        w.driver.init_error = None
+        assert (await w.invoke({})).outcome is Outcome.INIT_ERROR  # replayed, not retried
+        assert len(w.driver.specs) == 1
+        w.clock.now += 1.5  # past the first back-off (1 s)
+        assert (await w.invoke({})).outcome is Outcome.SUCCESS
+        assert len(w.driver.specs) == 2
+
+    run(world, scenario)
+
+
+def test_an_update_retires_the_old_version(world: World) -> None:
+    async def scenario(w: World) -> None:
+        w.create(environment={"A": "1"})
+        await w.invoke({})
+        old = w.driver.instances[0]
+        await asyncio.to_thread(w.registry.update, "fn", {"environment": {"A": "2"}})
+        await asyncio.sleep(0)  # the change notification is posted to the loop
+        result = await w.invoke({})
+        assert result.cold_start and "of revision 2" in result.logs
+        assert w.driver.specs[-1].environment == {"A": "2"}
+        await asyncio.sleep(0)
+        assert old.destroyed
+
+    run(world, scenario)
+
+
+def test_refusals_before_any_instance(world: World) -> None:
+    async def scenario(w: World) -> None:
+        w.create()
+        w.create("off", status="inactive")
+        with pytest.raises(FunctionNotFound):
+            await w.invoke({}, name="missing")
+        with pytest.raises(FunctionInactive):
+            await w.invoke({}, name="off")
+        with pytest.raises(PayloadTooLarge):
+            await w.invoker.invoke("fn", b"1" * (MAX_EVENT_BYTES + 1))
+        with pytest.raises(LocalModeDisabled):
+            await w.invoker.invoke("fn", b"{}", local=True)
+        assert w.driver.specs == []
+
+    run(world, scenario)
+
+
+def test_a_runtime_the_sandbox_does_not_offer(world: World) -> None:
+    node = default_registry().resolve("nodejs20") if _installed("nodejs20") else None
+    if node is None:
+        pytest.skip("no second runtime installed here")
+
+    async def scenario(w: World) -> None:
+        w.registry.create({"name": "js", "runtime": "nodejs20", "handler": "index.handler",
+                           "code": "exports.handler = async (e) => e;\n"})
+        with pytest.raises(InvalidInput, match="not offered by the scripted sandbox"):
+            await w.invoke({}, name="js")
+
+    run(world, scenario)
+
+
+def test_idle_instances_expire_by_the_clock(world: World) -> None:
+    async def scenario(w: World) -> None:
+        w.create()
+        await w.invoke({})
+        assert w.invoker.stats()["idle"] == 1
+        w.clock.now += w.settings.idle_timeout - 1
+        assert w.invoker.expire_idle() == 0
+        w.clock.now += 2
+        assert w.invoker.expire_idle() == 1
+        await asyncio.sleep(0)
+        assert w.driver.instances[0].destroyed and w.invoker.stats()["instances"] == 0
+
+    run(world, scenario)
+
+
+def test_live_output_reaches_followers(world: World) -> None:
+    async def scenario(w: World) -> None:
+        w.create()
+        queue = w.hub.subscribe("fn")
+        result = await w.invoke({})
+        event = queue.get_nowait()
+        assert event == {"request_id": result.request_id, "text": "call 1 of revision 1\n"}
+
+    run(world, scenario)
+
+
+def test_close_drains_calls_in_flight_then_refuses(world: World) -> None:
+    async def scenario(w: World) -> None:
+        w.create()
+        running = asyncio.create_task(w.invoke({"do": "sleep", "seconds": 0.05}))
+        await asyncio.sleep(0.01)
+        closing = asyncio.create_task(w.invoker.close())
+        await asyncio.sleep(0)
+        with pytest.raises(ShuttingDown):
+            await w.invoke({})
+        assert (await running).outcome is Outcome.SUCCESS
+        await closing
+        assert all(i.destroyed for i in w.driver.instances)
+
+    run(world, scenario)
+
+
+def _installed(runtime_id: str) -> bool:
+    try:
+        return default_registry().resolve(runtime_id).installed
+    except InvalidInput:
+        return False
