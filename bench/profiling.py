@@ -31,8 +31,9 @@ _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?):\d+\)$")
 # (component, test on (function, file)); the first match wins
 COMPONENTS: list[tuple[str, Callable[[str, str], bool]]] = [
     ("Runtime API: socket writes to the runtime (event, 202 Accepted)",
-     lambda fn, f: f.endswith("impuls/engine/runtime_api.py") and fn.endswith(".write")),
-    ("Runtime API: parsing the runtime's requests", lambda fn, f: f.endswith("impuls/engine/runtime_api.py")),
+     lambda fn, f: f.endswith("impuls/sandbox/runtime_api.py") and fn.endswith(".write")),
+    ("Runtime API: parsing the runtime's requests",
+     lambda fn, f: f.endswith("impuls/sandbox/runtime_api.py")),
     ("reply to the client: uvicorn send and its socket write",
      lambda fn, f: f.startswith("uvicorn/") and fn.startswith("RequestResponseCycle.send")),
     ("uvicorn/httptools: request parsing, ASGI glue", lambda fn, f: f.startswith("uvicorn/")),

@@ -18,10 +18,24 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
+from impuls.sandbox import microvm, namespace
 from impuls.sandbox.runtime_api import Invocation
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def sandbox_unavailable(kind: str, request: pytest.FixtureRequest) -> str | None:
+    """Why the ``kind`` sandbox cannot run on this host (None: it can).  For ``microvm``
+    the guest images are built first (the ``images_dir`` fixture)."""
+    if kind == "process":
+        return None
+    if kind == "namespace":
+        return namespace.available()
+    if kind == "microvm":
+        return microvm.available(request.getfixturevalue("images_dir"))
+    raise ValueError(f"unknown sandbox {kind!r}")
 
 
 def free_port() -> int:

@@ -16,6 +16,7 @@ import pytest
 
 from impuls.runtimes import Runtime, default_registry
 from impuls.sandbox.base import InstanceSpec
+from tests.helpers import sandbox_unavailable
 
 T = TypeVar("T")
 DEFAULT_HANDLER = {"python": "handler.handler", "nodejs": "index.handler", "go": "Handler",
@@ -26,18 +27,6 @@ DRIVERS = ["process", "namespace", "microvm"]
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
-
-
-def _unavailable(kind: str) -> str | None:
-    if kind == "process":
-        return None
-    from impuls import sandbox
-
-    check = getattr(sandbox, f"{kind}_available", None)
-    if check is None:
-        return f"the {kind} driver is not built"
-    reason: str | None = check()
-    return reason
 
 
 @pytest.fixture
@@ -51,9 +40,7 @@ def world_dir() -> Iterator[Path]:
 
 @pytest.fixture(params=DRIVERS)
 def driver_kind(request: pytest.FixtureRequest) -> str:
-    if request.param == "microvm":
-        request.getfixturevalue("images_dir")  # builds the guest images once per run
-    reason = _unavailable(request.param)
+    reason = sandbox_unavailable(request.param, request)
     if reason:
         pytest.skip(f"{request.param} sandbox unavailable here: {reason}")
     return str(request.param)

@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 from impuls.sandbox.namespace import cgroups
-from impuls.sandbox.namespace.cgroups import Cgroup, CgroupError, CgroupHost
+from impuls.sandbox.namespace.cgroups import Cgroup, CgroupError, CgroupHost, CgroupV2Host
 
 PY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 
@@ -280,7 +280,7 @@ def test_v2_kill_and_remove_mechanics_on_hybrid_mount(host):
         pytest.skip("no separate cgroup2 mount")
     parent = os.path.join(mnt, TEST_PARENT)
     os.makedirs(parent, exist_ok=True)
-    v2 = CgroupHost("v2", {"unified": parent})
+    v2 = CgroupV2Host({"unified": parent})
     try:
         cg = v2._cgroup("v2-one")
         os.mkdir(cg.paths["unified"])
@@ -314,7 +314,7 @@ def test_detect_prefers_unified_v2_layout(tmp_path, monkeypatch):
     (root / "impuls" / "cgroup.subtree_control").write_text("")
     monkeypatch.setattr(cgroups, "_cgroup_mounts", lambda: {("cgroup2", ""): str(root)})
     h = cgroups.detect(root=str(root))
-    assert h == CgroupHost("v2", {"unified": str(root / "impuls")})
+    assert h == CgroupV2Host({"unified": str(root / "impuls")})
     # a fake file keeps only the last "+ctrl" written; the point is that writes happen
     assert (root / "cgroup.subtree_control").read_text().startswith("+")
 

@@ -1,51 +1,6 @@
-"""The bubblewrap command line of one ``namespace`` sandbox instance.
-
-``build(spec)`` is pure apart from looking at the host paths it is asked to
-expose (``lstat``/``readlink``, to turn host symlinks such as ``/bin ->
-usr/bin`` into ``--symlink``); it spawns nothing.  The sandbox it describes:
-
-* new user, pid, net (only ``lo``), ipc, uts (``--hostname``) and cgroup
-  namespaces; nested user namespaces disabled (``--disable-userns``);
-* runs as ``spec.uid``/``spec.gid`` with no capabilities (``--cap-drop
-  ALL``), ``no_new_privs`` (bwrap sets it), a new session (no TIOCSTI into
-  the caller's terminal) and SIGKILL when bwrap's parent dies;
-* a root of its own: a tmpfs that is remounted read-only once built, holding
-  ``/usr`` (read-only) with ``/bin /lib /lib64 /sbin`` as they are on the host
-  (symlinks into ``usr/`` on merged-/usr hosts), a handful of read-only
-  ``/etc`` files, generated ``/etc/passwd``, ``/etc/group``, ``/etc/hosts``
-  (see ``etc_files``), a fresh ``/proc`` (only the sandbox's pids), a minimal
-  read-only ``/dev`` with a size-capped ``/dev/shm``, a size-capped tmpfs
-  ``/tmp``, the code read-only at ``/var/task``
-  and optionally the runtime API socket at ``/run/impuls/runtime.sock``;
-* the seccomp filter of ``impuls.sandbox.namespace.seccomp`` (installed by bwrap on the
-  command and on its pid-1 reaper);
-* ``--clearenv`` plus exactly ``spec.env``; working directory ``/var/task``.
-
-How to run it (this module does not):
-
-* **Start bwrap as the sandbox uid**, e.g. ``Popen(..., user=spec.uid,
-  group=spec.gid, extra_groups=[])``.  bwrap is not setuid here, so as a
-  normal user it builds everything inside the user namespace it creates, and
-  the sandbox uid maps to the *same* host uid.  Started as root, bwrap would
-  map the sandbox uid onto host uid 0: no capabilities, but the process
-  would own every root-owned file (and could signal root processes) as far
-  as the kernel's DAC checks go.
-* Consequence: ``code_dir`` and the socket must be reachable by that uid --
-  every parent directory searchable (``x``) by it, the files readable, and
-  the socket writable (``connect`` needs write permission on the socket
-  inode; a read-only bind mount is fine).  bwrap resolves ``--ro-bind-fd``
-  through ``realpath`` too, so passing an O_PATH fd does not get around a
-  0700 parent.
-* Descriptors (``seccomp_fd``, ``data_fds``) are read by bwrap to EOF: one
-  fresh descriptor per run (``data_fd`` makes one), passed with
-  ``pass_fds``, closed by the parent after the spawn.
-* To have the process in its cgroup before anything runs, use
-  ``BwrapCommand.argv_with_args_fd`` and ``Cgroup.add_pid`` (see
-  ``impuls.sandbox.namespace.cgroups``).
-* ``--die-with-parent`` is ``PR_SET_PDEATHSIG``, which fires when the *thread*
-  that forked bwrap exits: spawn from a long-lived thread (the event loop),
-  not from a short-lived worker thread.
-"""
+"""The bubblewrap command line of one ``namespace`` sandbox instance: :func:`build`
+turns a :class:`BwrapSpec` into it, and spawns nothing (it only looks at the host
+paths it is asked to expose)."""
 
 from __future__ import annotations
 
@@ -119,12 +74,26 @@ class BwrapSpec:
       e.g. Python ``multiprocessing``); 0 leaves ``/dev/shm`` a read-only
       empty directory.
     * ``uid``/``gid``: identity inside, and the host uid/gid bwrap must be
-      started as (see module doc).  993 is what Lambda uses.
+      started as, e.g. ``Popen(..., user=spec.uid, group=spec.gid,
+      extra_groups=[])``.  bwrap is not setuid here, so as a normal user it
+      builds everything inside the user namespace it creates, and the sandbox
+      uid maps to the *same* host uid.  Started as root, bwrap would map the
+      sandbox uid onto host uid 0: no capabilities, but the process would own
+      every root-owned file (and could signal root processes) as far as the
+      kernel's DAC checks go.  Consequence: ``code_dir`` and the socket must
+      be reachable by that uid -- every parent directory searchable (``x``)
+      by it, the files readable, and the socket writable (``connect`` needs
+      write permission on the socket inode; a read-only bind mount is fine).
+      bwrap resolves ``--ro-bind-fd`` through ``realpath`` too, so passing an
+      O_PATH fd does not get around a 0700 parent.  993 is what Lambda uses.
     * ``env``: the complete environment (nothing is inherited).
     * ``seccomp_fd``: fd holding ``build_filter_bpf()`` bytes (None: no filter,
       for tests only).
     * ``data_fds``: sandbox path -> fd whose content becomes a read-only file
       there (mode 0444); use it for ``etc_files()``.
+    * bwrap reads these descriptors (``seccomp_fd``, ``data_fds``) to EOF: one
+      fresh descriptor per run (``data_fd`` makes one), passed with
+      ``pass_fds``, closed by the parent after the spawn.
     * ``cap_add``: capabilities (``CAP_SYS_ADMIN``...) the command keeps --
       inside its user namespace only (as ambient capabilities of the sandbox
       uid).  Only for a trusted *template* process that builds per-instance
@@ -165,9 +134,9 @@ class BwrapCommand:
         and the bytes to write there (NUL-terminated options).
 
         bwrap blocks reading ``fd`` before it creates anything, which is the
-        window to move it into its cgroup; write the bytes and close the
-        write end afterwards.  (bwrap only takes *options* from ``--args``,
-        the command has to stay on the real command line.)
+        window to move it into its cgroup (``Cgroup.add_pid``); write the bytes
+        and close the write end afterwards.  (bwrap only takes *options* from
+        ``--args``, the command has to stay on the real command line.)
         """
         payload = b"".join(os.fsencode(o) + b"\0" for o in self.options)
         return [self.bwrap, "--args", str(fd), "--", *self.command], payload
@@ -179,10 +148,29 @@ def build_argv(spec: BwrapSpec) -> list[str]:
 
 
 def build(spec: BwrapSpec) -> BwrapCommand:
-    """Turn ``spec`` into the bwrap command line (see module doc for the
-    sandbox it describes).  Raises ``BwrapConfigError`` for a spec that
-    cannot work (relative or forbidden paths, missing code dir or socket,
-    bad env names, NUL bytes...)."""
+    """Turn ``spec`` into the bwrap command line.  The sandbox it describes:
+
+    * new user, pid, net (only ``lo``), ipc, uts (``--hostname``) and cgroup
+      namespaces; nested user namespaces disabled (``--disable-userns``);
+    * runs as ``spec.uid``/``spec.gid`` with no capabilities (``--cap-drop
+      ALL``), ``no_new_privs`` (bwrap sets it), a new session and SIGKILL when
+      bwrap's parent dies;
+    * a root of its own: a tmpfs that is remounted read-only once built,
+      holding ``/usr`` (read-only) with ``/bin /lib /lib64 /sbin`` as they are
+      on the host (host symlinks such as ``/bin -> usr/bin`` become
+      ``--symlink``), a handful of read-only ``/etc`` files, generated
+      ``/etc/passwd``, ``/etc/group``, ``/etc/hosts`` (see ``etc_files``), a
+      fresh ``/proc`` (only the sandbox's pids), a minimal read-only ``/dev``
+      with a size-capped ``/dev/shm``, a size-capped tmpfs ``/tmp``, the code
+      read-only at ``/var/task`` and optionally the runtime API socket at
+      ``/run/impuls/runtime.sock``;
+    * the seccomp filter of ``impuls.sandbox.namespace.seccomp`` (installed
+      by bwrap on the command and on its pid-1 reaper);
+    * ``--clearenv`` plus exactly ``spec.env``; working directory ``/var/task``.
+
+    Raises ``BwrapConfigError`` for a spec that cannot work (relative or
+    forbidden paths, missing code dir or socket, bad env names, NUL bytes...).
+    """
     if not spec.command or not spec.command[0].startswith("/"):
         raise BwrapConfigError("command must be a non-empty argv with an absolute path")
     if spec.tmp_mb < 1 or spec.shm_mb < 0:
@@ -202,6 +190,10 @@ def build(spec: BwrapSpec) -> BwrapCommand:
         "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
         "--unshare-cgroup-try",
         "--hostname", spec.hostname,
+        # --die-with-parent is PR_SET_PDEATHSIG, which fires when the *thread*
+        # that forked bwrap exits: spawn from a long-lived thread (the event
+        # loop), not from a short-lived worker thread.  --new-session: no
+        # TIOCSTI into the caller's terminal.
         "--die-with-parent", "--new-session",
         "--cap-drop", "ALL",
     ]

@@ -1,12 +1,5 @@
-"""One ``bwrap`` per namespace-sandbox instance: the simple launcher.
-
-Slower than the template (:mod:`impuls.sandbox.namespace.template`: every start pays
-bwrap and the interpreter's start-up) and more demanding -- the code
-directory and the socket must be reachable by the sandbox uid, since bwrap
-resolves them as that uid, and TCP-only runtime clients get no relay -- but
-it needs nothing but bwrap.  The namespace driver falls back to it when the
-template cannot run on a host.
-"""
+"""The simple namespace-sandbox launcher: one ``bwrap`` per instance, the driver's
+fallback where the template (:mod:`.template`) cannot run."""
 
 from __future__ import annotations
 
@@ -35,7 +28,9 @@ from impuls.sandbox.namespace.launch import (
 from impuls.sandbox.watch import ProcessWatch
 
 
-class BwrapWatch(ProcessWatch):
+class BwrapRuntime(ProcessWatch):
+    """A runtime launched in its own bwrap: the bwrap process, watched."""
+
     error = ""
     lost = False
 
@@ -75,8 +70,11 @@ class BwrapLauncher:
 
     bwrap reads its options from a pipe (``--args``); it is moved into the
     cgroup before the options are written, so everything it forks is born
-    there.  The code directory and the socket must be reachable by the
-    sandbox uid (bwrap resolves them as that uid).
+    there.  It needs nothing but bwrap, but compared with the template it is
+    slower (every start pays bwrap and the interpreter's start-up) and more
+    demanding: the code directory and the socket must be reachable by the
+    sandbox uid (bwrap resolves them as that uid), and TCP-only runtime
+    clients get no relay.
     """
 
     name = "bwrap"
@@ -113,7 +111,7 @@ class BwrapLauncher:
             raise
 
     def _spawn(self, spec: InstanceSpec, argv: list[str], cgroup: cgroups.Cgroup,
-               socket_path: Path) -> BwrapWatch:
+               socket_path: Path) -> BwrapRuntime:
         fds: dict[str, int] = {}
         seccomp_fd = args_r = args_w = out_r = out_w = -1
         try:
@@ -150,7 +148,7 @@ class BwrapLauncher:
             raise LaunchFailed(f"cannot start bwrap in its cgroup: {exc}") from exc
         finally:
             close_fds(args_w)
-        return BwrapWatch(proc, out_r)
+        return BwrapRuntime(proc, out_r)
 
     async def start(self) -> None:
         return None
@@ -180,5 +178,3 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
-
-

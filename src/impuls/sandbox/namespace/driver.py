@@ -1,42 +1,7 @@
 """The ``namespace`` driver: each instance in its own Linux namespaces and cgroup.
 
-What an instance gets:
-
-* new user, pid, mount, network (loopback only), ipc, uts and cgroup
-  namespaces; the sandbox uid/gid 993 with no capabilities and
-  ``no_new_privs``; the seccomp filter of :mod:`impuls.sandbox.namespace.seccomp`;
-* a read-only root (:mod:`impuls.sandbox.namespace.bwrap`'s layout) with ``/usr``
-  (the interpreters), a few ``/etc`` files, the runtime clients in
-  ``/var/runtime``, the function's code read-only at ``/var/task``, a
-  private ``/tmp`` capped at ``ephemeral_storage_mb``, its own ``/proc``
-  and a minimal ``/dev``;
-* the Runtime API as a unix socket at ``/run/impuls/runtime.sock``
-  (``IMPULS_RUNTIME_API_SOCKET``); ``AWS_LAMBDA_RUNTIME_API`` names
-  ``127.0.0.1:9001``, where a relay listens for clients that only speak TCP;
-* a cgroup (:mod:`impuls.sandbox.namespace.cgroups`, v1 or v2) that holds every
-  process of the instance from before its first instruction: memory limit
-  ``memory_mb`` (no swap; /tmp pages count too), at most ``PIDS_MAX``
-  tasks, a CPU weight proportional to the memory size (1769 MB = one full
-  share, as on Lambda).
-
-How instances are started is a launcher's business
-(:mod:`impuls.sandbox.namespace.launch`): by default they are forked from a
-pre-initialised template process (:mod:`impuls.sandbox.namespace.template`); where
-that cannot run, one ``bwrap`` per instance (:mod:`impuls.sandbox.namespace.bwrap_launch`).
-
-Contract (beyond :mod:`impuls.sandbox.base`):
-
-* ``destroy`` kills the instance's pid 1 (its pid namespace dies with it),
-  sweeps and removes its cgroup and its socket directory; a cgroup that
-  cannot be removed is logged and left to ``reap_orphans``;
-* an instance that ran into its process limit during an invocation (a fork
-  bomb) is destroyed once that invocation's reply is in;
-* ``reap_orphans`` kills and removes every cgroup and socket directory this
-  data directory's previous server left behind -- it only touches its own
-  cgroup parent, ``impuls/<hash of the work dir>``; ``start`` then starts
-  the launcher (the template and its pool of empty sandboxes);
-* ``close`` stops the launcher and, once no instance is left, removes the
-  cgroup parent.
+What an instance gets, and how it is started, is described in docs/sandboxes.md
+("namespace"); starting one is a launcher's business (:mod:`.launch`).
 """
 
 from __future__ import annotations
@@ -60,11 +25,11 @@ from impuls.sandbox.namespace import cgroups, seccomp
 from impuls.sandbox.namespace.bwrap_launch import BwrapLauncher
 from impuls.sandbox.namespace.launch import (
     SANDBOX_UID,
+    LaunchedRuntime,
     Launcher,
     LauncherUnavailable,
     LaunchFailed,
     SandboxLost,
-    Watch,
 )
 from impuls.sandbox.runtime_api import Invocation, RuntimeAPI, RuntimeReply
 
@@ -89,11 +54,11 @@ def default_launcher(host: cgroups.CgroupHost, runtimes: RuntimeRegistry) -> Lau
 
 
 class NamespaceInstance(WatchedInstance):
-    watch: Watch
+    watch: LaunchedRuntime
 
-    def __init__(self, spec: InstanceSpec, api: RuntimeAPI, cgroup: cgroups.Cgroup, watch: Watch,
-                 run_dir: Path, live: dict[str, str]) -> None:
-        super().__init__(spec, api, watch)
+    def __init__(self, spec: InstanceSpec, api: RuntimeAPI, cgroup: cgroups.Cgroup,
+                 runtime: LaunchedRuntime, run_dir: Path, live: dict[str, str]) -> None:
+        super().__init__(spec, api, runtime)
         self.cgroup = cgroup
         self.run_dir = run_dir
         self._live = live
@@ -134,6 +99,8 @@ class NamespaceInstance(WatchedInstance):
             raise
 
     async def _teardown(self) -> None:
+        """Kill the instance's pid 1, sweep and remove its cgroup and its socket
+        directory; a cgroup that cannot be removed is logged and left to ``reap_orphans``."""
         # Killing pid 1 ends the pid namespace at once; the cgroup sweep after
         # it then finds (almost) nothing and needs no freezing.
         if self.watch.kill():
@@ -187,7 +154,7 @@ def cgroup_parent(work_dir: Path) -> str:
 
 
 class NamespaceDriver(SandboxDriver):
-    """Instances in Linux namespaces (bubblewrap) with cgroup limits (see module doc)."""
+    """Instances in Linux namespaces (bubblewrap) with cgroup limits (see docs/sandboxes.md)."""
 
     name = "namespace"
     unsafe = False
@@ -246,11 +213,14 @@ class NamespaceDriver(SandboxDriver):
             if isinstance(exc, SandboxStartFailed):
                 raise
             raise SandboxStartFailed(f"cannot start a {spec.runtime.id} sandbox: {exc}") from exc
-        instance = NamespaceInstance(spec, api, launched.cgroup, launched.watch, run_dir, self._live)
+        instance = NamespaceInstance(spec, api, launched.cgroup, launched.runtime, run_dir, self._live)
         await instance.ready_or_destroyed(INIT_TIMEOUT)
         return instance
 
     async def reap_orphans(self) -> int:
+        """Kill and remove every cgroup and socket directory this data directory's
+        previous server left behind; only this server's own cgroup parent,
+        ``impuls/<hash of the work dir>``, is touched."""
         keep = frozenset({*self._live.values(), *self.launcher.cgroup_names()})
         try:
             removed = await asyncio.to_thread(self.cgroups.reap_stale, keep)

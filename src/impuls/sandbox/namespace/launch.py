@@ -1,24 +1,7 @@
-"""Starting one namespace-sandbox instance: the launcher interface and what launchers share.
-
-A :class:`Launcher` starts the runtime of one instance inside fresh
-namespaces and a cgroup of its own, and hands back a :class:`Launched`: the
-cgroup (it holds every process of the instance from before its first
-instruction) and a :class:`Watch` (output, exit, kill).  Two exist:
-:class:`~impuls.sandbox.namespace.template.TemplateLauncher` (fork from a
-pre-initialised template; the default) and
-:class:`~impuls.sandbox.namespace.bwrap_launch.BwrapLauncher` (one ``bwrap`` per
-instance).  Both give the runtime the same view (see
-:mod:`impuls.sandbox.namespace.driver`).
-
-Errors: :class:`LaunchFailed` (and subclasses), never ``OSError``;
-:class:`LauncherUnavailable` means "this launcher cannot work on this host"
-(the driver then falls back to another); :class:`SandboxLost` means a
-pre-built sandbox died before it took the function (the start may be retried).
-"""
+"""Starting one namespace-sandbox instance: the launcher interface and what launchers share."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 from dataclasses import dataclass
@@ -26,7 +9,7 @@ from pathlib import Path
 from typing import Protocol
 
 from impuls.errors import SandboxStartFailed
-from impuls.sandbox.base import InstanceSpec, OutputCapture
+from impuls.sandbox.base import InstanceSpec, RuntimeWatch
 from impuls.sandbox.namespace import bwrap, cgroups
 
 SANDBOX_UID = SANDBOX_GID = 993
@@ -39,11 +22,13 @@ LAMBDA_MB_PER_VCPU = 1769
 
 
 class LaunchFailed(SandboxStartFailed):
-    """The sandboxed runtime process could not be started."""
+    """The sandboxed runtime process could not be started (launchers raise it and
+    its subclasses, never ``OSError``)."""
 
 
 class LauncherUnavailable(LaunchFailed):
-    """This way of starting sandboxes does not work on this host (another may)."""
+    """This way of starting sandboxes does not work on this host (another may: the
+    driver then falls back to one bwrap per instance)."""
 
 
 class SandboxLost(LaunchFailed):
@@ -78,13 +63,13 @@ def sandbox_command(spec: InstanceSpec) -> list[str]:
     return spec.runtime.command(bwrap.TASK_DIR, bootstrap_path(spec))
 
 
-# --- watching a started instance --------------------------------------------------
+# --- a started instance -------------------------------------------------------------
 
 
-class Watch(Protocol):
-    """What a launcher hands back: the exit of the instance and its output."""
+class LaunchedRuntime(RuntimeWatch, Protocol):
+    """The runtime a launcher started: its exit and output (a :class:`RuntimeWatch`), and
+    the means to end it."""
 
-    exited: asyncio.Future[int]
     #: why building the sandbox failed, when the launcher learns it after ``launch``
     error: str
 
@@ -92,10 +77,6 @@ class Watch(Protocol):
     def lost(self) -> bool:
         """True when the sandbox died before it took the function (nothing of it ran)."""
         ...
-
-    def output_to(self, capture: OutputCapture) -> None: ...
-
-    def drain(self) -> None: ...
 
     def kill(self) -> bool:
         """SIGKILL the instance's top process (its pid namespace then collapses);
@@ -106,14 +87,22 @@ class Watch(Protocol):
 
 @dataclass(frozen=True)
 class Launched:
-    """A started instance: its watch and the cgroup that holds all of its processes."""
+    """A started instance: its runtime and the cgroup that holds all of its processes
+    (from before their first instruction)."""
 
-    watch: Watch
+    runtime: LaunchedRuntime
     cgroup: cgroups.Cgroup
 
 
 class Launcher(Protocol):
-    """Starts the runtime of one instance inside its namespaces and its own cgroup."""
+    """Starts the runtime of one instance inside fresh namespaces and a cgroup of its own.
+
+    Two exist, giving the runtime the same view:
+    :class:`~impuls.sandbox.namespace.template.TemplateLauncher` (fork from a
+    pre-initialised template; the default) and
+    :class:`~impuls.sandbox.namespace.bwrap_launch.BwrapLauncher` (one ``bwrap``
+    per instance).
+    """
 
     name: str
 

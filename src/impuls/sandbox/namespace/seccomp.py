@@ -1,68 +1,6 @@
-"""The seccomp filter every ``namespace`` sandbox runs under.
-
-``build_filter_bpf()`` returns the filter as raw classic-BPF
-(``struct sock_filter[]``, libseccomp's ``seccomp_export_bpf`` format), which
-is what ``bwrap --seccomp FD`` reads.  bwrap installs it on the sandboxed
-command *and* on its own pid-1 reaper, after it has built the namespaces, so
-the filter does not get in the way of bwrap's own setup.
-
-Policy: default ALLOW, a deny-list answering ``EPERM`` (``ENOSYS`` for
-``clone3``).  A deny-list is enough here because the filter is one layer out
-of several: the process also runs as an unprivileged uid, with no
-capabilities, ``no_new_privs``, in its own user/pid/net/ipc/uts/cgroup/mount
-namespaces.  The filter's job is to shrink the kernel attack surface reachable
-from that position and to make sure nothing can undo the other layers.
-
-Denied (``EPERM``) and why:
-
-* inspecting / tampering with other processes: ``ptrace``,
-  ``process_vm_readv``, ``process_vm_writev``;
-* creating or entering namespaces, mounting, changing root (the ways out of
-  the bwrap layout; unprivileged user namespaces would otherwise hand the
-  process a full capability set inside a fresh namespace): ``unshare``,
-  ``setns``, ``mount``, ``umount2``, ``pivot_root``, ``chroot``, the new mount
-  API ``fsopen fsmount fsconfig fspick move_mount open_tree mount_setattr``,
-  and ``clone`` when its flags carry any ``CLONE_NEW*`` bit (argument filter:
-  one rule per bit, since libseccomp can only test a masked value for
-  equality);
-* ``clone3`` answers ``ENOSYS``: its flags live in a struct in memory that
-  seccomp cannot inspect, so it cannot be filtered by flag; glibc (>= 2.34)
-  and musl fall back to ``clone`` on ``ENOSYS``, which is filtered above;
-* large or historically buggy kernel attack surface that no function needs:
-  ``bpf``, ``perf_event_open``, ``userfaultfd``, ``io_uring_setup``,
-  ``io_uring_enter``, ``io_uring_register``, the key-retention service
-  (``keyctl``, ``add_key``, ``request_key``; keyrings are not namespaced),
-  ``lookup_dcookie``, ``uselib``;
-* file-handle syscalls that bypass path-based confinement ("shocker"):
-  ``open_by_handle_at``, ``name_to_handle_at``;
-* whole-machine administration: ``kexec_load``, ``kexec_file_load``,
-  ``init_module``, ``finit_module``, ``delete_module``, ``reboot``,
-  ``swapon``, ``swapoff``, ``acct``, ``quotactl``, ``quotactl_fd``,
-  ``syslog`` (kernel log), ``iopl``, ``ioperm`` (raw port I/O);
-* the clock is shared by every namespace: ``settimeofday``,
-  ``clock_settime``, ``adjtimex``, ``clock_adjtime`` (even read-only
-  ``adjtimex(modes=0)`` queries get ``EPERM``; nothing in the runtimes uses
-  them);
-* ``personality`` with anything but ``PER_LINUX`` (0) or the query value
-  ``0xffffffff``, so ``ADDR_NO_RANDOMIZE`` / ``READ_IMPLIES_EXEC`` cannot be
-  switched on.  libseccomp cannot put two comparisons on the same argument
-  into one rule, so "x not in {0, 0xffffffff}" is written as "some pair of
-  adjacent bits of x differ": 31 pairs x 2 patterns = 62 masked-equality
-  rules, only evaluated for ``personality`` itself.
-
-Other architectures: the filter is built for the native architecture only,
-and a syscall made through any other ABI gets the "bad arch" action, set to
-``KILL_PROCESS``.  On x86_64 that covers the 32-bit ``int 0x80`` entry point
-(``AUDIT_ARCH_I386``) and the x32 ABI: x32 syscalls arrive with the x86_64
-audit arch but with bit 30 (``__X32_SYSCALL_BIT``) set in the number, and
-libseccomp's x86_64 code emits a ``nr >= 0x40000000 -> bad arch`` check for
-them when x32 is not one of the filter's arches.
-
-The BPF is computed once per process and cached (``build_filter_bpf`` is
-cheap to call repeatedly).  ``pyseccomp`` (a ctypes binding to
-``libseccomp.so.2``) is imported lazily so that importing this module never
-fails on a host without libseccomp.
-"""
+"""The seccomp filter every ``namespace`` sandbox runs under: ``build_filter_bpf()``
+returns it as raw classic BPF for ``bwrap --seccomp FD`` (and for the template, which
+installs it itself)."""
 
 from __future__ import annotations
 
@@ -85,25 +23,30 @@ class SeccompError(SandboxStartFailed):
     """The seccomp filter could not be built (libseccomp missing or failing)."""
 
 
-#: Syscalls answered with EPERM whatever their arguments (see module doc).
+#: Syscalls answered with EPERM whatever their arguments.
 DENIED_SYSCALLS: tuple[str, ...] = (
-    # other processes
+    # inspecting / tampering with other processes
     "ptrace", "process_vm_readv", "process_vm_writev",
-    # namespaces, mounts, root
+    # creating or entering namespaces, mounting, changing root: the ways out of
+    # the bwrap layout (unprivileged user namespaces would otherwise hand the
+    # process a full capability set inside a fresh namespace); clone() with
+    # CLONE_NEW* flags is filtered by argument in _build
     "unshare", "setns", "mount", "umount2", "pivot_root", "chroot",
     "fsopen", "fsmount", "fsconfig", "fspick", "move_mount", "open_tree",
     "mount_setattr",
-    # kernel attack surface
+    # large or historically buggy kernel attack surface that no function
+    # needs (keyrings are not namespaced)
     "bpf", "perf_event_open", "userfaultfd",
     "io_uring_setup", "io_uring_enter", "io_uring_register",
     "keyctl", "add_key", "request_key", "lookup_dcookie", "uselib",
-    # file handles
+    # file handles bypass path-based confinement ("shocker")
     "open_by_handle_at", "name_to_handle_at",
-    # machine administration
+    # whole-machine administration (syslog: the kernel log; iopl/ioperm: raw port I/O)
     "kexec_load", "kexec_file_load", "init_module", "finit_module",
     "delete_module", "reboot", "swapon", "swapoff", "acct", "quotactl",
     "quotactl_fd", "syslog", "iopl", "ioperm",
-    # clock
+    # the clock is shared by every namespace (even read-only adjtimex(modes=0)
+    # queries get EPERM; nothing in the runtimes uses them)
     "settimeofday", "clock_settime", "adjtimex", "clock_adjtime",
 )
 
@@ -130,8 +73,13 @@ def build_filter_bpf() -> bytes:
     """Return the sandbox seccomp filter as raw BPF bytes for ``bwrap --seccomp``.
 
     Contract: the same bytes for the life of the process (built on first call,
-    thread-safe); a multiple of 8 bytes (``struct sock_filter``).  Raises
-    ``SeccompError`` if libseccomp is missing or rejects the filter.
+    thread-safe, then cached: cheap to call repeatedly); a multiple of 8 bytes
+    (``struct sock_filter[]``, libseccomp's ``seccomp_export_bpf`` format).
+    Raises ``SeccompError`` if libseccomp is missing or rejects the filter.
+
+    bwrap installs it on the sandboxed command *and* on its own pid-1 reaper,
+    after it has built the namespaces, so the filter does not get in the way
+    of bwrap's own setup.
 
     The bytes have to reach bwrap through a file descriptor that bwrap reads
     to EOF; a descriptor is consumed by one bwrap run (see
@@ -147,6 +95,8 @@ def build_filter_bpf() -> bytes:
 
 
 def _build() -> bytes:
+    # pyseccomp (a ctypes binding to libseccomp.so.2) is imported here, so that
+    # importing this module never fails on a host without libseccomp.
     try:
         import pyseccomp as sc
     except (ImportError, OSError, RuntimeError) as exc:  # RuntimeError: no libseccomp
@@ -154,9 +104,20 @@ def _build() -> bytes:
 
     eperm = sc.ERRNO(errno.EPERM)
     try:
+        # Default ALLOW and a deny-list: enough because the filter is one layer
+        # of several (unprivileged uid, no capabilities, no_new_privs, its own
+        # user/pid/net/ipc/uts/cgroup/mount namespaces).  Its job is to shrink the
+        # kernel attack surface reachable from there and to make sure nothing
+        # can undo the other layers.
         flt = sc.SyscallFilter(sc.ALLOW)
-        # A syscall through a foreign ABI (i386 int 0x80, x32) kills the whole
-        # process rather than one thread, so nothing is left half-alive.
+        # The filter is built for the native architecture only; a syscall
+        # through any other ABI gets the "bad arch" action, and kills the whole
+        # process rather than one thread, so nothing is left half-alive.  On
+        # x86_64 that covers the 32-bit int 0x80 entry (AUDIT_ARCH_I386) and
+        # x32: x32 syscalls arrive with the x86_64 audit arch but with bit 30
+        # (__X32_SYSCALL_BIT) set in the number, and libseccomp's x86_64 code
+        # emits a "nr >= 0x40000000 -> bad arch" check when x32 is not one of
+        # the filter's arches.
         flt.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)
         # Binary-tree dispatch on the syscall number instead of a linear list.
         with contextlib.suppress(OSError):  # libseccomp < 2.5: keep the linear layout
@@ -167,14 +128,23 @@ def _build() -> bytes:
             if nr is not None:
                 flt.add_rule(eperm, nr)
 
+        # clone3's flags live in a struct in memory that seccomp cannot inspect,
+        # so it cannot be filtered by flag: ENOSYS makes glibc (>= 2.34) and musl
+        # fall back to clone, which is filtered below.
         flt.add_rule(sc.ERRNO(errno.ENOSYS), _require(sc, "clone3"))
 
+        # One rule per CLONE_NEW* bit: libseccomp can only test a masked value
+        # for equality.
         clone = _require(sc, "clone")
         for bit in NAMESPACE_CLONE_FLAGS.values():
             flt.add_rule(eperm, clone, sc.Arg(0, sc.MASKED_EQ, bit, bit))
 
-        # personality(x) denied unless x in {0, 0xffffffff}: x is outside that
-        # set iff two adjacent bits (of the 32 the kernel looks at) differ.
+        # personality(x) denied unless x is PER_LINUX (0) or the query value
+        # 0xffffffff, so ADDR_NO_RANDOMIZE / READ_IMPLIES_EXEC cannot be switched
+        # on.  libseccomp cannot put two comparisons on the same argument into
+        # one rule, so "x not in {0, 0xffffffff}" is written as "two adjacent
+        # bits (of the 32 the kernel looks at) differ": 31 pairs x 2 patterns =
+        # 62 masked-equality rules, only evaluated for personality itself.
         personality = _require(sc, "personality")
         for i in range(31):
             pair = (1 << i) | (1 << (i + 1))

@@ -1,27 +1,5 @@
-"""The server's end of one template-built instance ("slot") of the namespace sandbox.
-
-A :class:`Slot` is an empty instance prepared ahead of time by the template
-process (:mod:`impuls.sandbox.namespace.zygote` describes the other end): namespaces
-made, ``/proc`` mounted, a process waiting -- in a cgroup of its own, but
-bound to no function yet.  :meth:`Slot.assign` turns it into an instance of
-one function in microseconds; its :class:`SlotWatch` then reports that
-instance's output and exit like any :class:`~impuls.sandbox.namespace.driver.Watch`.
-
-The control socket (``SOCK_SEQPACKET``, ``SO_PASSCRED`` on our end) carries:
-
-* from the slot: ``pid`` with ``SCM_CREDENTIALS`` (we move that host pid into
-  the cgroup -- in a worker thread, since a cgroup move can wait for an RCU
-  grace period -- and answer ``go``), ``ready`` with the credentials of the
-  instance's pid 1 (we keep a pidfd: killing it ends the whole pid
-  namespace at once), ``assigned`` once it has the function, later
-  ``exit <status>``, and ``error <text>`` when a step fails;
-* from us: ``go``, then the assignment (JSON and three descriptors).
-
-End-of-file means every process of the slot is gone.  Contract: ``assign``
-raises :class:`~impuls.sandbox.namespace.driver.LaunchFailed`, never ``OSError``;
-``discard`` (idempotent) closes the socket -- an unassigned slot then exits
-by itself -- and removes the cgroup.
-"""
+"""The server's end of the template-built, not yet assigned instances ("slots") of the
+namespace sandbox (:mod:`.zygote` is the other end)."""
 
 from __future__ import annotations
 
@@ -64,8 +42,16 @@ def detached_mount(path: Path) -> int:
     return int(fd)
 
 
-class SlotWatch:
-    """The control socket of one slot, and later its instance's output and exit."""
+class SlotControl:
+    """The server's end of one slot's control socket; once the slot is assigned, the
+    :class:`~impuls.sandbox.namespace.launch.LaunchedRuntime` of its instance.
+
+    The socket (``SOCK_SEQPACKET``, ``SO_PASSCRED`` on our end) carries, from
+    the slot: ``pid``, ``ready``, ``assigned``, later ``exit <status>``, and
+    ``error <text>`` when a step fails (see ``_on_control``); from us: ``go``,
+    then the assignment (``send_assignment``).  End-of-file means every
+    process of the slot is gone.
+    """
 
     def __init__(self, ctl: socket.socket, cgroup: cgroups.Cgroup) -> None:
         self.loop = asyncio.get_running_loop()
@@ -82,7 +68,7 @@ class SlotWatch:
         ctl.setblocking(False)
         self.loop.add_reader(ctl.fileno(), self._on_control)
 
-    # --- the Watch interface ---------------------------------------------------------
+    # --- the LaunchedRuntime interface -------------------------------------------------
 
     @property
     def lost(self) -> bool:
@@ -122,6 +108,7 @@ class SlotWatch:
     # --- assignment --------------------------------------------------------------------
 
     def send_assignment(self, request: bytes, fds: list[int], output_fd: int) -> None:
+        """Send the assignment: JSON and three descriptors (code, socket, output pipe)."""
         if self._ctl is None or self.exited.done():
             raise LaunchFailed(f"the sandbox slot is gone{': ' + self.error if self.error else ''}")
         try:
@@ -142,14 +129,14 @@ class SlotWatch:
             except OSError as exc:
                 self.error = self.error or str(exc)
                 msg, ancdata = b"", []
-            if not msg:
+            if not msg:  # end-of-file: every process of the slot is gone
                 self._close_control()
                 return
-            if msg == b"pid":
+            if msg == b"pid":  # with SCM_CREDENTIALS: the host pid to move into the cgroup
                 self.loop.create_task(self._join_cgroup(_sender(ancdata)))
-            elif msg == b"ready":
+            elif msg == b"ready":  # with the credentials of the instance's pid 1
                 self._on_ready(_sender(ancdata))
-            elif msg == b"assigned":
+            elif msg == b"assigned":  # it has the function
                 self._took_it = True
             elif msg.startswith(b"exit "):
                 with contextlib.suppress(ValueError):
@@ -159,6 +146,7 @@ class SlotWatch:
                 log.debug("slot %s: %s", self.cgroup.name, self.error)
 
     def _on_ready(self, pid: int | None) -> None:
+        # Keep a pidfd of the instance's pid 1: killing it ends the whole pid namespace at once.
         if pid is not None and self._pidfd < 0:
             with contextlib.suppress(OSError):
                 self._pidfd = os.pidfd_open(pid)
@@ -169,6 +157,7 @@ class SlotWatch:
         try:
             if pid is None:
                 raise LaunchFailed("the template child sent no credentials")
+            # In a worker thread: a cgroup move can wait for an RCU grace period.
             await asyncio.to_thread(self.cgroup.add_pid, pid)
             if self._ctl is not None:
                 self._ctl.send(b"go")
@@ -201,29 +190,31 @@ def _sender(ancdata: list[tuple[int, int, bytes]]) -> int | None:
 
 
 class Slot:
-    """An empty, pre-built instance (see module doc)."""
+    """An empty instance prepared ahead of time by the template process: namespaces
+    made, ``/proc`` mounted, a process waiting -- in a cgroup of its own, but bound to
+    no function yet.  ``assign`` turns it into an instance of one function in
+    microseconds."""
 
-    def __init__(self, cgroup: cgroups.Cgroup, watch: SlotWatch) -> None:
+    def __init__(self, cgroup: cgroups.Cgroup, control: SlotControl) -> None:
         self.cgroup = cgroup
-        self.watch = watch
-        self.assigned = False
+        self.control = control
 
     @property
     def usable(self) -> bool:
-        return self.watch.ready.done() and not self.watch.ready.exception() and \
-            not self.watch.exited.done()
+        return self.control.ready.done() and not self.control.ready.exception() and \
+            not self.control.exited.done()
 
     def assign(self, request: bytes, code_dir: Path, socket_path: Path, memory_mb: int,
                cpu_weight: int) -> None:
-        """Bind the slot to one instance: limits, code, Runtime API socket, output pipe."""
+        """Bind the slot to one instance: limits, code, Runtime API socket, output pipe.
+        Raises ``LaunchFailed``, never ``OSError``."""
         code_fd = sock_fd = out_r = out_w = -1
         try:
             self.cgroup.set_limits(memory_mb, cpu_weight)
             code_fd = detached_mount(code_dir)
             sock_fd = detached_mount(socket_path)
             out_r, out_w = os.pipe2(os.O_CLOEXEC)
-            self.watch.send_assignment(request, [code_fd, sock_fd, out_w], out_r)
-            self.assigned = True
+            self.control.send_assignment(request, [code_fd, sock_fd, out_w], out_r)
         except OSError as exc:
             close_fds(out_r)
             raise LaunchFailed(f"cannot prepare the sandbox: {exc}") from exc
@@ -234,8 +225,9 @@ class Slot:
             close_fds(code_fd, sock_fd, out_w)
 
     async def discard(self) -> None:
-        """Give the slot up: its processes end, its cgroup is removed (idempotent)."""
-        self.watch.close()
+        """Give the slot up (idempotent): closing the socket makes an unassigned slot
+        exit by itself, and its cgroup is removed."""
+        self.control.close()
         try:
             await asyncio.to_thread(self.cgroup.remove)
         except cgroups.CgroupError as exc:

@@ -1,30 +1,5 @@
-"""Fast namespace-sandbox starts: instances forked from a pre-initialised template.
-
-A :class:`TemplateLauncher` keeps one template process (:mod:`impuls.sandbox.namespace.zygote`)
-running in a bwrap sandbox with the instance layout.  The template has already
-started the Python interpreter and imported the Python runtime client, so a
-Python instance costs a ``fork`` plus namespaces and mounts instead of
-``bwrap`` + interpreter start-up (SOCK / OpenLambda's zygotes).  Other
-runtimes are forked the same way and then ``exec`` their interpreter.
-
-The function-independent part of an instance -- fork, namespaces, cgroup
-membership, ``/proc`` -- is done ahead of time: the launcher keeps a small
-pool of empty *slots* (:mod:`impuls.sandbox.namespace.slots`), refilled in the
-background.  ``launch`` takes one (or builds one at once when the pool is
-empty), sets the cgroup's limits and hands it the function: a detached
-read-only mount of its code (``open_tree``, made by the server, so code
-below a 0700 parent works), a detached mount of the Runtime API socket, the
-output pipe and the environment.
-
-The template runs as the sandbox uid with ``CAP_SYS_ADMIN``,
-``CAP_NET_ADMIN`` and ``CAP_SETPCAP`` in its own user namespace (needed to
-build the instances' namespaces); instances drop every capability, set
-``no_new_privs`` and install the seccomp filter before any function code
-runs.  It lives in a cgroup of its own (``template-*``).  If it dies (its
-instances and slots die with it: they live in its pid namespace), the next
-``launch`` starts a new one.  Contract: ``launch`` raises :class:`LaunchFailed`
-(never ``OSError``) and then leaves nothing behind.
-"""
+"""Fast namespace-sandbox starts: the launcher that forks instances from a
+pre-initialised template process (:mod:`.zygote`), and the server's handle on that process."""
 
 from __future__ import annotations
 
@@ -60,12 +35,15 @@ from impuls.sandbox.namespace.launch import (
     sandbox_command,
     sandbox_env,
 )
-from impuls.sandbox.namespace.slots import Slot, SlotWatch
+from impuls.sandbox.namespace.slots import Slot, SlotControl
 from impuls.sandbox.watch import OutputPump
 
 log = logging.getLogger("impuls.sandbox.namespace.template")
 
 ZYGOTE_SOURCE = Path(__file__).with_name("zygote.py")
+#: Kept by the template inside its own user namespace, to build the instances'
+#: namespaces; instances drop every capability, set no_new_privs and install the
+#: seccomp filter before any function code runs.
 TEMPLATE_CAPS = ("CAP_SYS_ADMIN", "CAP_NET_ADMIN", "CAP_SETPCAP")
 TEMPLATE_MEMORY_MB = 1024
 TEMPLATE_PIDS_MAX = 1024
@@ -95,8 +73,10 @@ class TemplateUnavailable(TemplateError, LauncherUnavailable):
 # --- the template process -------------------------------------------------------------------
 
 
-class Template:
-    """One running template process (see module doc)."""
+class TemplateProcess:
+    """The server's handle on one running template process: a bwrap sandbox with the
+    instance layout, running :mod:`.zygote` as the sandbox uid with ``TEMPLATE_CAPS``,
+    in a cgroup of its own (``template-*``)."""
 
     def __init__(self, proc: subprocess.Popen[bytes], control: socket.socket, cgroup: cgroups.Cgroup,
                  logs: OutputPump) -> None:
@@ -110,7 +90,7 @@ class Template:
 
     @classmethod
     async def start(cls, host: cgroups.CgroupHost, runtimes: list[Runtime], interpreter: str,
-                    uid: int, gid: int) -> Template:
+                    uid: int, gid: int) -> TemplateProcess:
         """Start a template on ``interpreter`` knowing ``runtimes``' clients; TemplateUnavailable."""
         cgroup = host.create(f"template-{uuid.uuid4().hex[:8]}", TEMPLATE_MEMORY_MB,
                              TEMPLATE_PIDS_MAX, 100)
@@ -241,8 +221,6 @@ def _template_files(runtimes: list[Runtime], uid: int, gid: int) -> dict[str, in
     return fds
 
 
-
-
 # --- the launcher ------------------------------------------------------------------------------
 
 
@@ -255,7 +233,17 @@ def template_interpreter(runtimes: Iterable[Runtime]) -> str | None:
 
 
 class TemplateLauncher:
-    """Starts instances from pre-built slots of a template process (see module doc)."""
+    """Starts instances from pre-built slots of a template process.
+
+    The template has already started the Python interpreter and imported the
+    Python runtime client, so a Python instance costs a ``fork`` plus
+    namespaces and mounts instead of ``bwrap`` + interpreter start-up (SOCK /
+    OpenLambda's zygotes); other runtimes are forked the same way and then
+    ``exec`` their interpreter.  The function-independent part of an instance
+    -- fork, namespaces, cgroup membership, ``/proc`` -- is done ahead of
+    time: a small pool of empty slots (:mod:`.slots`), refilled in the
+    background.
+    """
 
     name = "template"
 
@@ -271,7 +259,7 @@ class TemplateLauncher:
         self.interpreter = interpreter
         self.uid, self.gid = uid, gid
         self.pool_size = pool_size
-        self._template: Template | None = None
+        self._template: TemplateProcess | None = None
         self._lock = asyncio.Lock()
         self._bootstraps = {rt.bootstrap.name for rt in self.runtimes if rt.bootstrap is not None}
         self._pool: collections.deque[Slot] = collections.deque()
@@ -293,6 +281,12 @@ class TemplateLauncher:
         self._refill()
 
     async def launch(self, spec: InstanceSpec, socket_path: Path) -> Launched:
+        """Take a slot (or build one at once when the pool is empty), set its cgroup's
+        limits and hand it the function: a detached read-only mount of its code
+        (``open_tree``, made by the server, so code below a 0700 parent works), a
+        detached mount of the Runtime API socket, the output pipe and the
+        environment.  Raises ``LaunchFailed`` (never ``OSError``), leaving nothing
+        behind."""
         request = self._request(spec)
         slot = await self._take()
         try:
@@ -300,7 +294,7 @@ class TemplateLauncher:
         except BaseException:
             await slot.discard()
             raise
-        return Launched(slot.watch, slot.cgroup)
+        return Launched(slot.control, slot.cgroup)
 
     async def close(self) -> None:
         self._closed = True
@@ -353,13 +347,13 @@ class TemplateLauncher:
             cgroup = self.host.create(f"slot-{uuid.uuid4().hex[:12]}", SLOT_MEMORY_MB, PIDS_MAX,
                                       cpu_weight(SLOT_MEMORY_MB))
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            slot = Slot(cgroup, SlotWatch(ours, cgroup))
+            slot = Slot(cgroup, SlotControl(ours, cgroup))
             self._building.add(slot)
             try:
                 ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
                 template.send(b'{"op": "slot"}', [theirs.fileno()])
                 theirs.close()
-                await asyncio.wait_for(asyncio.shield(slot.watch.ready), SLOT_TIMEOUT)
+                await asyncio.wait_for(asyncio.shield(slot.control.ready), SLOT_TIMEOUT)
                 return slot
             except BaseException as exc:
                 theirs.close()
@@ -376,7 +370,9 @@ class TemplateLauncher:
                 self._building.discard(slot)
         raise TemplateError("the template process keeps dying")
 
-    async def _ensure(self) -> Template:
+    async def _ensure(self) -> TemplateProcess:
+        """The running template; a new one if there is none or it died (its instances
+        and slots died with it: they live in its pid namespace)."""
         template = self._template
         if template is not None and template.alive:
             return template
@@ -385,8 +381,8 @@ class TemplateLauncher:
                 await self._template.close()
                 self._template = None
             if self._template is None:
-                self._template = await Template.start(self.host, self.runtimes, self.interpreter,
-                                                      self.uid, self.gid)
+                self._template = await TemplateProcess.start(self.host, self.runtimes,
+                                                             self.interpreter, self.uid, self.gid)
             return self._template
 
     def _request(self, spec: InstanceSpec) -> bytes:

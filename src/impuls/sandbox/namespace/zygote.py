@@ -1,55 +1,6 @@
-"""The template ("zygote") process of the ``namespace`` sandbox.  Runs INSIDE a sandbox.
-
-:mod:`impuls.sandbox.namespace.template` starts this file once per driver, with the
-system interpreter of the Python runtime, inside a bwrap sandbox that has the
-instance layout (read-only root, ``/usr``, ``/etc`` files, runtime clients in
-``/var/runtime``, empty mount points ``/var/task`` and
-``/run/impuls/runtime.sock``) and that keeps ``CAP_SYS_ADMIN``,
-``CAP_NET_ADMIN`` and ``CAP_SETPCAP`` *inside its own user namespace* (uid
-993 on the host, like every instance).  Standard library only: Impuls's own
-packages are not in the sandbox.
-
-It imports the Python runtime client once, then builds *slots* -- empty
-instances, not yet bound to any function -- on request: one message
-``{"op": "slot", "id": ...}`` on its ``SOCK_SEQPACKET`` socket (fd number
-in ``argv[1]``) with the slot's own control socket attached (``SCM_RIGHTS``;
-the server's end has ``SO_PASSCRED``).  For each it forks A, which
-
-1. reports its pid (``SCM_CREDENTIALS``: the kernel translates it to the host
-   pid), unshares mount, network, ipc, uts and pid namespaces, makes every
-   mount private and brings ``lo`` up;
-2. waits for ``go`` (the server has moved it into the slot's cgroup),
-   unshares the cgroup namespace, forks B and exits.
-
-B is pid 1 of the new pid namespace: it mounts the namespace's own ``/proc``
-(``sys``, ``sysrq-trigger``, ``irq``, ``bus`` read-only, as bwrap does) and
-a fresh devpts, forks C (which waits), and sends ``ready`` (with its
-credentials: the server can then kill the whole instance by killing B).  The server then
-*assigns* the slot to an instance: a JSON message (``argv``, ``env``,
-``mode``, ``tmp_mb``, ``shm_mb``, ``relay``) with three descriptors: a
-detached read-only mount of the code directory (``open_tree``), a detached
-mount of the Runtime API socket, and the write end of the stdout/stderr
-pipe.  B attaches the code at ``/var/task`` (read-only, nosuid, nodev), the
-socket at ``/run/impuls/runtime.sock``, a fresh tmpfs at ``/tmp`` (``tmp_mb``)
-and ``/dev/shm``, answers ``assigned``, hands the assignment to C, drops its privileges
-(and makes itself non-dumpable: C may not read or write its memory through
-``/proc/1``) and becomes the namespace's reaper: when C exits it sends ``exit <status>`` and
-exits, which kills whatever is left in the namespace.  For a runtime client
-that only speaks TCP (``relay: true``) B also listens on ``127.0.0.1:9001``
-inside the instance's network namespace and relays each connection to the
-Runtime API socket.
-
-C starts a new session, gets the pipe as stdout/stderr and ``/dev/null`` as
-stdin, ``/var/task`` as working directory and exactly the instance's
-environment, drops every capability (bounding, ambient,
-effective/permitted/inheritable), sets ``no_new_privs``, installs the seccomp
-filter, and only then either calls the preloaded runtime client's ``main()``
-(``mode: python``) or ``execve``s ``argv``.  B drops the same way before it
-serves.  Setup errors are sent as ``error <text>`` on the control socket.
-
-Instances share this process's address-space layout (ASLR) and Python hash
-seed: a known property of fork-based templates (Android's zygote, SOCK).
-"""
+"""The template ("zygote") process of the ``namespace`` sandbox: runs INSIDE a sandbox
+and forks instances on the server's request (see docs/sandboxes.md).  Standard library
+only: Impuls's own packages are not in the sandbox."""
 
 from __future__ import annotations
 
@@ -133,8 +84,18 @@ class _CapData(ctypes.Structure):
                 ("inheritable", ctypes.c_uint32)]
 
 
-class Template:
-    """State prepared once, before any fork: the filter, the runtime client, the socket."""
+class Zygote:
+    """The template process's state, prepared once before any fork: the filter, the
+    runtime client, the socket.
+
+    :mod:`impuls.sandbox.namespace.template` starts this file once per driver,
+    with the system interpreter of the Python runtime, inside a bwrap sandbox
+    that has the instance layout (read-only root, ``/usr``, ``/etc`` files,
+    runtime clients in ``/var/runtime``, empty mount points ``/var/task`` and
+    ``/run/impuls/runtime.sock``) and that keeps ``CAP_SYS_ADMIN``,
+    ``CAP_NET_ADMIN`` and ``CAP_SETPCAP`` *inside its own user namespace*
+    (uid 993 on the host, like every instance).
+    """
 
     def __init__(self, control_fd: int) -> None:
         self.control = socket.socket(fileno=control_fd)
@@ -150,6 +111,10 @@ class Template:
         self.arg_area = _arg_area()
 
     def serve(self) -> None:
+        """Build one slot per request: a message (``{"op": "slot"}``) on the
+        ``SOCK_SEQPACKET`` socket whose fd number is ``argv[1]``, with the slot's
+        own control socket attached (``SCM_RIGHTS``; the server's end has
+        ``SO_PASSCRED``).  Returns when the server closes the socket."""
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
         gc.collect()
         gc.freeze()  # keep the collector off shared pages in the children
@@ -180,6 +145,11 @@ class Template:
     # --- A: the namespaces ---------------------------------------------------------------
 
     def _slot(self, ctl_fd: int) -> None:
+        """A: report our pid (``SCM_CREDENTIALS``: the kernel translates it to the
+        host pid), unshare mount, network, ipc, uts and pid namespaces, make every
+        mount private and bring ``lo`` up; wait for ``go`` (the server has moved us
+        into the slot's cgroup), unshare the cgroup namespace, fork B and exit.
+        Setup errors go to the server as ``error <text>``."""
         code = 1
         try:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -205,6 +175,22 @@ class Template:
     # --- B: pid 1 of the instance ---------------------------------------------------------
 
     def _init(self, ctl: socket.socket) -> None:
+        """B, pid 1 of the new pid namespace: mount its own ``/proc`` (``PROC_READ_ONLY``
+        entries read-only, as bwrap does) and a fresh devpts, fork C (which waits),
+        and send ``ready`` with our credentials (the server can then kill the whole
+        instance by killing B).
+
+        Then the assignment: JSON (``id``, ``argv``, ``env``, ``mode``, ``tmp_mb``,
+        ``shm_mb``, ``relay``) with three descriptors -- a detached read-only mount
+        of the code directory (``open_tree``), a detached mount of the Runtime API
+        socket, and the write end of the stdout/stderr pipe.  B attaches them
+        (``_assign``), answers ``assigned``, hands the assignment to C, drops its
+        privileges like C, and becomes the namespace's reaper: when C exits it
+        sends ``exit <status>`` and exits, which kills whatever is left in the
+        namespace.  For a runtime client that only speaks TCP (``relay``) it also
+        relays ``127.0.0.1:9001`` inside the instance's network namespace to the
+        Runtime API socket.
+        """
         code = 1
         try:
             _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
@@ -241,7 +227,8 @@ class Template:
             _close_all(fds)
             to_runtime.close()
             _set_title(self.arg_area, [b"impuls-init", str(request["id"]).encode()])
-            _prctl(PR_SET_DUMPABLE, 0, what="dumpable")  # the runtime may not read our memory
+            # The runtime may not read or write our memory through /proc/1.
+            _prctl(PR_SET_DUMPABLE, 0, what="dumpable")
             self.lock_down()
             status = _reap_until(runtime) if listener is None else _relay_until(listener, runtime)
             with contextlib.suppress(OSError):
@@ -268,6 +255,10 @@ class Template:
     # --- C: the runtime ----------------------------------------------------------------------
 
     def _runtime(self, assignment: socket.socket) -> None:
+        """C: once assigned, start a new session, take the pipe as stdout/stderr,
+        ``/dev/null`` as stdin, ``/var/task`` as working directory and exactly the
+        instance's environment, ``lock_down``, and only then either call the
+        preloaded runtime client's ``main()`` (``mode: python``) or ``execve`` argv."""
         code = 1
         try:
             msg, ancdata, _, _ = assignment.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(FD_SIZE))
@@ -307,7 +298,8 @@ class Template:
             os._exit(code)
 
     def lock_down(self) -> None:
-        """Drop every capability for good, set no_new_privs, install the seccomp filter."""
+        """Drop every capability for good (bounding, ambient, effective, permitted,
+        inheritable), set no_new_privs, install the seccomp filter."""
         for cap in range(self.cap_last + 1):
             _prctl(PR_CAPBSET_DROP, cap, what="drop bounding capability")
         _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, what="clear ambient capabilities")
@@ -505,7 +497,7 @@ def _max_fd() -> int:
 
 
 def main() -> None:
-    Template(int(sys.argv[1])).serve()
+    Zygote(int(sys.argv[1])).serve()
 
 
 if __name__ == "__main__":
