@@ -1,4 +1,10 @@
-"""Fixtures: real servers on free ports, on SQLite or PostgreSQL."""
+"""Fixtures: real servers on free ports, on SQLite or PostgreSQL.
+
+Under CI (``CI=true``), where ``scripts/setup`` installed everything, a skipped
+test is a failure: a skip there means an install step is missing.  Tests whose
+skip depends on the kind of host (cgroup v1 or v2, the CPU) say so with the
+``host_variant`` marker.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +24,18 @@ POSTGRES_URL = os.environ.get("IMPULS_TEST_POSTGRES_URL")
 QEMU = shutil.which("qemu-system-x86_64")
 DEFAULT_IMAGES = Path("/var/tmp/impuls-images")
 StoreEnv = Callable[[], dict[str, str]]
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    outcome = yield
+    report = outcome.get_result()
+    if (IN_CI and report.skipped and not hasattr(report, "wasxfail")
+            and item.get_closest_marker("host_variant") is None):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI ({reason}): CI installs everything the suite needs"
 
 
 class PostgresDatabases:

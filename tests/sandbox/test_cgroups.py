@@ -268,6 +268,7 @@ def _hybrid_unified_mount() -> str | None:
     return None
 
 
+@pytest.mark.host_variant
 def test_v2_kill_and_remove_mechanics_on_hybrid_mount(host):
     """On a v1 host the v2 code paths (cgroup.kill / cgroup.freeze, one
     cgroup.procs, reap_stale) are still exercised on the controller-less

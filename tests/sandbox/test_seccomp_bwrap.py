@@ -296,6 +296,7 @@ print("pid", f(), os.getpid(), flush=True)
 """
 
 
+@pytest.mark.host_variant
 def test_i386_syscall_kills_the_process(sandbox):
     if os.uname().machine != "x86_64":
         pytest.skip("x86_64 only")

@@ -57,10 +57,6 @@ class Runtime:
     sandboxes: tuple[str, ...] = ("process", "namespace")
     host_paths: tuple[str, ...] = ("/usr",)
 
-    @property
-    def available(self) -> bool:
-        return self.installed
-
     def command(self, task_root: str, client: str | None = None) -> list[str]:
         """argv that starts the runtime; ``client`` is where the client file is seen
         from inside the sandbox (default: its host path)."""
@@ -183,7 +179,7 @@ class RuntimeRegistry:
                 self._by_name[name] = rt
 
     def available(self) -> list[Runtime]:
-        return [rt for rt in self._all if rt.available]
+        return [rt for rt in self._all if rt.installed]
 
     def describe_available(self) -> str:
         return ", ".join(
@@ -194,7 +190,7 @@ class RuntimeRegistry:
     def resolve(self, name: str) -> Runtime:
         """The available runtime called ``name`` (id or alias), or InvalidInput."""
         rt = self._by_name.get(name)
-        if rt is None or not rt.available:
+        if rt is None or not rt.installed:
             reason = "is not installed on this host" if rt else "is unknown"
             raise InvalidInput(
                 f"runtime: {name!r} {reason}; available runtimes: {self.describe_available()}"

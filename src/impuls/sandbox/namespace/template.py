@@ -227,7 +227,7 @@ def _template_files(runtimes: list[Runtime], uid: int, gid: int) -> dict[str, in
 def template_interpreter(runtimes: Iterable[Runtime]) -> str | None:
     """The interpreter the template runs on: the Python runtime's, else the system python3."""
     for rt in runtimes:
-        if rt.available and rt.language == "python" and rt.interpreter and rt.bootstrap:
+        if rt.installed and rt.language == "python" and rt.interpreter and rt.bootstrap:
             return rt.interpreter
     return FALLBACK_PYTHON if os.path.isfile(FALLBACK_PYTHON) else None
 
@@ -250,7 +250,7 @@ class TemplateLauncher:
     def __init__(self, host: cgroups.CgroupHost, runtimes: Iterable[Runtime],
                  uid: int = SANDBOX_UID, gid: int = SANDBOX_GID, pool_size: int = POOL_SIZE) -> None:
         self.host = host
-        self.runtimes = [rt for rt in runtimes if rt.available]
+        self.runtimes = [rt for rt in runtimes if rt.installed]
         self.python = next((rt for rt in self.runtimes if rt.language == "python"
                             and rt.interpreter is not None and rt.bootstrap is not None), None)
         interpreter = template_interpreter(self.runtimes)
