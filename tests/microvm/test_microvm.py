@@ -22,27 +22,30 @@ from impuls.images.builder import Builder
 from impuls.sandbox.microvm.codedisk import CodeDisks
 from impuls.sandbox.microvm.driver import MicroVMDriver, MicroVMInstance
 from impuls.sandbox.microvm.images import ImageStore
-from tests.microvm.conftest import Specs, guest_node, invocation, run, wait_gone
+from tests.microvm.conftest import CALL_TIMEOUT, Specs, guest_node, invocation, run, wait_gone
 
 pytestmark = pytest.mark.microvm
 
 PY = """
 import os, random, sys, threading, time
 print("init output")
-COUNT = TICKS = 0
+COUNT = 0
+LAST = GAP = 0.0
 def tick():
-    global TICKS
+    global LAST, GAP
     while True:
-        TICKS += 1
         time.sleep(0.002)
+        now = time.monotonic()
+        GAP, LAST = max(GAP, now - LAST), now
 def handler(event, context):
-    global COUNT
+    global COUNT, LAST
     COUNT += 1
     print("called", COUNT)
     if event.get("ticker"):
+        LAST = time.monotonic()
         threading.Thread(target=tick, daemon=True).start()
-    if "ticks" in event:
-        return TICKS
+    if "gap" in event:  # the longest the ticker thread went without running, until now
+        return max(GAP, time.monotonic() - LAST)
     if event.get("sleep"):
         time.sleep(event["sleep"])
     if event.get("oom"):
@@ -95,24 +98,23 @@ def test_python_restore_based_cold_start(images_dir: Path, tmp_path: Path, specs
         clone = await d.create(replace(spec, instance_id=spec.instance_id + "b"))
         try:
             assert clone.note.startswith("restored from snapshot"), clone.note
-            assert isinstance(clone, MicroVMInstance) and clone.timings["ready"] < 30
+            assert isinstance(clone, MicroVMInstance) and "ready" in clone.timings
             inv = invocation({"n": 1})
-            reply = await clone.invoke(inv, 10)
+            reply = await clone.invoke(inv, CALL_TIMEOUT)
             assert reply.ok, reply.body
             doc = json.loads(reply.body)
             logs, _ = clone.output.take()
             assert "init output" in logs and "called 1" in logs  # output arrives before the reply
             assert doc["request_id"] == inv.request_id and doc["uid"] != 0 and doc["var"] == "fn"
             assert doc["task"] == ["handler.py"] and doc["loader"] == "PrecompiledLoader"
-            assert 0 < doc["left_ms"] <= 10_000  # the guest clock was set on restore
-            assert json.loads((await clone.invoke(invocation({}), 10)).body)["count"] == 2  # warm
-            other = json.loads((await first.invoke(invocation({}), 10)).body)
+            assert 0 < doc["left_ms"] <= CALL_TIMEOUT * 1000  # the guest clock was set on restore
+            assert json.loads((await clone.invoke(invocation({}), CALL_TIMEOUT)).body)["count"] == 2  # warm
+            other = json.loads((await first.invoke(invocation({}), CALL_TIMEOUT)).body)
             assert other["urandom"] != doc["urandom"] and other["random"] != doc["random"]  # unique clones
-            await clone.invoke(invocation({"ticker": True}), 10)
-            before = json.loads((await clone.invoke(invocation({"ticks": 0}), 10)).body)
-            await asyncio.sleep(1.0)  # between invocations the runtime is frozen, threads included
-            after = json.loads((await clone.invoke(invocation({"ticks": 0}), 10)).body)
-            assert after - before < 50, (before, after)
+            await clone.invoke(invocation({"ticker": True}), CALL_TIMEOUT)
+            await asyncio.sleep(2.0)  # between invocations the runtime is frozen, threads included
+            gap = json.loads((await clone.invoke(invocation({"gap": True}), CALL_TIMEOUT)).body)
+            assert gap >= 1.0, gap  # a thread that was never frozen would have run every few ms
         finally:
             pids = [i.vm.proc.pid for i in (first, clone) if i.vm is not None]
             await first.destroy()
@@ -120,6 +122,24 @@ def test_python_restore_based_cold_start(images_dir: Path, tmp_path: Path, specs
             await clone.destroy()  # idempotent
         assert all(wait_gone(pid) for pid in pids)
         assert not list((tmp_path / "sandbox" / "microvm" / "run").glob("*.json"))
+
+    run(scenario())
+
+
+def test_function_module_named_like_the_agents(images_dir: Path, tmp_path: Path, specs: Specs) -> None:
+    """The agent's own protocol module (preloaded in the Python runtime's zygote) does not shadow
+    a function's module of that name."""
+    code = {"handler.py": "import protocol\ndef handler(event, context):\n    return protocol.WHO\n",
+            "protocol.py": "WHO = 'the function'\n"}
+
+    async def scenario() -> None:
+        d = driver(images_dir, tmp_path)
+        instance = await d.create(specs(code))
+        try:
+            reply = await instance.invoke(invocation({}), CALL_TIMEOUT)
+            assert json.loads(reply.body) == "the function", reply.body
+        finally:
+            await instance.destroy()
 
     run(scenario())
 
@@ -137,7 +157,7 @@ def test_node_invocation(images_dir: Path, tmp_path: Path, specs: Specs) -> None
         instance = await d.create(specs({"index.js": code}, runtime=node, handler="index.handler"))
         try:
             inv = invocation({"k": "v"})
-            doc = json.loads((await instance.invoke(inv, 20)).body)
+            doc = json.loads((await instance.invoke(inv, CALL_TIMEOUT)).body)
             assert doc["version"].startswith("v" + node.id.removeprefix("nodejs") + ".")
             assert doc["echo"] == {"k": "v"} and doc["id"] == inv.request_id
             assert "called" in instance.output.take()[0]
@@ -155,8 +175,8 @@ def test_timeout_then_the_vm_is_gone(images_dir: Path, tmp_path: Path, specs: Sp
         pid = instance.vm.proc.pid
         started = time.monotonic()
         with pytest.raises(InvocationTimedOut):
-            await instance.invoke(invocation({"sleep": 30}), 1.0)
-        assert time.monotonic() - started < 5
+            await instance.invoke(invocation({"sleep": 120}), 1.0)
+        assert time.monotonic() - started < 60  # ended by its timeout, not by the handler's return
         await instance.destroy()
         assert instance.exited.done() and wait_gone(pid)
 
@@ -170,7 +190,7 @@ def test_oom_inside_the_guest(images_dir: Path, tmp_path: Path, specs: Specs) ->
         assert isinstance(instance, MicroVMInstance) and instance.vm is not None
         pid = instance.vm.proc.pid
         with pytest.raises(OutOfMemory):
-            await instance.invoke(invocation({"oom": True}), 30)
+            await instance.invoke(invocation({"oom": True}), CALL_TIMEOUT)
         assert instance.oom_killed()
         assert wait_gone(pid)  # the VM is killed as soon as its runtime is gone
         await instance.destroy()
@@ -186,12 +206,12 @@ def test_guest_panic_and_qemu_crash_end_the_call(images_dir: Path, tmp_path: Pat
         assert isinstance(panicking, MicroVMInstance) and panicking.vm is not None
         assert isinstance(crashing, MicroVMInstance) and crashing.vm is not None
         try:
-            call = asyncio.ensure_future(panicking.invoke(invocation({"sleep": 20}), 30))
+            call = asyncio.ensure_future(panicking.invoke(invocation({"sleep": 600}), CALL_TIMEOUT))
             await asyncio.sleep(0.5)
             await (await panicking.vm.monitor()).execute("inject-nmi")  # the guest panics on NMI
             with pytest.raises(RuntimeExited, match="Kernel panic"):
                 await call
-            call = asyncio.ensure_future(crashing.invoke(invocation({"sleep": 20}), 30))
+            call = asyncio.ensure_future(crashing.invoke(invocation({"sleep": 600}), CALL_TIMEOUT))
             await asyncio.sleep(0.5)
             os.kill(crashing.vm.proc.pid, signal.SIGSEGV)
             with pytest.raises(RuntimeExited) as info:
@@ -243,7 +263,7 @@ def test_no_qemu_survives_a_killed_server(images_dir: Path, tmp_path: Path, spec
         assert await successor.reap_orphans() >= 1
         assert wait_gone(orphan)
         with pytest.raises(RuntimeExited):
-            await instance.invoke(invocation({}), 10)
+            await instance.invoke(invocation({}), CALL_TIMEOUT)
         await instance.destroy()
 
     run(scenario())
@@ -251,21 +271,17 @@ def test_no_qemu_survives_a_killed_server(images_dir: Path, tmp_path: Path, spec
 
 def test_http_api_python_and_node(images_dir: Path, make_server: object) -> None:
     """Through a real server (``--sandbox microvm``): a Python and a Node function."""
-    import impuls.sandbox
-
-    if not hasattr(impuls.sandbox, "microvm_available"):
-        pytest.skip("impuls.sandbox.make_driver does not offer 'microvm' yet")
     srv = make_server(env={"IMPULS_IMAGES_DIR": str(images_dir)},  # type: ignore[operator]
                       args=["--sandbox", "microvm"])
     health = srv.request("GET", "/health").json()
     assert health["sandbox"] == "microvm" and health["accel"] in ("kvm", "tcg")
-    py = srv.deploy(runtime="python3.11", handler="handler.handler",
+    py = srv.deploy(runtime="python3.11", handler="handler.handler", timeout_sec=int(CALL_TIMEOUT),
                     code="def handler(event, context):\n    return {'py': event}\n")
     doc = srv.invoke(py["name"], {"a": 1}).json()
     assert doc["status_code"] == 200 and doc["body"] == {"py": {"a": 1}}, doc
     node = guest_node(ImageStore(images_dir))
     assert node is not None
-    js = srv.deploy(runtime=node.id, handler="index.handler",
+    js = srv.deploy(runtime=node.id, handler="index.handler", timeout_sec=int(CALL_TIMEOUT),
                     code="exports.handler = async (event) => ({node: process.version, event});\n")
     doc = srv.invoke(js["name"], {"b": 2}).json()
     assert doc["status_code"] == 200 and doc["body"]["event"] == {"b": 2}, doc

@@ -68,7 +68,7 @@ class SpecFactory:
         spec = InstanceSpec(
             instance_id=uuid.uuid4().hex[:16], function_name="conformance", revision=1,
             runtime=rt, handler=chosen_handler,
-            code_dir=code, memory_mb=128, timeout_sec=5, ephemeral_storage_mb=512,
+            code_dir=code, memory_mb=128, ephemeral_storage_mb=512,
             environment={"FUNCTION_VAR": "fn-value"},
         )
         return replace(spec, **over)

@@ -349,7 +349,7 @@ async def main():
     driver = make_namespace_driver(work, sys.argv[3])
     spec = InstanceSpec(instance_id="crash" + sys.argv[3], function_name="c", revision=1,
                         runtime=default_registry().resolve("python3.11"), handler="handler.handler",
-                        code_dir=code, memory_mb=128, timeout_sec=5, ephemeral_storage_mb=64,
+                        code_dir=code, memory_mb=128, ephemeral_storage_mb=64,
                         environment={})
     instance = await driver.create(spec)
     print(json.dumps({"cgroup": list(instance.cgroup.paths.values()),

@@ -65,7 +65,7 @@ class FakeDriver(SandboxDriver):
 def spec(instance_id: str) -> InstanceSpec:
     return InstanceSpec(instance_id=instance_id, function_name="f", revision=1,
                         runtime=default_registry().resolve("python3.11"), handler="h.h",
-                        code_dir=Path("/nonexistent"), memory_mb=128, timeout_sec=3,
+                        code_dir=Path("/nonexistent"), memory_mb=128,
                         ephemeral_storage_mb=512, environment={})
 
 

@@ -142,8 +142,8 @@ class Invoker:
                 return InstanceSpec(
                     instance_id=instance_id, function_name=fn.name, revision=fn.revision,
                     runtime=version.runtime, handler=fn.handler, code_dir=version.code_dir,
-                    memory_mb=fn.memory_mb, timeout_sec=fn.timeout_sec,
-                    ephemeral_storage_mb=fn.ephemeral_storage_mb, environment=fn.environment,
+                    memory_mb=fn.memory_mb, ephemeral_storage_mb=fn.ephemeral_storage_mb,
+                    environment=fn.environment,
                 )
 
             pool = Pool(spec, driver, fn.max_concurrency, self.capacity, self.settings.queue_size,

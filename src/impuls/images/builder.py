@@ -1,28 +1,9 @@
-"""Builds the microVM guest images from Debian packages only.
+"""Builds the microVM guest images from Debian packages only: kernel, initramfs, a rootfs per runtime.
 
-Steps, each cached under a key of its inputs (``manifest.json``), so a second
-build with unchanged inputs does nothing, and changing the agent rebuilds
-only the root filesystems (seconds), not the debootstrap trees (a minute):
-
-1. **kernel** — Debian's cloud kernel (``linux-image-cloud-amd64`` → the
-   versioned package), its ``vmlinuz`` unpacked to the uncompressed ELF
-   ``vmlinux`` (it has the PVH entry note, so QEMU boots it directly without
-   real-mode set-up or decompression).
-2. **initramfs** — static busybox (``busybox-static``), the virtio modules
-   the cloud kernel builds as modules (with their dependencies, in load
-   order) and ``runtimes/guest/init.sh``; an uncompressed newc cpio.
-3. **tree** per guest runtime — ``debootstrap --variant=minbase`` with the
-   runtime's packages, trimmed (docs, locales, apt caches), plus the sandbox
-   user.  Cached in ``cache/trees``.
-4. **rootfs** per guest runtime — the tree plus the agent and the runtime
-   clients (``/opt/impuls``), packed by ``mke2fs -d`` into an ext4 image
-   without journal (it is mounted read-only).
-
-Inputs of a key: the resolved package versions (from the local apt cache;
-``apt-get update`` only when a package is unknown), the Debian suite and
-mirror, the recipe version constants below and the content of the guest
-files.  Needs root (debootstrap), ``apt-get``, ``dpkg-deb``, ``mke2fs`` and
-``lz4`` (the kernel's compression) — all from ``scripts/setup``.
+Each step is cached under a key of its inputs (``manifest.json``), so a build
+with unchanged inputs does nothing.  Needs root (debootstrap), ``apt-get``,
+``dpkg-deb``, ``mke2fs`` and ``lz4`` (the kernel's compression): all from
+``scripts/setup``.
 """
 
 from __future__ import annotations
@@ -49,8 +30,8 @@ from typing import Any
 from urllib.parse import unquote
 
 from impuls.runtimes import RUNTIMES_DIR
-from impuls.runtimes.guest import AGENT, INIT_SCRIPT
-from impuls.runtimes.guest.agent import (
+from impuls.runtimes.guest import AGENT, INIT_SCRIPT, PROTOCOL
+from impuls.runtimes.guest.protocol import (
     API_SOCKET,
     CODE_ROOT,
     CONFIG_PATH,
@@ -65,7 +46,11 @@ from impuls.sandbox.microvm.images import GUEST_RUNTIMES, ImageStore, disk_usage
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
-# Bump when a step's recipe changes in a way its other inputs do not show.
+# A step's key hashes its inputs: the resolved package versions (from the local apt
+# cache; `apt-get update` only when a package is unknown), the Debian suite and mirror,
+# the recipe versions below and the content of the guest files.  Changing the agent
+# thus rebuilds only the root filesystems (seconds), not the debootstrap trees (a minute).
+# Bump a recipe when its step changes in a way its other inputs do not show.
 KERNEL_RECIPE = "1"
 INITRAMFS_RECIPE = "1"
 TREE_RECIPE = "1"
@@ -230,7 +215,9 @@ class Builder:
         self.progress(f"{name}: built in {time.monotonic() - t0:.1f} s ({_size(path.stat().st_size)})")
         report.built.append(name)
 
-    # kernel
+    # kernel: Debian's cloud kernel (linux-image-cloud-amd64 → the versioned package),
+    # its vmlinuz unpacked to the uncompressed ELF vmlinux, which has the PVH entry note:
+    # QEMU boots it directly, without real-mode set-up or decompression.
 
     def _kernel_package(self) -> tuple[str, str]:
         meta = self._apt_show(KERNEL_META_PACKAGE)
@@ -271,7 +258,9 @@ class Builder:
         _write_atomic(out, image)
         return out, {"package": package, "version": version, "release": vmlinuz.name[len("vmlinuz-"):]}
 
-    # initramfs
+    # initramfs: static busybox (busybox-static), the virtio modules the cloud kernel
+    # builds as modules (with their dependencies, in load order) and runtimes/guest/init.sh;
+    # an uncompressed newc cpio (nothing to inflate under emulation).
 
     def _initramfs_key(self) -> str:
         busybox = self._apt_show("busybox-static")["Version"]
@@ -301,7 +290,11 @@ class Builder:
         _write_atomic(out, archive.finish())
         return out, {"busybox": version, "modules": [n for n, _ in order]}
 
-    # rootfs
+    # rootfs, per guest runtime: a debootstrap --variant=minbase tree with the runtime's
+    # packages, trimmed (docs, locales, apt caches), plus the sandbox user (cached in
+    # cache/trees); then the tree plus the agent, its protocol and the runtime clients
+    # (/opt/impuls), packed by mke2fs -d into an ext4 image without journal (it is
+    # mounted read-only).
 
     def _tree_key(self, runtime: str) -> str:
         return _sha("tree", TREE_RECIPE, self.suite, self.mirror, *GUEST_RUNTIMES[runtime].packages, *TRIM)
@@ -310,6 +303,7 @@ class Builder:
         """Files /opt/impuls holds in the ``runtime`` rootfs: path → (content, mode)."""
         files: dict[str, tuple[bytes, int]] = {
             "agent.py": (AGENT.read_bytes(), 0o755),
+            "protocol.py": (PROTOCOL.read_bytes(), 0o644),  # imported by the agent, from its directory
             "python/bootstrap.py": ((RUNTIMES_DIR / "python" / "bootstrap.py").read_bytes(), 0o644),
         }
         if runtime == "nodejs":

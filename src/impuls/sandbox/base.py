@@ -50,7 +50,6 @@ class InstanceSpec:
     handler: str
     code_dir: Path
     memory_mb: int
-    timeout_sec: int
     ephemeral_storage_mb: int
     environment: Mapping[str, str]
     region: str = "us-east-1"

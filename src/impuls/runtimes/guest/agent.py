@@ -1,52 +1,17 @@
 """Impuls guest agent: PID 1 inside every microVM (copied to /opt/impuls/agent.py in the rootfs).
 
-It owns the VM's one link to the host, a virtio-serial port named ``impuls``,
-and multiplexes everything over it as frames (``HEADER`` + payload):
-
-* ``OPEN``/``DATA``/``CLOSE`` carry the Lambda Runtime API byte stream of each
-  connection the runtime client opens to the agent (unix socket
-  ``/run/impuls/api.sock``, or TCP 127.0.0.1:9001 for clients that only speak
-  TCP).  The agent does not parse HTTP: the host relays each channel,
-  untouched, to the instance's :class:`~impuls.sandbox.runtime_api.RuntimeAPI`.
-* ``LOG`` carries the runtime's stdout+stderr (one pipe).  Before the agent
-  forwards anything the runtime sent on a connection (a response POST, say)
-  or reports its exit, it drains that pipe; one ordered stream then
-  guarantees that output written before a response reaches the host before
-  that response.  Of a flood, only the last ``LOG_TAIL`` bytes cross the
-  link; ``LOGDROP`` counts the rest.
-* ``CTL`` carries JSON messages: ``hello`` (booted, ready to load a function;
-  sent once), ``load`` (host: environment, argv, wall clock, entropy; the
-  agent answers ``loaded`` or ``load-failed``), ``exit`` (the runtime ended;
-  ``oom`` when the guest kernel OOM-killed it), ``ping``/``pong`` (also the
-  host's clock probe) and ``clock-step``.
-
-Snapshots are taken right after ``hello``, so what the agent does before it
-is shared by every clone, and everything unique happens on ``load``: the wall
-clock is set from the host (then refined by one ``ping`` exchange), the
-kernel CRNG gets fresh host entropy (RNDADDENTROPY) and is forced to reseed
-(RNDRESEEDCRNG), and only then does the runtime run.  Nothing imported before
-the snapshot seeds a user-visible random generator (no ``random``, ``ssl``,
-``hashlib``, ``uuid``, ``tempfile``); the one shared value left is CPython's
-string-hash secret of the pre-started interpreter, as in any pre-forking
-server.
-
-Before the snapshot the agent also forks the runtime process: it drops to
-the sandbox user (no capabilities, empty bounding set, no_new_privs, process
-and file limits) and waits on a pipe for its orders, so a restore pays for
-neither fork nor set-up.  For Python that process is a zygote — the runtime
-client is already imported and its ``main()`` runs in place (saving the
-interpreter start-up, hundreds of ms under TCG), loading host-compiled pycs
-for /var/task (see :mod:`impuls.sandbox.microvm.codedisk`).  Node.js, and packages
-that bring their own ``bootstrap``, are exec'd after the reseed: a node
-process started before the snapshot would carry one V8 ``Math.random`` state
-and one OpenSSL DRBG into every clone.  The function's code is read-only at
-/var/task, /tmp is a private tmpfs, /proc hides every process but its own.
-
-Standard library only; the host imports this module for the wire constants.
+It starts the function's runtime, sandboxed, and carries the runtime's Runtime
+API connections, its output and control messages over the VM's one link to the
+host (see :mod:`impuls.runtimes.guest.protocol`).  Standard library only.
 """
 
 from __future__ import annotations
 
+# A snapshot is taken right after `hello` (see `main`): everything imported and
+# done before it is shared by every clone.  So nothing imported here, or before
+# the snapshot, may seed a user-visible random generator (no `random`, `ssl`,
+# `hashlib`, `uuid`, `tempfile`); the one shared value left is CPython's
+# string-hash secret of the pre-started interpreter, as in any pre-forking server.
 import contextlib
 import ctypes
 import errno
@@ -65,82 +30,27 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-# --- wire protocol (shared with the host) -------------------------------------
+try:  # on the host (tests, type checking)
+    from impuls.runtimes.guest import protocol
+except ImportError:  # in the guest: /opt/impuls/protocol.py, next to this script (sys.path[0])
+    import protocol  # type: ignore[no-redef]
 
-PORT_NAME = "impuls"
-HEADER = struct.Struct("!BxHI")  # kind, channel, payload length
-CTL, OPEN, DATA, CLOSE, LOG, LOGDROP = 1, 2, 3, 4, 5, 6
-MAX_PAYLOAD = 1 << 20
-LOG_TAIL = 256 * 1024
+    # The pre-started Python runtime (a fork of this process) imports the function's modules:
+    # a `protocol` of the function's own must not resolve to this one.
+    del sys.modules["protocol"]
 
-# --- guest layout (shared with the image builder) -----------------------------
+# --- guest layout (the agent's own; what the host shares is in protocol) ---------
 
-GUEST_ROOT = "/opt/impuls"
-CONFIG_PATH = GUEST_ROOT + "/guest.json"
-TASK_ROOT = "/var/task"
-CODE_ROOT = "/var/impuls-code"  # the code disk's romfs: task/ (bound at TASK_ROOT) and pycache/
-PYCACHE_ROOT = CODE_ROOT + "/pycache"
-TMP_DIR = "/tmp"
+PYCACHE_ROOT = protocol.CODE_ROOT + "/pycache"
 DEFAULT_TMP_MB = 512  # /tmp as init.sh mounts it
 CGROUP_ROOT = "/sys/fs/cgroup"
 FUNCTION_CGROUP = CGROUP_ROOT + "/function"
-API_SOCKET = "/run/impuls/api.sock"
-API_TCP_PORT = 9001
-API_ADDRESS = f"127.0.0.1:{API_TCP_PORT}"
 CODE_DEVICE = "/dev/vdb1"  # the code disk's partition (see impuls.sandbox.microvm.codedisk)
-SANDBOX_USER = "sbx_user1051"
-SANDBOX_UID = 993
-SANDBOX_GID = 990
 MAX_PROCESSES = 256  # tasks of the sandbox user (threads count), as the namespace sandbox
 MAX_FILES = 1024
-PYTHON = "/usr/bin/python3"
-PYTHON_CLIENT = GUEST_ROOT + "/python/bootstrap.py"
-NODE = "/usr/bin/node"
-NODE_CLIENT = GUEST_ROOT + "/nodejs/bootstrap.js"
 # PYTHON* variables a pre-started interpreter can honour; any other one makes
 # the agent exec a fresh interpreter instead of forking the zygote.
 ZYGOTE_PYTHON_VARS = {"PYTHONPATH", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED"}
-
-
-def frame(kind: int, chan: int = 0, payload: bytes = b"") -> bytes:
-    return HEADER.pack(kind, chan, len(payload)) + payload
-
-
-def frames(kind: int, chan: int, payload: bytes) -> list[bytes]:
-    """``payload`` split into frames of at most MAX_PAYLOAD bytes."""
-    if len(payload) <= MAX_PAYLOAD:
-        return [frame(kind, chan, payload)]
-    return [frame(kind, chan, payload[i:i + MAX_PAYLOAD]) for i in range(0, len(payload), MAX_PAYLOAD)]
-
-
-def control(message: dict[str, Any]) -> bytes:
-    return frame(CTL, 0, json.dumps(message, separators=(",", ":")).encode())
-
-
-class FrameReader:
-    """Reassembles frames from a byte stream."""
-
-    def __init__(self) -> None:
-        self.buf = bytearray()
-
-    def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
-        buf = self.buf
-        buf += data
-        out: list[tuple[int, int, bytes]] = []
-        pos = 0
-        size = HEADER.size
-        while len(buf) - pos >= size:
-            kind, chan, length = HEADER.unpack_from(buf, pos)
-            if length > MAX_PAYLOAD:
-                raise ValueError(f"frame of {length} bytes exceeds {MAX_PAYLOAD}")
-            end = pos + size + length
-            if end > len(buf):
-                break
-            out.append((kind, chan, bytes(buf[pos + size:end])))
-            pos = end
-        if pos:
-            del buf[:pos]
-        return out
 
 
 # --- kernel interfaces ----------------------------------------------------------
@@ -271,10 +181,9 @@ class Agent:
         self.runtime = str(config.get("runtime", "python"))
         self.ep = select.epoll()
         self.handlers: dict[int, Callable[[int], None]] = {}
-        self.port = os.open(find_port(PORT_NAME), os.O_RDWR | os.O_CLOEXEC)
-        self.reader = FrameReader()
+        self.port = os.open(find_port(protocol.PORT_NAME), os.O_RDWR | os.O_CLOEXEC)
+        self.reader = protocol.FrameReader()
         self.conns: dict[int, Conn] = {}
-        self.by_fd: dict[int, Conn] = {}
         self.next_chan = 1
         self.log_fd = -1
         self.child = 0
@@ -311,20 +220,20 @@ class Agent:
             view = view[written:]
 
     def ctl(self, message: dict[str, Any]) -> None:
-        self.send(control(message))
+        self.send(protocol.control(message))
 
     # start-up (before the snapshot)
 
     def listen(self) -> None:
-        os.makedirs(os.path.dirname(API_SOCKET), exist_ok=True)
+        os.makedirs(os.path.dirname(protocol.API_SOCKET), exist_ok=True)
         unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        unix.bind(API_SOCKET)
-        os.chmod(API_SOCKET, 0o666)
+        unix.bind(protocol.API_SOCKET)
+        os.chmod(protocol.API_SOCKET, 0o666)
         tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             loopback_up()
-            tcp.bind(("127.0.0.1", API_TCP_PORT))
+            tcp.bind(("127.0.0.1", protocol.API_TCP_PORT))
         except OSError as exc:
             print(f"impuls-agent: no TCP Runtime API endpoint: {exc}", file=sys.stderr)
             tcp.close()
@@ -339,7 +248,18 @@ class Agent:
 
     def prepare(self) -> None:
         """Everything clones share: the runtime client preloaded (Python) and a runtime
-        process forked, unprivileged, with its output pipe, waiting for its orders."""
+        process forked, unprivileged, with its output pipe, waiting for its orders.
+
+        The runtime process drops to the sandbox user at once (no capabilities, empty
+        bounding set, no_new_privs, process and file limits) and waits on a pipe, so a
+        restore pays for neither fork nor set-up.  For Python it is a zygote: the runtime
+        client is already imported and its ``main()`` runs in place (saving the interpreter
+        start-up, hundreds of ms under TCG), loading the host-compiled pycs for /var/task
+        (see :mod:`impuls.sandbox.microvm.codedisk`).
+        Node.js, and packages that bring their own ``bootstrap``, are exec'd after the
+        reseed (see ``load``): a node process started before the snapshot would carry one
+        V8 ``Math.random`` state and one OpenSSL DRBG into every clone.
+        """
         # As in a memory cgroup, over-use ends in the OOM killer, not ENOMEM; an NMI from the
         # host (QMP inject-nmi) panics the guest: a deliberate crash, used to test that path;
         # no user namespaces for the function (Debian's switch): less guest kernel to attack.
@@ -351,7 +271,7 @@ class Agent:
         if self.runtime == "python":
             import importlib.util
 
-            spec = importlib.util.spec_from_file_location("_impuls_runtime", PYTHON_CLIENT)
+            spec = importlib.util.spec_from_file_location("_impuls_runtime", protocol.PYTHON_CLIENT)
             assert spec is not None and spec.loader is not None
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
@@ -412,16 +332,16 @@ class Agent:
             time.sleep(0.01)
             return
         for kind, chan, payload in self.reader.feed(data):
-            if kind == DATA:
+            if kind == protocol.DATA:
                 conn = self.conns.get(chan)
                 if conn is not None:
                     self.freezer.thaw()  # an event (or any answer) for the runtime: it runs again
                     self._write(conn, payload)
-            elif kind == CLOSE:
+            elif kind == protocol.CLOSE:
                 conn = self.conns.get(chan)
                 if conn is not None:
                     self._close(conn, notify=False)
-            elif kind == CTL:
+            elif kind == protocol.CTL:
                 self._on_control(json.loads(payload))
 
     def _on_accept(self, listener: socket.socket, _events: int) -> None:
@@ -436,9 +356,8 @@ class Agent:
         self.next_chan = chan % 65535 + 1
         conn = Conn(sock, chan)
         self.conns[chan] = conn
-        self.by_fd[sock.fileno()] = conn
         self._watch(sock.fileno(), functools.partial(self._on_conn, conn))
-        self.send(frame(OPEN, chan))
+        self.send(protocol.frame(protocol.OPEN, chan))
 
     def _on_conn(self, conn: Conn, events: int) -> None:
         if events & select.EPOLLOUT:
@@ -454,7 +373,7 @@ class Agent:
                 data = b""
             self.drain_logs()  # output written before this request goes first
             if data:
-                self.send(b"".join(frames(DATA, conn.chan, data)))
+                self.send(b"".join(protocol.frames(protocol.DATA, conn.chan, data)))
                 if data.startswith(b"GET ") and b"/invocation/next " in data[:128]:
                     self.freezer.freeze()  # waiting for its next event: frozen until it comes
                 if self.loaded_at:  # the runtime's first request: tell the host how long init took
@@ -493,11 +412,10 @@ class Agent:
     def _close(self, conn: Conn, notify: bool) -> None:
         fd = conn.sock.fileno()
         self._unwatch(fd)
-        self.by_fd.pop(fd, None)
         self.conns.pop(conn.chan, None)
         conn.sock.close()
         if notify:
-            self.send(frame(CLOSE, conn.chan))
+            self.send(protocol.frame(protocol.CLOSE, conn.chan))
 
     def _on_logs(self, _events: int) -> None:
         self.drain_logs()
@@ -522,14 +440,14 @@ class Agent:
                 self.log_fd = fd = -1
                 break
             buf += data
-            if len(buf) > 2 * LOG_TAIL:
-                cut = len(buf) - LOG_TAIL
+            if len(buf) > 2 * protocol.LOG_TAIL:
+                cut = len(buf) - protocol.LOG_TAIL
                 del buf[:cut]
                 dropped += cut
         if dropped:
-            self.send(frame(LOGDROP, 0, str(dropped).encode()))
+            self.send(protocol.frame(protocol.LOGDROP, 0, str(dropped).encode()))
         if buf:
-            self.send(b"".join(frames(LOG, 0, bytes(buf))))
+            self.send(b"".join(protocol.frames(protocol.LOG, 0, bytes(buf))))
 
     # control messages
 
@@ -550,6 +468,9 @@ class Agent:
     def load(self, message: dict[str, Any]) -> tuple[int, dict[str, float]]:
         """Make this VM the function's: clock, entropy, code, /tmp, then start the runtime.
 
+        Everything unique to a clone happens here, after the restore: the wall clock is set
+        from the host's (then refined by one ``ping`` exchange), the kernel CRNG gets fresh
+        host entropy and is forced to reseed, and only then does the runtime run.
         Returns the runtime's pid and how long each step took (ms, for the host's timings).
         """
         if self.orders < 0:
@@ -564,11 +485,12 @@ class Agent:
         steps["clock+reseed"], t = (clock() - t) * 1000, clock()
         code_fs = str(message.get("code_fs", "romfs"))
         if code_fs != "romfs":  # a romfs code disk was mounted at boot (see sandbox/microvm/codedisk)
-            _mount(CODE_DEVICE, TASK_ROOT, code_fs, MS_RDONLY | MS_NOSUID | MS_NODEV)
+            _mount(CODE_DEVICE, protocol.TASK_ROOT, code_fs, MS_RDONLY | MS_NOSUID | MS_NODEV)
             steps["code"], t = (clock() - t) * 1000, clock()
         tmp_mb = max(int(message.get("tmp_mb", DEFAULT_TMP_MB)), 1)
         if tmp_mb != DEFAULT_TMP_MB:  # /tmp was mounted at boot with the default size
-            _mount("tmpfs", TMP_DIR, "tmpfs", MS_REMOUNT | MS_NOSUID | MS_NODEV, f"size={tmp_mb}m,mode=1777")
+            _mount("tmpfs", protocol.TMP_DIR, "tmpfs", MS_REMOUNT | MS_NOSUID | MS_NODEV,
+                   f"size={tmp_mb}m,mode=1777")
             steps["tmp"], t = (clock() - t) * 1000, clock()
         env = {str(k): str(v) for k, v in message["env"].items()}
         zygote = (bool(message.get("zygote")) and self.zygote is not None
@@ -606,8 +528,8 @@ class Agent:
                 resource.setrlimit(limit, (value, value))
             _drop_privileges()
             os.setgroups([])
-            os.setgid(SANDBOX_GID)
-            os.setuid(SANDBOX_UID)
+            os.setgid(protocol.SANDBOX_GID)
+            os.setuid(protocol.SANDBOX_UID)
             os.umask(0o022)
             chunks = []
             while chunk := os.read(3, 65536):
@@ -617,13 +539,13 @@ class Agent:
                 os._exit(0)
             orders = json.loads(b"".join(chunks))
             env: dict[str, str] = orders["env"]
-            os.chdir(TASK_ROOT)
+            os.chdir(protocol.TASK_ROOT)
             if not orders["zygote"]:
                 argv: list[str] = orders["argv"]
                 os.execve(argv[0], argv, env)
             os.environ.clear()
             os.environ.update(env)
-            sys.argv = [PYTHON_CLIENT]
+            sys.argv = [protocol.PYTHON_CLIENT]
             if env.get("PYTHONDONTWRITEBYTECODE"):
                 sys.dont_write_bytecode = True
             if env.get("PYTHONUNBUFFERED"):
@@ -676,7 +598,7 @@ def _install_pyc_loader() -> None:
     import importlib.util
     import marshal
 
-    prefix = TASK_ROOT + "/"
+    prefix = protocol.TASK_ROOT + "/"
     tag = sys.implementation.cache_tag
     magic = importlib.util.MAGIC_NUMBER
 
@@ -700,7 +622,7 @@ def _install_pyc_loader() -> None:
         (machinery.SourcelessFileLoader, machinery.BYTECODE_SUFFIXES))
 
     def hook(path: str) -> Any:
-        if path == TASK_ROOT or path.startswith(prefix):
+        if path == protocol.TASK_ROOT or path.startswith(prefix):
             return finder(path)
         raise ImportError("not under the task root")
 
@@ -715,13 +637,14 @@ def _uptime() -> float:
 
 def main() -> None:
     try:
-        with open(CONFIG_PATH) as fh:
+        with open(protocol.CONFIG_PATH) as fh:
             config = json.load(fh)
     except OSError:
         config = {}
     agent = Agent(config)
     agent.listen()
     agent.prepare()
+    # a snapshot template is saved right after this: until the host's `load`, the agent is every clone
     agent.ctl({"op": "hello", "runtime": agent.runtime, "uptime": _uptime(),
                "python": sys.version.split()[0]})
     agent.run()

@@ -1,8 +1,9 @@
 """The ``microvm`` sandbox: a QEMU ``microvm`` virtual machine with its own kernel per instance.
 
-:mod:`.driver` is the driver; :mod:`.qemu` the VMM layer (argv, QMP, the KVM
-probe); :mod:`.images` the guest images it boots (built by
-:mod:`impuls.images`); :mod:`.codedisk` the per-version code disks.
+:mod:`.driver` is the driver; :mod:`.vm` one QEMU process, :mod:`.link` the host end of
+its serial link to the guest agent, :mod:`.snapshots` the runtime snapshots cold starts
+restore; :mod:`.qemu` the VMM layer (argv, QMP, the KVM probe); :mod:`.images` the guest
+images it boots (built by :mod:`impuls.images`); :mod:`.codedisk` the per-version code disks.
 """
 
 from __future__ import annotations

@@ -1,33 +1,5 @@
-"""Code disks: a function version's code as a small read-only disk for the microVM guest.
-
-Every code disk is a sparse file of exactly ``CODE_DISK_BYTES`` holding:
-
-* an MBR whose single partition spans 1 MiB .. end.  Every code disk, and the
-  blank disk of snapshot templates, has this same sector 0, so the only block
-  a restored guest kernel cached from the template's disk while booting (the
-  partition scan) is still right.
-* in the partition, a **romfs** (Documentation/filesystems/romfs.rst) with two
-  directories: ``task/`` — the code, which the guest bind-mounts at
-  /var/task — and ``pycache/`` — for Python, unchecked-hash pycs (PEP 552)
-  compiled on the host when its interpreter's minor version is the guest's,
-  laid out like the code (``pycache/<dir>/<module>.cpython-3XX.pyc``).  The
-  guest's preloaded Python client loads them for modules under /var/task
-  (compiling under TCG emulation costs far more), so the function's own
-  directory stays exactly what it shipped.
-* romfs because mounting it runs a few hundred bytes of kernel code, where
-  ext4's mount costs ~100 ms of freshly translated code under TCG after each
-  restore — and because its first two 1 KiB blocks can be made identical
-  for every image: superblock, root directory, and the headers of ``task``
-  and ``pycache`` at fixed offsets.  The snapshot template mounts its blank
-  disk at boot, reading only those two blocks; a clone restored with another
-  disk then finds its own code behind the already-mounted filesystem, with
-  nothing stale cached and nothing to mount.  romfs has no owners or times
-  (everything is root's, 0644/0755), which suits read-only code.  A package
-  romfs cannot hold (a name over 127 bytes) becomes an ext4 image instead,
-  which the agent mounts over /var/task after the restore.
-
-Disks are made once per code version (keyed by the content-addressed code
-directory) and cached.
+"""Code disks: a function version's code as a small read-only disk for the microVM guest,
+made once per code version (keyed by the content-addressed code directory) and cached.
 """
 
 from __future__ import annotations
@@ -49,10 +21,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from impuls.runtimes.guest.protocol import TASK_ROOT
+
+# Every code disk is a sparse file of exactly CODE_DISK_BYTES holding:
+# * an MBR whose single partition spans PARTITION_OFFSET .. end.  Every code disk, and the
+#   blank disk of snapshot templates, has this same sector 0, so the only block a restored
+#   guest kernel cached from the template's disk while booting (the partition scan) is
+#   still right.
+# * in the partition, a romfs (Documentation/filesystems/romfs.rst) with two directories:
+#   TASK_DIR, the code, which the guest bind-mounts at /var/task, and PYCACHE_DIR: for
+#   Python, unchecked-hash pycs (PEP 552) compiled on the host when its interpreter's minor
+#   version is the guest's, laid out like the code (pycache/<dir>/<module>.cpython-3XX.pyc).
+#   The guest's preloaded Python client loads them for modules under /var/task (compiling
+#   under TCG emulation costs far more), so the function's own directory stays exactly
+#   what it shipped.
+# romfs, because mounting it runs a few hundred bytes of kernel code, where ext4's mount
+# costs ~100 ms of freshly translated code under TCG after each restore, and because its
+# first two 1 KiB blocks can be made identical for every image: superblock, root
+# directory, and the headers of `task` and `pycache` at fixed offsets.  The snapshot
+# template mounts its blank disk at boot, reading only those two blocks; a clone restored
+# with another disk then finds its own code behind the already-mounted filesystem, with
+# nothing stale cached and nothing to mount.  romfs has no owners or times (everything is
+# root's, 0644/0755), which suits read-only code.  A package romfs cannot hold (a name over
+# MAX_ROMFS_NAME bytes) becomes an ext4 image instead, which the agent mounts over
+# /var/task after the restore.
 CODE_DISK_BYTES = 512 * 2**20
 PARTITION_OFFSET = 2**20
 MAX_ROMFS_NAME = 127
-GUEST_TASK_ROOT = "/var/task"
 TASK_DIR = "task"
 PYCACHE_DIR = "pycache"
 
@@ -123,7 +118,7 @@ class _Node:
 
 
 def write_romfs(task: list[_Node], pycache: list[_Node], out: Path) -> int:
-    """Write the two-directory romfs (see the module docstring); returns the bytes used."""
+    """Write the two-directory romfs (see the layout above); returns the bytes used."""
     nodes: list[_Node] = []
 
     def fixed(name: str, kind: int, offset: int, spec: int, nxt: int = 0) -> _Node:
@@ -262,7 +257,7 @@ def compile_pycs(code_dir: Path, guest_python: str) -> dict[str, bytes]:
     for rel in _python_files(code_dir):
         try:
             source = (code_dir / rel).read_bytes()
-            code = compile(source, f"{GUEST_TASK_ROOT}/{rel}", "exec", dont_inherit=True)
+            code = compile(source, f"{TASK_ROOT}/{rel}", "exec", dont_inherit=True)
             pyc = bytearray(importlib.util.MAGIC_NUMBER)
             pyc += (0b01).to_bytes(4, "little")  # hash-based, not checked against the source
             pyc += importlib.util.source_hash(source)

@@ -1,22 +1,4 @@
-"""The images directory: what is built, where, and what each rootfs offers.
-
-Layout of the images directory (``Settings.images_path``: ``IMPULS_IMAGES_DIR``, else
-``<data dir>/images``)::
-
-    manifest.json             what is built, from which inputs (keys), sizes
-    vmlinux                   uncompressed guest kernel (boots directly via PVH)
-    initramfs.cpio            busybox + virtio modules + init.sh (uncompressed:
-                              nothing to inflate under emulation)
-    rootfs-<runtime>.ext4     read-only root filesystem per guest runtime
-    accel/<host>.json         cached KVM probe verdict per host
-    snapshots/<key>/          runtime snapshots made by the microvm driver
-    cache/                    downloaded .debs, debootstrap trees (speed up rebuilds)
-    build.log                 output of the last build's tools
-
-The directory may be shared by several servers and hosts (a CI cache): every
-artifact appears atomically (written aside, then renamed) and writers take
-``.build.lock``.
-"""
+"""The images directory: what is built, where, and what each rootfs offers (see :class:`ImageStore`)."""
 
 from __future__ import annotations
 
@@ -75,6 +57,24 @@ def disk_usage(path: Path) -> int:
 
 
 class ImageStore:
+    """The images directory (``Settings.images_path``: ``IMPULS_IMAGES_DIR``, else
+    ``<data dir>/images``)::
+
+        manifest.json             what is built, from which inputs (keys), sizes
+        vmlinux                   uncompressed guest kernel (boots directly via PVH)
+        initramfs.cpio            busybox + virtio modules + init.sh (uncompressed:
+                                  nothing to inflate under emulation)
+        rootfs-<runtime>.ext4     read-only root filesystem per guest runtime
+        accel/<host>.json         cached KVM probe verdict per host
+        snapshots/<key>/          runtime snapshots made by the microvm driver
+        cache/                    downloaded .debs, debootstrap trees (speed up rebuilds)
+        build.log                 output of the last build's tools
+
+    The directory may be shared by several servers and hosts (a CI cache): every
+    artifact appears atomically (written aside, then renamed) and writers take
+    ``.build.lock``.
+    """
+
     def __init__(self, root: Path) -> None:
         self.root = root
         self._cached: tuple[tuple[int, int], dict[str, Any]] | None = None

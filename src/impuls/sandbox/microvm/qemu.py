@@ -1,12 +1,6 @@
-"""The VMM layer: QEMU ``microvm`` argv, a QMP client, and which acceleration works here.
+"""The VMM layer: QEMU ``microvm`` argv, a QMP client, and which acceleration works on this host.
 
-Acceleration is decided by *booting*, not by looking for ``/dev/kvm``: on
-hosts whose KVM is nested PVM, ``/dev/kvm`` opens and ``KVM_CREATE_VM``
-succeeds, yet a stock guest kernel dies in KVM's instruction emulator.  So
-``auto`` boots the real kernel + initramfs under ``-accel kvm`` to a marker
-line once per host (the verdict is cached in ``<images>/accel/``) and falls
-back to TCG, QEMU's software emulation, when that fails.
-``IMPULS_MICROVM_ACCEL=kvm|tcg`` (``Settings.microvm_accel``) overrides the probe.
+Another VMM (Firecracker, where it exists) would take QEMU's place here.
 """
 
 from __future__ import annotations
@@ -28,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from impuls.errors import ConfigError
-from impuls.runtimes.guest.agent import PORT_NAME
+from impuls.runtimes.guest.protocol import PORT_NAME
 from impuls.sandbox.microvm.images import ImageStore
 
 QEMU = "qemu-system-x86_64"
@@ -160,7 +154,15 @@ def probe_kvm(store: ImageStore, binary: str, timeout: float = PROBE_TIMEOUT) ->
 
 
 def choose_accel(store: ImageStore, mode: str = "auto", binary: str | None = None) -> AccelChoice:
-    """The acceleration to use: ``mode`` when it is ``kvm`` or ``tcg``, else the (cached) probe verdict."""
+    """The acceleration to use: ``mode`` when it is ``kvm`` or ``tcg``, else the (cached) probe verdict.
+
+    Acceleration is decided by *booting*, not by looking for ``/dev/kvm``: on hosts whose
+    KVM is nested PVM, ``/dev/kvm`` opens and ``KVM_CREATE_VM`` succeeds, yet a stock guest
+    kernel dies in KVM's instruction emulator.  So ``auto`` boots the real kernel + initramfs
+    under ``-accel kvm`` to a marker line once per host (the verdict is cached in
+    ``<images>/accel/``) and falls back to TCG, QEMU's software emulation, when that fails.
+    ``IMPULS_MICROVM_ACCEL=kvm|tcg`` (``Settings.microvm_accel``) overrides the probe.
+    """
     if mode not in ACCEL_MODES:
         raise ConfigError(f"IMPULS_MICROVM_ACCEL must be one of {', '.join(ACCEL_MODES)}, not {mode!r}")
     if mode != "auto":
@@ -186,7 +188,6 @@ def choose_accel(store: ImageStore, mode: str = "auto", binary: str | None = Non
 def qemu_path(path: Path | str) -> str:
     """A path inside a QEMU option value (commas are doubled)."""
     return str(path).replace(",", ",,")
-
 
 
 # --- one machine's argv ---------------------------------------------------------------
