@@ -32,31 +32,16 @@ from impuls.functions.packages import PackageBuilder
 from impuls.functions.registry import FunctionRegistry
 from impuls.runtimes import Runtime, default_registry
 from impuls.sandbox.base import Instance, InstanceSpec, SandboxDriver
-from impuls.sandbox.runtime_api import Invocation, RuntimeAPI, RuntimeReply
+from impuls.sandbox.runtime_api import Invocation, RuntimeReply
 from impuls.store.blobs import BlobStore
 from impuls.store.db import open_engine
-from tests.unit.test_pool import FakeClock
+from tests.unit.test_pool import FakeClock, FakeInstance
 
 CODE = "def handler(event, context):\n    return event\n"
 
 
-class ScriptedInstance(Instance):
+class ScriptedInstance(FakeInstance):
     """Does what the event's ``do`` says: echo it (default), raise, time out, run out of memory, die."""
-
-    def __init__(self, spec: InstanceSpec) -> None:
-        super().__init__(spec, RuntimeAPI())
-        self._exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-
-    @property
-    def exited(self) -> asyncio.Future[int]:
-        return self._exited
-
-    def drain_output(self) -> None:
-        pass
-
-    async def _teardown(self) -> None:
-        if not self._exited.done():
-            self._exited.set_result(-9)
 
     async def invoke(self, invocation: Invocation, timeout: float) -> RuntimeReply:
         self.invocations += 1
@@ -91,7 +76,7 @@ class ScriptedDriver(SandboxDriver):
         self.specs.append(spec)
         if self.init_error is not None:
             raise self.init_error
-        instance = ScriptedInstance(spec)
+        instance = ScriptedInstance(spec, delay=0.0)
         self.instances.append(instance)
         return instance
 

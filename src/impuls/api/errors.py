@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
 
 from starlette.responses import JSONResponse
 
@@ -61,8 +60,8 @@ def status_of(exc: ImpulsError) -> int:
     return 500
 
 
-def error_body(message: str, **extra: Any) -> bytes:
-    return json.dumps({"error": True, "message": message, **extra}).encode()
+def error_body(message: str) -> bytes:
+    return json.dumps({"error": True, "message": message}).encode()
 
 
 def error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
