@@ -116,7 +116,7 @@ def test_python_restore_based_cold_start(images_dir: Path, tmp_path: Path, specs
             gap = json.loads((await clone.invoke(invocation({"gap": True}), CALL_TIMEOUT)).body)
             assert gap >= 1.0, gap  # a thread that was never frozen would have run every few ms
         finally:
-            pids = [i.vm.proc.pid for i in (first, clone) if i.vm is not None]
+            pids = [pid for i in (first, clone) if i.vm is not None and (pid := i.vm.qemu_pid) is not None]
             await first.destroy()
             await clone.destroy()
             await clone.destroy()  # idempotent
@@ -172,7 +172,8 @@ def test_timeout_then_the_vm_is_gone(images_dir: Path, tmp_path: Path, specs: Sp
         d = driver(images_dir, tmp_path)
         instance = await d.create(specs({"handler.py": PY}))
         assert isinstance(instance, MicroVMInstance) and instance.vm is not None
-        pid = instance.vm.proc.pid
+        pid = instance.vm.qemu_pid
+        assert pid is not None
         started = time.monotonic()
         with pytest.raises(InvocationTimedOut):
             await instance.invoke(invocation({"sleep": 120}), 1.0)
@@ -188,7 +189,8 @@ def test_oom_inside_the_guest(images_dir: Path, tmp_path: Path, specs: Specs) ->
         d = driver(images_dir, tmp_path)
         instance = await d.create(specs({"handler.py": PY}))
         assert isinstance(instance, MicroVMInstance) and instance.vm is not None
-        pid = instance.vm.proc.pid
+        pid = instance.vm.qemu_pid
+        assert pid is not None
         with pytest.raises(OutOfMemory):
             await instance.invoke(invocation({"oom": True}), CALL_TIMEOUT)
         assert instance.oom_killed()
@@ -213,7 +215,8 @@ def test_guest_panic_and_qemu_crash_end_the_call(images_dir: Path, tmp_path: Pat
                 await call
             call = asyncio.ensure_future(crashing.invoke(invocation({"sleep": 600}), CALL_TIMEOUT))
             await asyncio.sleep(0.5)
-            os.kill(crashing.vm.proc.pid, signal.SIGSEGV)
+            assert crashing.vm.qemu_pid is not None
+            os.kill(crashing.vm.qemu_pid, signal.SIGSEGV)
             with pytest.raises(RuntimeExited) as info:
                 await call
             assert type(info.value) is RuntimeExited
@@ -234,7 +237,7 @@ async def main():
     d = MicroVMDriver(Path(sys.argv[1]), images_dir=Path(sys.argv[2]))
     spec = Specs(Path(sys.argv[3]))({"handler.py": "def handler(e, c):\\n    return 1\\n"})
     instance = await d.create(spec)
-    print(instance.vm.proc.pid, flush=True)
+    print(instance.vm.qemu_pid, flush=True)
     await asyncio.sleep(3600)
 
 asyncio.run(main())
@@ -258,7 +261,8 @@ def test_no_qemu_survives_a_killed_server(images_dir: Path, tmp_path: Path, spec
         d = driver(images_dir, tmp_path)
         instance = await d.create(specs({"handler.py": PY}))
         assert isinstance(instance, MicroVMInstance) and instance.vm is not None
-        orphan = instance.vm.proc.pid
+        orphan = instance.vm.qemu_pid
+        assert orphan is not None
         successor = driver(images_dir, tmp_path)
         assert await successor.reap_orphans() >= 1
         assert wait_gone(orphan)

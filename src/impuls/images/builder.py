@@ -59,6 +59,9 @@ MODULES = ("virtio_mmio", "virtio_blk", "virtio_console", "romfs")
 TRIM = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", "usr/share/lintian",
         "var/cache/apt", "var/lib/apt/lists", "var/log", "var/cache/debconf")
 APT_OPTS = ("-o", "APT::Sandbox::User=root", "-q")
+# Whatever the umask: QEMU runs as its own unprivileged uid (sandbox/microvm/jail.py) and
+# must read the kernel, the initramfs and the root filesystems (they hold nothing secret).
+IMAGE_MODE = 0o644
 
 Progress = Callable[[str], None]
 
@@ -383,6 +386,7 @@ class Builder:
         self._run(["mke2fs", "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-m", "0",
                    "-N", str(inodes + inodes // 4 + 1024), "-L", f"impuls-{runtime}", "-E", "root_owner=0:0",
                    "-d", str(tree), str(tmp), f"{size_mb}M"], what=f"mke2fs ({runtime})")
+        tmp.chmod(IMAGE_MODE)
         os.replace(tmp, out)
         return out, config
 
@@ -394,6 +398,7 @@ def _size(n: int) -> str:
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_bytes(data)
+    tmp.chmod(IMAGE_MODE)
     os.replace(tmp, path)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from impuls.runtimes.guest.protocol import TASK_ROOT
+from impuls.sandbox.microvm.jail import give_to_qemu
 
 # Every code disk is a sparse file of exactly CODE_DISK_BYTES holding:
 # * an MBR whose single partition spans PARTITION_OFFSET .. end.  Every code disk, and the
@@ -280,11 +281,14 @@ def _python_files(code_dir: Path) -> Iterator[str]:
 
 
 class CodeDisks:
-    """``<dir>/<key>.<fstype>.img``: one code disk per code version, made once."""
+    """``<dir>/<key>.<fstype>.img``: one code disk per code version, made once.
+
+    The directory is the server's alone (0700); each disk is root:994 0640, readable by QEMU's
+    uid (it is bound into QEMU's jail by file, see :mod:`.jail`)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     @staticmethod
     def key(code_dir: Path, extra: str = "") -> str:
@@ -320,6 +324,7 @@ class CodeDisks:
             if PARTITION_OFFSET + size > CODE_DISK_BYTES:
                 raise CodeDiskError(f"the code ({size // 2**20} MB as {fstype}) does not fit a code disk")
             self._assemble(part, tmp)
+            give_to_qemu(tmp)  # root:994 0640: QEMU's uid reads it, other users do not
             target = self.root / f"{key}.{fstype}.img"
             os.replace(tmp, target)
             return CodeDisk(target, fstype)
@@ -363,6 +368,7 @@ class CodeDisks:
             try:
                 write_romfs([], [], part)
                 self._assemble(part, tmp)
+                give_to_qemu(tmp)
                 os.replace(tmp, target)
             finally:
                 part.unlink(missing_ok=True)

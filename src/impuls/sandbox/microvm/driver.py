@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import shutil
 import signal
@@ -30,6 +31,7 @@ from impuls.runtimes.guest.protocol import (
     TMP_DIR,
 )
 from impuls.sandbox.base import Instance, InstanceSpec, OutputCapture, SandboxDriver
+from impuls.sandbox.microvm import jail
 from impuls.sandbox.microvm.codedisk import CodeDisk, CodeDiskError, CodeDisks
 from impuls.sandbox.microvm.images import ImageStore
 from impuls.sandbox.microvm.qemu import AccelChoice, Memory, VMConfig, choose_accel, qemu_binary, qemu_version
@@ -148,6 +150,9 @@ class MicroVMDriver(SandboxDriver):
         if binary is None:
             raise ConfigError("the microvm sandbox needs qemu-system-x86_64 (Debian package qemu-system-x86)")
         self.binary = binary
+        why = jail.unavailable()
+        if why:
+            raise ConfigError(why)
         self.store = ImageStore(images_dir)
         missing = self.store.missing(["python"])
         if missing:
@@ -155,12 +160,23 @@ class MicroVMDriver(SandboxDriver):
                 f"the microvm sandbox needs guest images, and {', '.join(missing)} "
                 f"{'is' if len(missing) == 1 else 'are'} missing in {self.store.root}: "
                 "build them with `impuls images build`")
+        images = [self.store.kernel, self.store.initramfs,
+                  *(self.store.rootfs(g) for g in set(self.store.offered().values()))]
+        unreadable = [str(path) for path in images if path.exists() and not jail.readable(path)]
+        if unreadable:
+            raise ConfigError(f"QEMU runs as uid {jail.QEMU_UID} and cannot read {', '.join(unreadable)}: "
+                              "make the guest images readable (chmod 0644, or rebuild them)")
+        try:
+            jail.seccomp_filter()  # fails now, not at the first start, without libseccomp
+        except SandboxStartFailed as exc:
+            raise ConfigError(exc.message) from exc
         self.accel: AccelChoice = choose_accel(self.store, accel)
         self.use_snapshots = snapshots
         self.pid_dir = work_dir / "run"
         self.vm_dir = work_dir / "vms"
-        for d in (self.pid_dir, self.vm_dir):
+        for d in (work_dir, self.pid_dir, self.vm_dir):
             d.mkdir(parents=True, exist_ok=True)
+        work_dir.chmod(0o700)  # QEMU is handed its files; nothing here is for other users
         self.codes = CodeDisks(work_dir / "code")
         self.qemu_version = qemu_version(binary)
         self.snapshots = SnapshotStore(self.store, self.accel.accel, self.qemu_version, self._start_template)
@@ -199,9 +215,11 @@ class MicroVMDriver(SandboxDriver):
         run_dir = run_dir or short_dir(self.vm_dir / name)
         try:
             return await VM.start(name, config, run_dir, self.pid_dir, api_socket, output, owned)
-        except OSError as exc:
+        except (OSError, SandboxStartFailed) as exc:
             if owned:
                 shutil.rmtree(run_dir, ignore_errors=True)
+            if isinstance(exc, SandboxStartFailed):
+                raise
             raise SandboxStartFailed(f"cannot start QEMU: {exc}") from exc
 
     async def _start_template(self, name: str, guest_runtime: str, memory_mb: int, memory: Memory) -> VM:
@@ -270,13 +288,17 @@ class MicroVMDriver(SandboxDriver):
                        code_disk: Path) -> None:
         spec = instance.spec
         t0 = time.perf_counter()
-        # The RAM maps the template's file share=off (MAP_PRIVATE): copy-on-write, clean pages
-        # shared through the host page cache, nothing copied up front.  The code disk takes the
+        # The RAM maps the template's share=off (MAP_PRIVATE): copy-on-write, clean pages
+        # shared by every clone, nothing copied per start -- from a sealed memfd copy of the
+        # RAM file that QEMU cannot write (snapshots.SealedRam).  The code disk takes the
         # place of the template's blank one, behind the romfs the template already mounted.
-        config = self.vm_config(guest, spec.memory_mb, code_disk, Memory(snapshot.ram, shared=False),
-                                incoming=True)
-        vm = await self.start_vm(spec.instance_id, config, instance.api.address, instance.output,
-                                 instance.run_dir)
+        ram = await self.snapshots.ram(snapshot)
+        try:
+            config = self.vm_config(guest, spec.memory_mb, code_disk, Memory(fd=ram), incoming=True)
+            vm = await self.start_vm(spec.instance_id, config, instance.api.address, instance.output,
+                                     instance.run_dir)
+        finally:
+            os.close(ram)  # QEMU has its own
         instance.attach(vm)
         await vm.restore(snapshot.state, RESTORE_TIMEOUT)
         instance.timings["restore"] = time.perf_counter() - t0
@@ -335,6 +357,8 @@ class MicroVMDriver(SandboxDriver):
             "images": str(self.store.root),
             "guest_runtimes": sorted(self.offered()),
             "snapshots": self.use_snapshots,
+            "qemu_confinement": f"uid {jail.QEMU_UID}, no capabilities, seccomp (-sandbox and a second "
+                                "filter), its own pid/mount/net/ipc/uts namespaces, only its files",
         }
 
 

@@ -21,9 +21,11 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from impuls.errors import ConfigError
+from impuls.errors import ConfigError, SandboxStartFailed
 from impuls.runtimes.guest.protocol import PORT_NAME
+from impuls.sandbox.microvm import jail
 from impuls.sandbox.microvm.images import ImageStore
+from impuls.sandbox.microvm.jail import Mount
 
 QEMU = "qemu-system-x86_64"
 PROBE_TIMEOUT = 15.0  # a working KVM boots kernel + initramfs to the marker in about a second
@@ -31,6 +33,7 @@ PROBE_MARKER = b"IMPULS-PROBE-OK"
 ACCEL_MODES = ("auto", "kvm", "tcg")
 TCG_NOTE = "TCG: software emulation (no usable hardware virtualization on this host), much slower than KVM"
 KVM_NOTE = "KVM: hardware virtualization"
+PVM_NOTE = "; the host's KVM is kvm_pvm (nested PVM), which stock guest kernels cannot use"
 
 # Kernel command line shared by every boot.  Under TCG the TSC must be
 # declared (else calibration hangs) and mitigations are pointless: the
@@ -66,19 +69,15 @@ def kernel_cmdline(accel: str, extra: tuple[str, ...] = ()) -> str:
 
 
 def machine_args(accel: str, memory_mb: int, memory_backend: str | None = None) -> list[str]:
-    """The machine part of a QEMU argv: microvm, one vCPU, no default devices, no network."""
+    """The machine part of a QEMU argv: microvm, one vCPU, no default devices, no network, and
+    QEMU's own seccomp filter (``-sandbox``: see :mod:`.jail`)."""
     machine = "microvm,x-option-roms=off,isa-serial=on,rtc=on,pit=on,pic=on"
     if memory_backend is not None:
         machine += f",memory-backend={memory_backend}"
     accel_opt = "tcg,tb-size=64" if accel == "tcg" else "kvm"
-    return ["-M", machine, "-accel", accel_opt, "-cpu", cpu_model(accel), "-m", f"{memory_mb}M",
-            "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
-
-
-def pdeathsig_prefix() -> list[str]:
-    """argv prefix that makes the child die with its parent (util-linux ``setpriv``)."""
-    setpriv = shutil.which("setpriv")
-    return [setpriv, "--pdeathsig", "KILL"] if setpriv else []
+    return ["-sandbox", jail.QEMU_SANDBOX, "-M", machine, "-accel", accel_opt, "-cpu", cpu_model(accel),
+            "-m", f"{memory_mb}M", "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none",
+            "-no-reboot"]
 
 
 @dataclass(frozen=True)
@@ -106,25 +105,32 @@ def host_cpu() -> str:
 
 def _host_key(store: ImageStore, binary: str) -> str:
     parts = [socket.gethostname(), os.uname().release, host_cpu(), qemu_version(binary), store.key("kernel"),
-             store.key("initramfs")]
+             store.key("initramfs"), jail.JAIL_RECIPE]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
 
 
 def probe_kvm(store: ImageStore, binary: str, timeout: float = PROBE_TIMEOUT) -> tuple[bool, str]:
-    """Boot the guest kernel + initramfs under KVM to the probe marker; (usable, detail)."""
+    """Boot the guest kernel + initramfs under KVM, confined as every VM is, to the probe
+    marker; (usable, detail)."""
     if not os.path.exists("/dev/kvm"):
         return False, "/dev/kvm does not exist"
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return False, "/dev/kvm is not accessible to this user"
-    argv = [*pdeathsig_prefix(), binary, *machine_args("kvm", 128), "-kernel", str(store.kernel),
-            "-initrd", str(store.initramfs), "-append", kernel_cmdline("kvm", ("impuls.probe=1",)),
-            "-serial", "stdio"]
+    _, why = jail.kvm_access()
+    if why:
+        return False, why + (PVM_NOTE if os.path.isdir("/sys/module/kvm_pvm") else "")
+    mounts = [Mount(store.kernel, "vmlinux"), Mount(store.initramfs, "initramfs")]
+    qemu = [binary, *machine_args("kvm", 128), "-kernel", mounts[0].inside, "-initrd", mounts[1].inside,
+            "-append", kernel_cmdline("kvm", ("impuls.probe=1",)), "-serial", "stdio"]
     started = time.monotonic()
+    filter_fd = None
     try:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    except OSError as exc:
+        filter_fd = jail.seccomp_fd()
+        proc = subprocess.Popen(jail.command(qemu, mounts, "kvm", filter_fd), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                                pass_fds=(filter_fd,), env={}, cwd="/")
+    except (OSError, SandboxStartFailed) as exc:
         return False, f"cannot run {binary}: {exc}"
+    finally:
+        jail.close_quietly(filter_fd)
     assert proc.stdout is not None
     output = b""
     try:
@@ -144,7 +150,7 @@ def probe_kvm(store: ImageStore, binary: str, timeout: float = PROBE_TIMEOUT) ->
         if time.monotonic() - started >= timeout:
             tail = f"no boot within {timeout:.0f} s ({tail})"
         if os.path.isdir("/sys/module/kvm_pvm"):
-            tail += "; the host's KVM is kvm_pvm (nested PVM), which stock guest kernels cannot use"
+            tail += PVM_NOTE
         return False, f"probe boot under KVM failed: {tail}"[:400]
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -195,10 +201,13 @@ def qemu_path(path: Path | str) -> str:
 
 @dataclass
 class Memory:
-    """Guest RAM: anonymous, or a file mapped shared (snapshot template) or private (clone)."""
+    """Guest RAM: anonymous; a file mapped shared and writable (``path``: a snapshot template's,
+    the one file QEMU may write); or a sealed memfd mapped private (``fd``: a clone's RAM, the
+    template's pages copy-on-write, see :mod:`.snapshots`)."""
 
     path: Path | None = None
     shared: bool = False
+    fd: int | None = None
 
 
 @dataclass
@@ -210,6 +219,8 @@ class VMConfig:
     port ``nr=1``; the ISA serial console on stdio; QMP and the agent port on
     inherited socketpair fds.  With ``incoming`` the machine waits for
     ``migrate-incoming`` and is started without ``-kernel``: its RAM has it.
+    QEMU runs in a jail (:mod:`.jail`) where the files it is given are ``/vm/<name>``
+    (:meth:`mounts`); the RAM of a clone is an inherited descriptor (:attr:`fds`).
     """
 
     binary: str
@@ -222,20 +233,41 @@ class VMConfig:
     memory: Memory = field(default_factory=Memory)
     incoming: bool = False
 
-    def argv(self, name: str, link_fd: int, qmp_fd: int) -> list[str]:
-        args = [*pdeathsig_prefix(), self.binary, "-name", f"impuls-{name}"]
-        backend = None
+    def mounts(self) -> list[Mount]:
+        """The host files QEMU needs, as its jail shows them (read-only but a template's RAM)."""
+        mounts = [Mount(self.rootfs, "rootfs.ext4"), Mount(self.code_disk, "code.img")]
+        if not self.incoming:
+            mounts += [Mount(self.kernel, "vmlinux"), Mount(self.initramfs, "initramfs")]
         if self.memory.path is not None:
+            mounts.append(Mount(self.memory.path, "ram", writable=True))
+        return mounts
+
+    @property
+    def fds(self) -> tuple[int, ...]:
+        """Descriptors QEMU inherits besides its sockets."""
+        return (self.memory.fd,) if self.memory.fd is not None else ()
+
+    def qemu_argv(self, name: str, link_fd: int, qmp_fd: int) -> list[str]:
+        """QEMU's own argv (paths as its jail shows them)."""
+        inside = {m.host: m.inside for m in self.mounts()}
+        args = [self.binary, "-name", f"impuls-{name}"]
+        backend = None
+        if self.memory.path is not None or self.memory.fd is not None:
             backend = "ram"
+            # /proc/self/fd/N: QEMU 7.2 reopens its mem-path read-write; a sealed memfd allows
+            # that and still refuses every write that would reach other clones
+            path = (inside[self.memory.path] if self.memory.path is not None
+                    else f"/proc/self/fd/{self.memory.fd}")
             args += ["-object", f"memory-backend-file,id=ram,size={self.memory_mb}M,"
-                     f"mem-path={qemu_path(self.memory.path)},share={'on' if self.memory.shared else 'off'}"]
+                     f"mem-path={qemu_path(path)},share={'on' if self.memory.shared else 'off'}"]
         args += machine_args(self.accel, self.memory_mb, backend)
         if not self.incoming:  # a restored guest has its kernel in RAM: QEMU need not load it again
-            args += ["-kernel", str(self.kernel), "-initrd", str(self.initramfs),
+            args += ["-kernel", inside[self.kernel], "-initrd", inside[self.initramfs],
                      "-append", kernel_cmdline(self.accel)]
-        args += ["-drive", f"id=root,file={qemu_path(self.rootfs)},format=raw,if=none,read-only=on",
+        drive = "format=raw,if=none,read-only=on"
+        args += ["-drive", f"id=root,file={qemu_path(inside[self.rootfs])},{drive}",
                  "-device", "virtio-blk-device,drive=root",
-                 "-drive", f"id=code,file={qemu_path(self.code_disk)},format=raw,if=none,read-only=on",
+                 "-drive", f"id=code,file={qemu_path(inside[self.code_disk])},{drive}",
                  "-device", "virtio-blk-device,drive=code",
                  "-device", "virtio-serial-device,max_ports=2",
                  "-chardev", f"socket,id=agent,fd={link_fd}",
@@ -245,6 +277,10 @@ class VMConfig:
         if self.incoming:
             args += ["-incoming", "defer"]
         return args
+
+    def command(self, name: str, link_fd: int, qmp_fd: int, seccomp_fd: int) -> list[str]:
+        """The whole command line: QEMU in its jail (see :func:`.jail.command`)."""
+        return jail.command(self.qemu_argv(name, link_fd, qmp_fd), self.mounts(), self.accel, seccomp_fd)
 
 
 # --- QMP ----------------------------------------------------------------------------
@@ -257,9 +293,11 @@ class QmpError(Exception):
 class Qmp:
     """A minimal QMP client on a connected socket: commands, and events kept for waiters."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 sock: socket.socket | None = None) -> None:
         self.reader = reader
         self.writer = writer
+        self.sock = sock  # the transport's socket, for the one message that carries a descriptor
         self.events: list[dict[str, Any]] = []
         self._waiting: dict[int, asyncio.Future[Any]] = {}
         self._event_waiters: list[tuple[str, asyncio.Future[dict[str, Any]]]] = []
@@ -270,7 +308,7 @@ class Qmp:
     @classmethod
     async def connect(cls, sock: socket.socket) -> Qmp:
         reader, writer = await asyncio.open_connection(sock=sock, limit=2**20)
-        qmp = cls(reader, writer)
+        qmp = cls(reader, writer, sock)
         greeting = json.loads(await reader.readline())
         if "QMP" not in greeting:
             raise QmpError(f"unexpected QMP greeting {greeting!r}")
@@ -305,8 +343,8 @@ class Qmp:
                 if not fut.done():
                     fut.set_exception(QmpError("QEMU closed the monitor"))
 
-    async def execute(self, command: str, arguments: dict[str, Any] | None = None,
-                      timeout: float = 30.0) -> Any:
+    def _request(self, command: str,
+                 arguments: dict[str, Any] | None) -> tuple[int, bytes, asyncio.Future[Any]]:
         if self.closed:
             raise QmpError("QEMU closed the monitor")
         ident = self._next
@@ -316,8 +354,37 @@ class Qmp:
         msg: dict[str, Any] = {"execute": command, "id": ident}
         if arguments:
             msg["arguments"] = arguments
-        self.writer.write(json.dumps(msg).encode() + b"\n")
+        return ident, json.dumps(msg).encode() + b"\n", fut
+
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None,
+                      timeout: float = 30.0) -> Any:
+        _, data, fut = self._request(command, arguments)
+        self.writer.write(data)
         return await asyncio.wait_for(fut, timeout)
+
+    async def send_fd(self, name: str, fd: int, timeout: float = 30.0) -> None:
+        """Hand QEMU a duplicate of ``fd`` as ``name`` (QMP ``getfd``: the descriptor rides on
+        the command's bytes as SCM_RIGHTS ancillary data), e.g. for ``fd:<name>`` migrations:
+        QEMU then never opens the file itself."""
+        if self.sock is None:
+            raise QmpError("the monitor has no socket to pass descriptors over")
+        ident, data, fut = self._request("getfd", {"fdname": name})
+        await self.writer.drain()
+        transport = self.writer.transport
+        while transport.get_write_buffer_size():  # what the transport holds must go first
+            await asyncio.sleep(0.001)
+        while True:
+            try:
+                sent = socket.send_fds(self.sock, [data], [fd])
+                break
+            except (BlockingIOError, InterruptedError):
+                await asyncio.sleep(0.001)
+            except OSError as exc:
+                self._waiting.pop(ident, None)
+                raise QmpError(f"cannot pass a descriptor to QEMU: {exc}") from exc
+        if sent < len(data):
+            self.writer.write(data[sent:])
+        await asyncio.wait_for(fut, timeout)
 
     def event(self, name: str) -> asyncio.Future[dict[str, Any]]:
         """A future for the next event ``name`` (or one already seen)."""
