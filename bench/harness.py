@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import http.client
 import os
 import shlex
@@ -17,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import profiling, report
+from bench import profiling, report, rotation
 from bench.loadgen import Client, LoadGenError, burst, lua_script, run_wrk, scratch_dir, wrk_path, wrk_version
 from bench.results import (
     FLOOR,
@@ -330,6 +331,28 @@ class Runner:
             f"p99 {row.client_p99_ms:.1f} ms over {row.samples}; burst of {row.burst}: "
             f"{row.burst_cold} cold in {row.burst_wall_ms:.0f} ms")
 
+    def rotation(self) -> None:
+        """What replacing the namespace template costs (``bench/rotation.py``): in-process rows."""
+        from impuls.errors import ImpulsError
+        from impuls.sandbox import namespace
+
+        reason = namespace.available()
+        if reason:
+            self.note(f"template rotation rows: skipped, the namespace sandbox is unavailable: {reason}")
+            return
+        self.wait_quiet()
+        samples = max(20, 2 * self.plan.cold_samples)
+        try:
+            rows = asyncio.run(rotation.measure(self.work, samples, self.plan.settle_s,
+                                                self.plan.cold_budget_s))
+        except (OSError, RuntimeError, ImpulsError) as exc:
+            self.note(f"template rotation rows stopped: {exc}")
+            return
+        self.results.rotation.extend(rows)
+        for row in rows:
+            log(f"namespace template {row.label}: cold start p50 {row.p50_ms:.1f} ms, "
+                f"p99 {row.p99_ms:.1f} ms over {row.samples}, {row.rotations} rotations")
+
     def note(self, text: str) -> None:
         log(text)
         self.results.notes.append(text)
@@ -427,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
                 runner.baselines()
             for sandbox in sandboxes:
                 runner.impuls(sandbox)
+                if sandbox == "namespace" and sandbox in results.sandboxes:
+                    runner.rotation()
     except LoadGenError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2

@@ -83,6 +83,18 @@ def memory_table(results: Results) -> str:
                   "shared sandbox processes MiB (total)"], rows, {2, 3, 4})
 
 
+def rotation_table(results: Results) -> str:
+    base = results.rotation[0]
+
+    def ratio(value: float, of: float) -> str:
+        return f"{value / of:.2f}{X}" if of and not math.isnan(value) else NA
+
+    rows = [[r.label, str(r.samples), _ms(r.p50_ms), _ms(r.p99_ms), str(r.rotations),
+             ratio(r.p50_ms, base.p50_ms), ratio(r.p99_ms, base.p99_ms)] for r in results.rotation]
+    return table(["template replaced", "samples", "p50 ms", "p99 ms", "rotations", "p50 vs default",
+                  "p99 vs default"], rows)
+
+
 @dataclass
 class Target:
     name: str
@@ -185,6 +197,9 @@ def tables(results: Results) -> str:
              "", "Cold starts (new instance to first result)", cold_table(results)]
     if results.memory:
         parts += ["", "Memory", memory_table(results)]
+    if results.rotation:
+        parts += ["", "Template rotation (namespace, Python cold starts in-process: create + first call)",
+                  rotation_table(results)]
     parts += ["", "Targets", targets_table(results)]
     if results.notes:
         parts += ["", "Notes", *(f"- {n}" for n in results.notes)]
@@ -346,6 +361,13 @@ def markdown(results: Results) -> str:
     ]
     if results.memory:
         parts += ["## Memory of idle warm instances\n", memory_table(results), ""]
+    if results.rotation:
+        parts += ["## Template rotation (namespace)\n",
+                  "What replacing the namespace sandbox's template costs: Python cold starts on the "
+                  "driver itself (`driver.create` and the first call, in the harness's process, no "
+                  "HTTP), with the default limits and with the template replaced every few instances "
+                  "(its replacement starts in the background during the next starts); compare the rows "
+                  "with each other (`bench/rotation.py`).\n", rotation_table(results), ""]
     parts += ["## Where the time goes\n", *(p + "\n" for p in where_time_goes(results))]
     if results.notes:
         parts += ["## Notes from this run\n", *(f"- {n}" for n in results.notes), ""]

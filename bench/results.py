@@ -85,6 +85,19 @@ class MemoryRow:
 
 
 @dataclass
+class RotationRow:
+    """Namespace Python cold starts in-process (``driver.create`` + first call, no HTTP) with
+    the template replaced after ``max_forks`` instances (``bench/rotation.py``)."""
+
+    label: str
+    max_forks: int
+    samples: int
+    p50_ms: float
+    p99_ms: float
+    rotations: int  # templates replaced during the row
+
+
+@dataclass
 class Results:
     machine: dict[str, str]
     command: str
@@ -93,6 +106,7 @@ class Results:
     server_times: list[ServerTime] = field(default_factory=list)
     cold: list[ColdRow] = field(default_factory=list)
     memory: list[MemoryRow] = field(default_factory=list)
+    rotation: list[RotationRow] = field(default_factory=list)  # the first row: the default limits
     notes: list[str] = field(default_factory=list)
     sandboxes: list[str] = field(default_factory=list)  # the ones measured
     profile: list[tuple[str, float]] = field(default_factory=list)  # (component, share of samples)

@@ -3,7 +3,7 @@
 Needs root, bubblewrap, libseccomp and cgroups; skipped with the reason from
 ``impuls.sandbox.namespace.available()`` otherwise.  The shared behaviour is in
 ``test_conformance.py``; this file covers what is particular to the driver:
-isolation as seen from inside, limits, destroy and crash recovery.
+isolation as seen from inside, limits, destroy, crash recovery and template rotation.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ import sys
 import textwrap
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,7 +28,7 @@ from impuls import config
 from impuls.errors import ConfigError, InitFailed, InvocationTimedOut, OutOfMemory, RuntimeExited
 from impuls.runtimes import default_registry
 from impuls.sandbox import make_driver, namespace
-from tests.helpers import processes_with
+from tests.helpers import live_pids, processes_with
 from tests.sandbox.conftest import SpecFactory, run
 from tests.sandbox.test_conformance import call
 
@@ -43,7 +45,7 @@ def _needs_namespace() -> None:
         pytest.skip(f"namespace sandbox unavailable here: {reason}")
 
 
-def make_namespace_driver(work: Path, launcher: str = "template", **template: int):  # type: ignore[no-untyped-def]
+def make_namespace_driver(work: Path, launcher: str = "template", **template: Any):  # type: ignore[no-untyped-def]
     from impuls.runtimes import default_registry
     from impuls.sandbox.namespace.bwrap_launch import BwrapLauncher
     from impuls.sandbox.namespace.driver import NamespaceDriver
@@ -424,3 +426,260 @@ def test_deep_data_directory(make_spec: SpecFactory, world_dir: Path) -> None:
             await driver.close()
 
     run(scenario())
+
+
+# --- template rotation ------------------------------------------------------------------
+
+LAYOUT = r"""
+import ctypes
+def handler(event, context):
+    maps = open("/proc/self/maps").read().splitlines()
+    return {
+        "libc": next(l.split("-")[0] for l in maps if "/libc.so" in l),
+        "heap": next((l.split("-")[0] for l in maps if l.endswith("[heap]")), None),
+        "printf": ctypes.cast(ctypes.CDLL(None).printf, ctypes.c_void_p).value,
+        "hash": hash("impuls"),
+    }
+"""
+
+
+async def layout(instance: Any) -> dict[str, Any]:
+    """What an instance forked from a template inherits from it: where libc is mapped,
+    the address of a libc symbol, and the string-hash secret (as ``hash("impuls")``)."""
+    reply = await call(instance, {})
+    assert reply.ok, reply.body
+    seen: dict[str, Any] = json.loads(reply.body)
+    return seen
+
+
+def same_template(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return (a["libc"], a["printf"], a["hash"]) == (b["libc"], b["printf"], b["hash"])
+
+
+def new_template(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Nothing of the layout nor the hash secret in common."""
+    return a["libc"] != b["libc"] and a["printf"] != b["printf"] and a["hash"] != b["hash"]
+
+
+async def until(ready: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    """Wait for ``ready()`` (a liveness bound, not a speed assertion)."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert time.monotonic() < deadline, f"still waiting for {what} after {timeout:.0f} s"
+        await asyncio.sleep(0.02)
+
+
+def cgroup_dirs(driver: Any) -> set[str]:
+    return {name for parent in driver.cgroups.parent_paths if os.path.isdir(parent)
+            for name in os.listdir(parent) if os.path.isdir(os.path.join(parent, name))}
+
+
+def kept(driver: Any) -> set[str]:
+    """The cgroups a driver uses: its launcher's (templates, slots) and its instances'."""
+    names: set[str] = driver.launcher.cgroup_names() | set(driver._live.values())
+    return names
+
+
+def test_template_rotates_after_max_forks(make_spec: SpecFactory, world_dir: Path) -> None:
+    """After 3 instances the template is replaced: later instances get another address-space
+    layout and hash secret, instances of one template share them, and the old template
+    stays only as long as its instances (they live in its pid namespace)."""
+    spec = make_spec({"handler.py": LAYOUT})
+
+    def fresh() -> Any:
+        return replace(spec, instance_id=uuid.uuid4().hex[:16])
+
+    async def scenario() -> None:
+        driver = make_namespace_driver(world_dir / "sandbox", template_max_forks=3)
+        launcher = driver.launcher
+        await driver.start()
+        old = launcher._template
+        old_pids = old.cgroup.pids()
+        old_cgroup = list(old.cgroup.paths.values())
+        first = [await driver.create(fresh()) for _ in range(3)]
+        second: list[Any] = []
+        try:
+            before = [await layout(i) for i in first]
+            await until(lambda: launcher.rotations == 1, "the rotation")
+            assert launcher._template is not old and launcher.rotation_failures == 0
+            assert all(s.origin is launcher._template for s in launcher._pool)  # old slots are gone
+            second = [await driver.create(fresh()) for _ in range(2)]
+            after = [await layout(i) for i in second]
+            assert all(same_template(before[0], b) for b in before[1:]), before
+            assert same_template(after[0], after[1]), after
+            assert all(new_template(b, a) for b in before for a in after), (before, after)
+            assert launcher.rotations == 1  # 2 instances of the new one: not due yet
+
+            # the old template's instances keep running, and so does it (their pid namespace)
+            assert same_template(await layout(first[0]), before[0])
+            assert old.proc.poll() is None and old.retired
+            await asyncio.gather(*(i.destroy() for i in first))
+            await until(lambda: old.closed and old.proc.poll() is not None
+                        and not any(os.path.exists(d) for d in old_cgroup), "the old template to stop")
+            await until(lambda: not launcher._stopping, "the old template's clean-up")
+            assert not set(live_pids(lambda _: True)) & old_pids  # (zombies wait for the host's init)
+            await until(lambda: cgroup_dirs(driver) == kept(driver), "no cgroup but those in use")
+            assert old.cgroup.name not in kept(driver)
+        finally:
+            await asyncio.gather(*(i.destroy() for i in [*first, *second]))
+            await driver.close()
+        assert not any(os.path.exists(d) for d in driver.cgroups.parent_paths)
+
+    run(scenario())
+
+
+def test_template_rotates_with_age(make_spec: SpecFactory, world_dir: Path) -> None:
+    """A template older than its maximum age is replaced even on an idle server."""
+    spec = make_spec({"handler.py": LAYOUT})
+
+    async def scenario() -> None:
+        driver = make_namespace_driver(world_dir / "sandbox", template_max_age=1.0)
+        first = await driver.create(spec)
+        second = None
+        try:
+            before = await layout(first)
+            await until(lambda: driver.launcher.rotations >= 1, "the rotation by age")
+            second = await driver.create(replace(spec, instance_id=uuid.uuid4().hex[:16]))
+            assert new_template(before, await layout(second))
+        finally:
+            await first.destroy()
+            if second is not None:
+                await second.destroy()
+            await driver.close()
+
+    run(scenario())
+
+
+def test_template_age_on_an_injected_clock(make_spec: SpecFactory, world_dir: Path) -> None:
+    """The age is measured on the launcher's clock; the next start after it expired
+    triggers the replacement (that start itself is still served by the old template)."""
+    spec = make_spec({"handler.py": LAYOUT})
+    now = [1000.0]
+
+    def fresh() -> Any:
+        return replace(spec, instance_id=uuid.uuid4().hex[:16])
+
+    async def scenario() -> None:
+        driver = make_namespace_driver(world_dir / "sandbox", template_max_age=600.0,
+                                       clock=lambda: now[0])
+        instances = [await driver.create(fresh())]
+        try:
+            now[0] += 599
+            instances.append(await driver.create(fresh()))
+            assert driver.launcher.rotations == 0 and driver.launcher._rotation is None
+            now[0] += 2
+            instances.append(await driver.create(fresh()))
+            await until(lambda: driver.launcher.rotations == 1, "the rotation")
+            instances.append(await driver.create(fresh()))
+            seen = [await layout(i) for i in instances]
+            assert same_template(seen[0], seen[1]) and same_template(seen[0], seen[2])
+            assert new_template(seen[0], seen[3])
+        finally:
+            await asyncio.gather(*(i.destroy() for i in instances))
+            await driver.close()
+
+    run(scenario())
+
+
+def test_cold_starts_during_a_rotation(make_spec: SpecFactory, world_dir: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the new template starts (held back here), the old one keeps serving."""
+    from impuls.sandbox.namespace.template import TemplateProcess
+
+    spec = make_spec({"handler.py": LAYOUT})
+
+    def fresh() -> Any:
+        return replace(spec, instance_id=uuid.uuid4().hex[:16])
+
+    async def scenario() -> None:
+        driver = make_namespace_driver(world_dir / "sandbox", template_max_forks=1)
+        launcher = driver.launcher
+        await driver.start()
+        gate, real_start = asyncio.Event(), TemplateProcess.start
+
+        async def held_back(*args: Any, **kwargs: Any) -> TemplateProcess:
+            await gate.wait()
+            return await real_start(*args, **kwargs)
+
+        monkeypatch.setattr(TemplateProcess, "start", staticmethod(held_back))
+        instances = [await driver.create(fresh())]  # due after this one
+        try:
+            assert launcher._rotation is not None
+            instances += await asyncio.gather(*(driver.create(fresh()) for _ in range(6)))
+            seen = [await layout(i) for i in instances]
+            assert all(same_template(seen[0], s) for s in seen[1:])  # all from the old template
+            assert launcher.rotations == 0 and launcher._rotation is not None
+            gate.set()
+            await until(lambda: launcher.rotations == 1, "the rotation")
+            instances.append(await driver.create(fresh()))
+            assert new_template(seen[0], await layout(instances[-1]))
+        finally:
+            gate.set()
+            await asyncio.gather(*(i.destroy() for i in instances))
+            await driver.close()
+
+    run(scenario())
+
+
+def test_failed_rotation_keeps_the_old_template(make_spec: SpecFactory, world_dir: Path,
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """A replacement that cannot start is logged, the old template keeps serving (no
+    fallback to one bwrap per instance) and the replacement is tried again later."""
+    from impuls.sandbox.namespace import template as template_module
+    from impuls.sandbox.namespace.template import TemplateProcess
+
+    monkeypatch.setattr(template_module, "ROTATE_RETRY", 0.2)
+    real_start, broken = TemplateProcess.start, [True]
+
+    async def start(host: Any, runtimes: Any, interpreter: str, *args: Any) -> TemplateProcess:
+        # while broken, a new template's bwrap cannot exec its interpreter
+        return await real_start(host, runtimes, "/nonexistent/python3" if broken[0] else interpreter,
+                                *args)
+    spec = make_spec({"handler.py": LAYOUT})
+
+    def fresh() -> Any:
+        return replace(spec, instance_id=uuid.uuid4().hex[:16])
+
+    async def scenario() -> None:
+        driver = make_namespace_driver(world_dir / "sandbox", template_max_forks=1)
+        launcher = driver.launcher
+        await driver.start()
+        old = launcher._template
+        monkeypatch.setattr(TemplateProcess, "start", staticmethod(start))
+        instances = [await driver.create(fresh())]
+        try:
+            await until(lambda: launcher.rotation_failures >= 2, "two failed attempts")
+            instances += await asyncio.gather(*(driver.create(fresh()) for _ in range(3)))
+            seen = [await layout(i) for i in instances]
+            assert all(same_template(seen[0], s) for s in seen[1:]), seen
+            assert driver.launcher is launcher and launcher._template is old and old.alive
+            assert launcher.rotations == 0
+            assert "cannot start a new template" in caplog.text
+            assert not launcher._starting and old.cgroup.name in cgroup_dirs(driver)
+            await until(lambda: cgroup_dirs(driver) == kept(driver), "no cgroup but those in use")
+            broken[0] = False  # the next attempt succeeds
+            await until(lambda: launcher.rotations == 1, "the retried rotation")
+            instances.append(await driver.create(fresh()))
+            assert new_template(seen[0], await layout(instances[-1]))
+        finally:
+            await asyncio.gather(*(i.destroy() for i in instances))
+            await driver.close()
+
+    caplog.set_level("WARNING", logger="impuls.sandbox.namespace.template")
+    run(scenario())
+
+
+def test_rotation_limits_are_driver_parameters(world_dir: Path) -> None:
+    from impuls.sandbox.namespace import template
+    from impuls.sandbox.namespace.driver import NamespaceDriver
+
+    driver = NamespaceDriver(world_dir / "a", default_registry())
+    assert (driver.launcher.max_forks, driver.launcher.max_age) == (  # type: ignore[attr-defined]
+        template.TEMPLATE_MAX_FORKS, template.TEMPLATE_MAX_AGE) == (1000, 600.0)
+    driver = NamespaceDriver(world_dir / "b", default_registry(), template_max_forks=7,
+                             template_max_age=30.0)
+    assert (driver.launcher.max_forks, driver.launcher.max_age) == (7, 30.0)  # type: ignore[attr-defined]
+    for bad in ({"template_max_forks": 0}, {"template_max_age": 0.0}):
+        with pytest.raises(ConfigError):
+            NamespaceDriver(world_dir / "c", default_registry(), **bad)  # type: ignore[arg-type]

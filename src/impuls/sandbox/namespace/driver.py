@@ -31,6 +31,7 @@ from impuls.sandbox.namespace.launch import (
     LaunchFailed,
     SandboxLost,
 )
+from impuls.sandbox.namespace.template import TEMPLATE_MAX_AGE, TEMPLATE_MAX_FORKS
 from impuls.sandbox.runtime_api import Invocation, RuntimeAPI, RuntimeReply
 
 log = logging.getLogger("impuls.sandbox.namespace.driver")
@@ -40,13 +41,18 @@ KILL_GRACE = 0.2
 MAX_SOCKET_PATH = 100
 
 
-def default_launcher(host: cgroups.CgroupHost, runtimes: RuntimeRegistry) -> Launcher:
-    """The template launcher when a Python interpreter can host it, else one bwrap per instance."""
+def default_launcher(host: cgroups.CgroupHost, runtimes: RuntimeRegistry,
+                     template_max_forks: int = TEMPLATE_MAX_FORKS,
+                     template_max_age: float = TEMPLATE_MAX_AGE) -> Launcher:
+    """The template launcher when a Python interpreter can host it (replaced after
+    ``template_max_forks`` instances or ``template_max_age`` seconds), else one bwrap
+    per instance."""
     from impuls.sandbox.namespace.template import TemplateLauncher, template_interpreter
 
     available = runtimes.available()
     if template_interpreter(available) is not None:
-        return TemplateLauncher(host, available)
+        return TemplateLauncher(host, available, template_max_forks=template_max_forks,
+                                template_max_age=template_max_age)
     return BwrapLauncher(host)
 
 
@@ -161,9 +167,20 @@ class NamespaceDriver(SandboxDriver):
 
     def __init__(self, work_dir: Path, runtimes: RuntimeRegistry,
                  launcher: Callable[[cgroups.CgroupHost, RuntimeRegistry], Launcher] | None = None,
-                 cgroup_host: cgroups.CgroupHost | None = None) -> None:
+                 cgroup_host: cgroups.CgroupHost | None = None,
+                 template_max_forks: int = TEMPLATE_MAX_FORKS,
+                 template_max_age: float = TEMPLATE_MAX_AGE) -> None:
         """``launcher`` makes the launcher from the cgroup host (default:
-        :func:`default_launcher`; ``BwrapLauncher`` for one bwrap per instance)."""
+        :func:`default_launcher`; ``BwrapLauncher`` for one bwrap per instance).
+        The default launcher replaces its template after ``template_max_forks``
+        instances or ``template_max_age`` seconds, whichever comes first (see
+        ``template.TEMPLATE_MAX_FORKS``)."""
+        if template_max_forks < 1:
+            raise ConfigError(f"namespace sandbox: template_max_forks must be at least 1, "
+                              f"not {template_max_forks}")
+        if not template_max_age > 0:
+            raise ConfigError(f"namespace sandbox: template_max_age must be positive, "
+                              f"not {template_max_age}")
         self.work_dir = work_dir
         self.run_root = work_dir / "run"
         try:
@@ -181,7 +198,10 @@ class NamespaceDriver(SandboxDriver):
             seccomp.build_filter_bpf()
         except seccomp.SeccompError as exc:
             raise ConfigError(f"namespace sandbox: {exc.message}") from exc
-        self.launcher: Launcher = (launcher or default_launcher)(host, runtimes)
+        if launcher is None:
+            self.launcher: Launcher = default_launcher(host, runtimes, template_max_forks, template_max_age)
+        else:
+            self.launcher = launcher(host, runtimes)
         self._live: dict[str, str] = {}  # instance id -> cgroup name
         # A driver dropped without close() (tests) takes its sandboxes with it.
         self._finalizer = weakref.finalize(self, _remove_all, host)

@@ -193,11 +193,13 @@ class Slot:
     """An empty instance prepared ahead of time by the template process: namespaces
     made, ``/proc`` mounted, a process waiting -- in a cgroup of its own, but bound to
     no function yet.  ``assign`` turns it into an instance of one function in
-    microseconds."""
+    microseconds.  ``origin`` is whatever made it (the template process it was forked
+    from): a slot of a replaced template is never assigned."""
 
-    def __init__(self, cgroup: cgroups.Cgroup, control: SlotControl) -> None:
+    def __init__(self, cgroup: cgroups.Cgroup, control: SlotControl, origin: object = None) -> None:
         self.cgroup = cgroup
         self.control = control
+        self.origin = origin
 
     @property
     def usable(self) -> bool:

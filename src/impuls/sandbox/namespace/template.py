@@ -8,6 +8,7 @@ import collections
 import contextlib
 import json
 import logging
+import math
 import os
 import socket
 import struct
@@ -15,7 +16,7 @@ import subprocess
 import time
 import uuid
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from impuls.errors import SandboxStartFailed
@@ -60,6 +61,29 @@ SLOT_MEMORY_MB = 128
 REFILL_BACKOFF = 1.0
 #: Runs the template when no Python runtime is installed (no preloading then).
 FALLBACK_PYTHON = "/usr/bin/python3"
+#: Template rotation.  Every instance forked from one template inherits its address-space
+#: layout (ASLR: where libc, the interpreter and the heap are) and CPython's string-hash
+#: secret, so a function that learns them (an address leak, hash timing) knows them for
+#: every other function forked from the same template.  The launcher therefore replaces
+#: its template after TEMPLATE_MAX_FORKS instances or TEMPLATE_MAX_AGE seconds, whichever
+#: comes first, in the background (the old one serves until the new one is ready).
+#: A replacement costs one template start, ~50 ms of CPU here (bwrap, an interpreter, the
+#: runtime client's imports) plus a new pool of slots: spread over 1,000 instances that is
+#: ~0.05 ms per cold start (<1% of a ~7 ms one), while at the target start rate of 100/s
+#: the layout still changes every ~10 s.  Much lower limits buy little (an attacker needs
+#: only one co-tenant instance) and keep more replaced templates alive: each stays until
+#: its last instance ends (they live in its pid namespace), a few MB apiece.
+TEMPLATE_MAX_FORKS = 1000
+#: ... and 10 minutes bounds how long a layout lives on a quiet server, for ~6 template
+#: starts an hour.  It is twice the default idle timeout (5 min): when a template is
+#: replaced, its idle instances end within 5 minutes, so a quiet server keeps at most
+#: one replaced template besides the current one.
+TEMPLATE_MAX_AGE = 600.0
+#: After a replacement template could not be started, the next attempt waits this long
+#: (seconds); meanwhile the current template keeps serving.
+ROTATE_RETRY = 30.0
+#: The rotation timer never wakes up more often than this (seconds).
+TIMER_MIN = 0.01
 
 
 class TemplateError(LaunchFailed):
@@ -85,14 +109,21 @@ class TemplateProcess:
         self.cgroup = cgroup
         self.logs = logs
         self.closed = False
+        self.born = 0.0  # when it became ready, on the launcher's clock
+        self.forks = 0  # instances forked from it (slots assigned to a function)
+        #: its slots and instances still alive (their control sockets): a replaced
+        #: template is stopped once none is left, as they live in its pid namespace
+        self.users: set[SlotControl] = set()
+        self.retired = False  # replaced: builds no more slots
         # A template (and all it forked) must not outlive its owner, closed or not.
         self._finalizer = weakref.finalize(self, _stop_template, proc, control, cgroup)
 
     @classmethod
     async def start(cls, host: cgroups.CgroupHost, runtimes: list[Runtime], interpreter: str,
-                    uid: int, gid: int) -> TemplateProcess:
-        """Start a template on ``interpreter`` knowing ``runtimes``' clients; TemplateUnavailable."""
-        cgroup = host.create(f"template-{uuid.uuid4().hex[:8]}", TEMPLATE_MEMORY_MB,
+                    uid: int, gid: int, name: str | None = None) -> TemplateProcess:
+        """Start a template on ``interpreter`` knowing ``runtimes``' clients, in cgroup
+        ``name`` (default: a new ``template-*``); TemplateUnavailable."""
+        cgroup = host.create(name or f"template-{uuid.uuid4().hex[:8]}", TEMPLATE_MEMORY_MB,
                              TEMPLATE_PIDS_MAX, 100)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         fds: dict[str, int] = {}
@@ -129,7 +160,11 @@ class TemplateProcess:
         logs = OutputPump(asyncio.get_running_loop(), out_r)
         logs.capture = OutputCapture()
         template = cls(proc, ours, cgroup, logs)
-        await template._wait_ready()
+        try:
+            await template._wait_ready()
+        except asyncio.CancelledError:  # e.g. the launcher closed during a rotation
+            await template.close()
+            raise
         return template
 
     async def _wait_ready(self) -> None:
@@ -243,12 +278,31 @@ class TemplateLauncher:
     -- fork, namespaces, cgroup membership, ``/proc`` -- is done ahead of
     time: a small pool of empty slots (:mod:`.slots`), refilled in the
     background.
+
+    Every instance forked from one template shares its address-space layout
+    and hash secret, so the template is replaced ("rotated") after
+    ``template_max_forks`` instances or ``template_max_age`` seconds (on
+    ``clock``), whichever comes first.  The replacement is started, and
+    given a pool of slots, in the background while the current template
+    keeps serving; then the launcher switches over, discards the old
+    template's unassigned slots, and stops the old template once its last
+    slot and instance is gone (instances live in their template's pid
+    namespace: stopping it would kill them).  A replacement that cannot be
+    started is logged and tried again after ``ROTATE_RETRY`` seconds; the
+    current template keeps serving meanwhile.  So a layout is shared by at
+    most ``template_max_forks`` instances plus those started while its
+    replacement starts (~50 ms), unless replacements keep failing.
     """
 
     name = "template"
 
     def __init__(self, host: cgroups.CgroupHost, runtimes: Iterable[Runtime],
-                 uid: int = SANDBOX_UID, gid: int = SANDBOX_GID, pool_size: int = POOL_SIZE) -> None:
+                 uid: int = SANDBOX_UID, gid: int = SANDBOX_GID, pool_size: int = POOL_SIZE,
+                 template_max_forks: int = TEMPLATE_MAX_FORKS,
+                 template_max_age: float = TEMPLATE_MAX_AGE,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if template_max_forks < 1 or not template_max_age > 0:
+            raise ValueError("template_max_forks must be at least 1 and template_max_age positive")
         self.host = host
         self.runtimes = [rt for rt in runtimes if rt.installed]
         self.python = next((rt for rt in self.runtimes if rt.language == "python"
@@ -259,6 +313,9 @@ class TemplateLauncher:
         self.interpreter = interpreter
         self.uid, self.gid = uid, gid
         self.pool_size = pool_size
+        self.max_forks, self.max_age, self.clock = template_max_forks, template_max_age, clock
+        self.rotations = 0  # templates replaced so far
+        self.rotation_failures = 0  # replacements that could not be started
         self._template: TemplateProcess | None = None
         self._lock = asyncio.Lock()
         self._bootstraps = {rt.bootstrap.name for rt in self.runtimes if rt.bootstrap is not None}
@@ -267,12 +324,17 @@ class TemplateLauncher:
         self._fillers: set[asyncio.Task[None]] = set()
         self._refill_after = 0.0
         self._closed = False
+        self._starting: set[str] = set()  # cgroups of templates being started
+        self._rotation: asyncio.Task[None] | None = None
+        self._retired: set[TemplateProcess] = set()  # replaced, kept for their instances
+        self._stopping: set[asyncio.Task[None]] = set()
+        self._retry_at = -math.inf
+        self._timer: asyncio.TimerHandle | None = None
         weakref.finalize(self, _remove_slots, self._pool)
 
     def cgroup_names(self) -> set[str]:
-        names = {slot.cgroup.name for slot in (*self._pool, *self._building)}
-        if self._template is not None:
-            names.add(self._template.cgroup.name)
+        names = {slot.cgroup.name for slot in (*self._pool, *self._building)} | self._starting
+        names.update(t.cgroup.name for t in (self._template, *self._retired) if t is not None)
         return names
 
     async def start(self) -> None:
@@ -294,25 +356,35 @@ class TemplateLauncher:
         except BaseException:
             await slot.discard()
             raise
+        if isinstance(slot.origin, TemplateProcess):
+            slot.origin.forks += 1
+        self._maybe_rotate()
         return Launched(slot.control, slot.cgroup)
 
     async def close(self) -> None:
         self._closed = True
-        for task in list(self._fillers):
+        if self._timer is not None:
+            self._timer.cancel()
+        tasks = [*self._fillers, *([self._rotation] if self._rotation is not None else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._fillers, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         while self._pool:
             await self._pool.popleft().discard()
         if self._template is not None:
             await self._template.close()
             self._template = None
+        while self._retired:  # what is left of their instances goes with them
+            await self._retired.pop().close()
+        await asyncio.gather(*self._stopping, return_exceptions=True)
 
     # --- slots -----------------------------------------------------------------------------
 
     async def _take(self) -> Slot:
         while self._pool:
             slot = self._pool.popleft()
-            if slot.usable and self._template is not None and self._template.alive:
+            template = self._template
+            if slot.usable and template is not None and slot.origin is template and template.alive:
                 self._refill()
                 return slot
             await slot.discard()
@@ -335,40 +407,53 @@ class TemplateLauncher:
             log.warning("namespace sandbox: cannot prepare a slot: %s", exc)
             self._refill_after = time.monotonic() + REFILL_BACKOFF  # no storm of failures
             return
-        if self._closed:
+        if self._closed or slot.origin is not self._template:  # replaced meanwhile
             await slot.discard()
         else:
             self._pool.append(slot)
 
     async def _build_slot(self) -> Slot:
-        """A new empty instance from the template (one retry with a new template)."""
+        """A new empty instance from the current template (one retry with a new template)."""
         for attempt in (1, 2):
             template = await self._ensure()
-            cgroup = self.host.create(f"slot-{uuid.uuid4().hex[:12]}", SLOT_MEMORY_MB, PIDS_MAX,
-                                      cpu_weight(SLOT_MEMORY_MB))
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            slot = Slot(cgroup, SlotControl(ours, cgroup))
-            self._building.add(slot)
             try:
-                ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-                template.send(b'{"op": "slot"}', [theirs.fileno()])
-                theirs.close()
-                await asyncio.wait_for(asyncio.shield(slot.control.ready), SLOT_TIMEOUT)
-                return slot
-            except BaseException as exc:
-                theirs.close()
-                await slot.discard()
-                if isinstance(exc, TemplateError) and attempt == 1 and not template.alive:
+                return await self._fork_slot(template)
+            except TemplateError:
+                if attempt == 1 and not template.alive:
                     await template.close()  # gone: start a new one and try once more
                     continue
-                if isinstance(exc, TimeoutError):
-                    raise LaunchFailed("the sandbox was not built in time") from exc
-                if isinstance(exc, OSError):
-                    raise LaunchFailed(f"cannot build a sandbox: {exc}") from exc
                 raise
-            finally:
-                self._building.discard(slot)
         raise TemplateError("the template process keeps dying")
+
+    async def _fork_slot(self, template: TemplateProcess) -> Slot:
+        """A new empty instance forked from ``template``; it counts as the template's
+        user until every process of it is gone."""
+        cgroup = self.host.create(f"slot-{uuid.uuid4().hex[:12]}", SLOT_MEMORY_MB, PIDS_MAX,
+                                  cpu_weight(SLOT_MEMORY_MB))
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        control = SlotControl(ours, cgroup)
+        slot = Slot(cgroup, control, template)
+        template.users.add(control)
+        control.exited.add_done_callback(lambda _: self._released(template, control))
+        self._building.add(slot)
+        try:
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            template.send(b'{"op": "slot"}', [theirs.fileno()])
+            theirs.close()
+            await asyncio.wait_for(asyncio.shield(control.ready), SLOT_TIMEOUT)
+            return slot
+        except BaseException as exc:
+            theirs.close()
+            await slot.discard()
+            if isinstance(exc, TimeoutError):
+                raise LaunchFailed("the sandbox was not built in time") from exc
+            if isinstance(exc, OSError):
+                raise LaunchFailed(f"cannot build a sandbox: {exc}") from exc
+            raise
+        finally:
+            self._building.discard(slot)
+
+    # --- the template and its rotation ----------------------------------------------------
 
     async def _ensure(self) -> TemplateProcess:
         """The running template; a new one if there is none or it died (its instances
@@ -381,9 +466,133 @@ class TemplateLauncher:
                 await self._template.close()
                 self._template = None
             if self._template is None:
-                self._template = await TemplateProcess.start(self.host, self.runtimes,
-                                                             self.interpreter, self.uid, self.gid)
+                self._adopt(await self._start_template())
+            assert self._template is not None
             return self._template
+
+    async def _start_template(self) -> TemplateProcess:
+        name = f"template-{uuid.uuid4().hex[:8]}"
+        self._starting.add(name)
+        try:
+            return await TemplateProcess.start(self.host, self.runtimes, self.interpreter, self.uid,
+                                               self.gid, name)
+        finally:
+            self._starting.discard(name)
+
+    def _adopt(self, template: TemplateProcess) -> None:
+        """Make ``template`` the one instances are forked from; its age starts now."""
+        template.born = self.clock()
+        self._template = template
+        self._arm_timer()
+
+    def _due(self, template: TemplateProcess) -> str | None:
+        """Why ``template`` must be replaced now (None: it need not be)."""
+        if template.forks >= self.max_forks:
+            return f"{template.forks} instances forked from it"
+        age = self.clock() - template.born
+        return f"{age:.1f} s old" if age >= self.max_age else None
+
+    def _maybe_rotate(self) -> None:
+        """Start replacing the template in the background when it is due (once at a time;
+        not before ``ROTATE_RETRY`` seconds after a failed attempt)."""
+        template = self._template
+        if (self._closed or self._rotation is not None or template is None or not template.alive
+                or self.clock() < self._retry_at):
+            return
+        reason = self._due(template)
+        if reason is not None:
+            self._rotation = asyncio.get_running_loop().create_task(self._rotate(reason))
+            self._rotation.add_done_callback(self._rotation_done)
+
+    def _rotation_done(self, _: asyncio.Task[None]) -> None:
+        self._rotation = None
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        """Wake up when the template comes of age (or a failed replacement may be retried):
+        an idle server rotates too, so the next instance never gets an old layout."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        template = self._template
+        if self._closed or template is None:
+            return
+        now = self.clock()
+        due = now if template.forks >= self.max_forks else template.born + self.max_age
+        delay = max(due, self._retry_at) - now
+        self._timer = asyncio.get_running_loop().call_later(max(delay, TIMER_MIN), self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        self._maybe_rotate()
+        if self._rotation is None:
+            self._arm_timer()
+
+    async def _rotate(self, reason: str) -> None:
+        """Start a new template and its pool of slots, then switch over to it and retire
+        the old one.  Never raises (but for cancellation): on failure the current
+        template keeps serving."""
+        log.info("namespace sandbox: replacing the template (%s)", reason)
+        new: TemplateProcess | None = None
+        slots: list[Slot] = []
+        stale: list[Slot] = []
+        try:
+            new = await self._start_template()
+            errors: list[SandboxStartFailed] = []
+            for _ in range(self.pool_size):  # its first slots show that it works
+                try:
+                    slots.append(await self._fork_slot(new))
+                except SandboxStartFailed as exc:
+                    errors.append(exc)
+            if errors and not slots:
+                raise errors[0]
+            async with self._lock:  # not while _ensure() starts a template
+                if self._closed:
+                    return
+                old, stale = self._template, list(self._pool)
+                self._pool.clear()
+                self._pool.extend(slots)
+                self._adopt(new)
+                new, slots = None, []
+                self.rotations += 1
+                if old is not None:
+                    self._retire(old)
+            self._refill()
+            while stale:
+                await stale.pop().discard()
+            log.info("namespace sandbox: template replaced (%s); the old one forked %d instances, "
+                     "%d still running", reason, old.forks if old else 0, len(old.users) if old else 0)
+        except Exception as exc:
+            self.rotation_failures += 1
+            self._retry_at = self.clock() + ROTATE_RETRY
+            log.warning("namespace sandbox: cannot start a new template: %s; the current one keeps "
+                        "serving (next attempt in %g s)", exc, ROTATE_RETRY,
+                        exc_info=not isinstance(exc, SandboxStartFailed))
+        finally:
+            for slot in (*slots, *stale):
+                await slot.discard()
+            if new is not None:
+                await new.close()
+
+    def _retire(self, template: TemplateProcess) -> None:
+        """``template`` forks no more; it is stopped once its last slot or instance is gone."""
+        template.retired = True
+        if template.users and template.alive:
+            self._retired.add(template)
+        else:
+            self._stop(template)
+
+    def _released(self, template: TemplateProcess, control: SlotControl) -> None:
+        """A slot or instance of ``template`` is gone (every one of its processes)."""
+        template.users.discard(control)
+        if template.retired and not template.users and template in self._retired:
+            self._retired.discard(template)
+            self._stop(template)
+
+    def _stop(self, template: TemplateProcess) -> None:
+        task = asyncio.get_running_loop().create_task(template.close())
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
 
     def _request(self, spec: InstanceSpec) -> bytes:
         rt = spec.runtime
