@@ -19,6 +19,7 @@ import concurrent.futures
 import http.client
 import json
 import resource
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -31,11 +32,16 @@ from urllib.parse import urlsplit
 
 MARK = "BENCH-JSON "
 WRK_THREADS = 1
+#: the admin key of every Impuls server the harness starts (IMPULS_ADMIN_KEY); every request
+#: carries it, so Impuls' numbers include checking it (the baselines ignore it)
+API_KEY = "impuls-bench-" + secrets.token_hex(16)
+AUTH_HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 
 _LUA = """
 wrk.method = "POST"
 wrk.body = %(body)s
 wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer %(key)s"
 
 done = function(summary, latency, requests)
   local e = summary.errors
@@ -85,7 +91,7 @@ def wrk_version() -> str:
 def lua_script(body: bytes, directory: Path) -> Path:
     """Write the POST script for ``body`` into ``directory``."""
     path = directory / "post.lua"
-    path.write_text(_LUA % {"body": _lua_string(body.decode()), "mark": MARK})
+    path.write_text(_LUA % {"body": _lua_string(body.decode()), "mark": MARK, "key": API_KEY})
     return path
 
 
@@ -142,7 +148,8 @@ class Client:
         for attempt in (0, 1):
             if self.conn is None:
                 self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
-            headers = {"Content-Type": "application/json"} if body is not None else {}
+            headers = {**AUTH_HEADERS, "Content-Type": "application/json"} if body is not None \
+                else AUTH_HEADERS
             t0 = time.perf_counter()
             try:
                 self.conn.request(method, path, body=body, headers=headers)

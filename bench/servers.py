@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen import Client
+from bench.loadgen import API_KEY, Client
 from bench.workloads import Workload
 
 STOP_GRACE = 30.0
@@ -106,7 +106,8 @@ class ImpulsServer(ServerProcess):
     def __init__(self, sandbox: str, data_dir: Path, log_path: Path) -> None:
         argv = [sys.executable, "-m", "impuls", "server", "--port", "{port}",
                 "--data-dir", str(data_dir), "--sandbox", sandbox]
-        super().__init__(f"impuls ({sandbox})", argv, log_path)
+        super().__init__(f"impuls ({sandbox})", argv, log_path,
+                         env={**_clean_env(), "IMPULS_ADMIN_KEY": API_KEY})
         self.sandbox = sandbox
 
     def start(self, timeout: float = 60.0) -> ImpulsServer:

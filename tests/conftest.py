@@ -82,8 +82,9 @@ def make_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     servers: list[Server] = []
 
     def factory(env: dict[str, str] | None = None, args: list[str] | None = None,
-                data_dir: Path | None = None) -> Server:
-        server = Server(data_dir or tmp_path / f"data{len(servers)}", env=env, args=args).start()
+                data_dir: Path | None = None, https: bool = False) -> Server:
+        server = Server(data_dir or tmp_path / f"data{len(servers)}", env=env, args=args,
+                        https=https).start()
         servers.append(server)
         return server
 

@@ -61,19 +61,25 @@ def make_zip(files: Mapping[str, str | bytes], symlinks: Mapping[str, str] | Non
 
 
 class Server:
-    """``impuls server`` as a child process on a free port."""
+    """``impuls server`` as a child process on a free port.
+
+    It has an admin key of its own (``IMPULS_ADMIN_KEY``, in ``admin_key``) that ``client``
+    sends with every request, unless ``env`` gives one or turns authentication off.
+    """
 
     def __init__(self, data_dir: Path, env: Mapping[str, str] | None = None,
-                 args: list[str] | None = None) -> None:
+                 args: list[str] | None = None, https: bool = False) -> None:
         self.data_dir = data_dir
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if https else 'http'}://127.0.0.1:{self.port}"
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("IMPULS_")}
-        self.env = {**inherited, **(env or {})}
+        self.env = {**inherited, "IMPULS_ADMIN_KEY": f"test-admin-{uuid.uuid4().hex}", **(env or {})}
+        self.admin_key = self.env["IMPULS_ADMIN_KEY"]
         self.args = args or []
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir.parent / f"server-{self.port}.log"
-        self.client = httpx.Client(base_url=self.url, timeout=60)
+        headers = {"Authorization": f"Bearer {self.admin_key}"} if self.admin_key else {}
+        self.client = httpx.Client(base_url=self.url, timeout=60, headers=headers, verify=not https)
 
     def start(self, timeout: float = 30) -> Server:
         self.log_file = open(self.log_path, "ab")  # noqa: SIM115
@@ -87,7 +93,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                if self.client.get("/health", timeout=1).status_code == 200:
                     return self
             except httpx.HTTPError:
                 time.sleep(0.05)

@@ -253,8 +253,8 @@ def test_logs_follow_streams_live_output(srv: Server) -> None:
     ready = threading.Event()
 
     def follow() -> None:
-        with httpx.stream("GET", f"{srv.url}/api/v1/functions/{name}/logs",
-                          params={"follow": "true"}, timeout=30) as resp:
+        with srv.client.stream("GET", f"/api/v1/functions/{name}/logs",
+                               params={"follow": "true"}, timeout=30) as resp:
             for line in resp.iter_lines():
                 ready.set()
                 if line.startswith("data: "):
@@ -287,8 +287,8 @@ def test_throttling(make_server: Callable[..., Server]) -> None:
     results: list[int] = []
 
     def call(seconds: float) -> None:
-        results.append(httpx.post(f"{server.url}/api/v1/functions/{name}/invoke",
-                                  json={"s": seconds}, timeout=60).status_code)
+        results.append(httpx.post(f"{server.url}/api/v1/functions/{name}/invoke", json={"s": seconds},
+                                  timeout=60, headers=server.client.headers).status_code)
 
     running = threading.Thread(target=call, args=(2,))
     running.start()

@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import ssl
 import sys
 import zipfile
 from pathlib import Path
@@ -34,9 +35,14 @@ def fail(message: str) -> NoReturn:
 class Client:
     """A thin HTTP client for the REST API; every failure becomes ``fail``."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, api_key: str, ca_cert: Path | None = None) -> None:
         self.url = url.rstrip("/")
-        self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(930.0, connect=5.0))
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        verify: ssl.SSLContext | bool = True
+        if ca_cert is not None:
+            verify = ssl.create_default_context(cafile=str(ca_cert))
+        self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(930.0, connect=5.0),
+                                 headers=headers, verify=verify)
 
     def call(self, method: str, path: str, ok: tuple[int, ...] = (200, 201), **kw: Any) -> Any:
         try:
@@ -58,14 +64,31 @@ class Client:
 pass_client = click.make_pass_decorator(Client)
 
 
+def _resolve_api_key(given: str | None) -> str:
+    """``--api-key`` (or IMPULS_API_KEY), else the admin key a local server wrote at its first
+    start (``<data dir>/admin-key``, data dir from IMPULS_DATA_DIR or ./.impuls), else none."""
+    if given:
+        return given
+    from impuls import config
+
+    try:
+        return (config.load().data_dir / "admin-key").read_text().strip()
+    except (OSError, ImpulsError):
+        return ""
+
+
 @click.group()
 @click.version_option(__version__)
 @click.option("--url", envvar="IMPULS_URL", default="http://127.0.0.1:8080", show_default=True,
-              help="Impuls server URL (IMPULS_URL)")
+              help="Impuls server URL, http:// or https:// (IMPULS_URL)")
+@click.option("--api-key", envvar="IMPULS_API_KEY", default=None,
+              help="API key (IMPULS_API_KEY; default: <data dir>/admin-key of a local server)")
+@click.option("--ca-cert", envvar="IMPULS_CA_CERT", type=click.Path(exists=True, dir_okay=False,
+              path_type=Path), default=None, help="CA certificate to trust for https:// (IMPULS_CA_CERT)")
 @click.pass_context
-def main(ctx: click.Context, url: str) -> None:
+def main(ctx: click.Context, url: str, api_key: str | None, ca_cert: Path | None) -> None:
     """Impuls: a self-hosted serverless function platform."""
-    ctx.obj = Client(url)
+    ctx.obj = Client(url, _resolve_api_key(api_key), ca_cert)
 
 
 @main.command()
@@ -77,15 +100,24 @@ def main(ctx: click.Context, url: str) -> None:
               default=None, help="isolation for functions (IMPULS_SANDBOX, default auto: the strongest)")
 @click.option("--allow-local", is_flag=True, default=None,
               help="accept ?local=true, which runs code UNSANDBOXED on the host (IMPULS_ALLOW_LOCAL=1)")
+@click.option("--no-auth", is_flag=True, default=None,
+              help="no API keys: local development only, refused unless bound to loopback (IMPULS_AUTH=off)")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="serve HTTPS with this certificate (PEM; IMPULS_TLS_CERT)")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="the certificate's private key (PEM; IMPULS_TLS_KEY)")
 def server(host: str | None, port: int | None, data_dir: Path | None, sandbox: str | None,
-           allow_local: bool | None) -> None:
+           allow_local: bool | None, no_auth: bool | None, tls_cert: Path | None,
+           tls_key: Path | None) -> None:
     """Run the Impuls HTTP API server."""
     from impuls import config
     from impuls.server import serve
 
     try:
         settings = config.load({"host": host, "port": port, "data_dir": data_dir,
-                                "sandbox": sandbox, "allow_local": allow_local or None})
+                                "sandbox": sandbox, "allow_local": allow_local or None,
+                                "auth": False if no_auth else None, "tls_cert": tls_cert,
+                                "tls_key": tls_key})
         serve(settings)
     except ImpulsError as exc:
         fail(exc.message)
@@ -273,6 +305,74 @@ def remove(client: Client, name: str) -> None:
     console.print(f"deleted {name}")
 
 
+
+
+@main.group()
+def keys() -> None:
+    """API keys (admin scope): create, list, revoke."""
+
+
+@keys.command("create")
+@click.argument("name")
+@click.option("--scope", required=True, type=click.Choice(["admin", "deploy", "invoke", "read"]),
+              help="read: list, get, logs; invoke: + invoke; deploy: + create, update, delete; "
+                   "admin: + keys, audit")
+@click.option("--functions", default="*", show_default=True,
+              help="a glob of the function names the key may touch (e.g. 'orders-*')")
+@click.option("--json", "as_json", is_flag=True)
+@pass_client
+def keys_create(client: Client, name: str, scope: str, functions: str, as_json: bool) -> None:
+    """Create key NAME; prints the key and its AWS-style credentials, this once."""
+    new = client.call("POST", "/api/v1/keys", json={"name": name, "scope": scope, "functions": functions})
+    if as_json:
+        click.echo(json.dumps(new, indent=2))
+        return
+    console.print(f"key [bold]{new['name']}[/bold] (scope {new['scope']}, functions "
+                  f"{new['functions']}) — shown once, store it now:", highlight=False)
+    click.echo(f"  key:                   {new['key']}")
+    click.echo(f"  aws_access_key_id:     {new['access_key_id']}")
+    click.echo(f"  aws_secret_access_key: {new['secret_access_key']}")
+
+
+@keys.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+@pass_client
+def keys_ls(client: Client, as_json: bool) -> None:
+    """List keys (never their secrets)."""
+    data = client.call("GET", "/api/v1/keys")["keys"]
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    table = Table("NAME", "SCOPE", "FUNCTIONS", "ACCESS KEY ID", "CREATED", "REVOKED")
+    for k in data:
+        table.add_row(k["name"], k["scope"], k["functions"], k["access_key_id"], k["created_at"],
+                      k["revoked_at"] or "-")
+    console.print(table)
+
+
+@keys.command("revoke")
+@click.argument("name")
+@pass_client
+def keys_revoke(client: Client, name: str) -> None:
+    """Revoke key NAME (it stops working within a second)."""
+    client.call("DELETE", f"/api/v1/keys/{name}")
+    console.print(f"revoked {name}")
+
+
+@main.command()
+@click.option("--limit", type=int, default=50)
+@click.option("--json", "as_json", is_flag=True)
+@pass_client
+def audit(client: Client, limit: int, as_json: bool) -> None:
+    """The audit log (admin scope): who changed what, newest first."""
+    data = client.call("GET", "/api/v1/audit", params={"limit": limit})
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    table = Table("TIME", "KEY", "SOURCE", "ACTION", "TARGET")
+    for e in data["entries"]:
+        table.add_row(e["at"], e["key_name"], e["source"], e["action"], e["target"])
+    console.print(table)
 
 
 @main.group()

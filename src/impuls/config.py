@@ -6,6 +6,7 @@ the rest of the code only ever sees a frozen :class:`Settings`.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -31,6 +32,16 @@ class Settings:
     shutdown_grace: float = 30.0
     invocation_retention_days: float = 7.0
     log_level: str = "info"
+    #: every /api/v1 request needs a key; off (``--no-auth``) only on a loopback address
+    auth: bool = True
+    #: an admin key taken as given (automation); without it the first start writes one
+    #: to ``<data dir>/admin-key``
+    admin_key: str = ""
+    #: the secret AWS-style credentials are derived from; nodes of a cluster share it
+    #: (default: ``<data dir>/server-secret``, made at first start)
+    server_secret: str = ""
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     #: microVM guest images (default: ``<data dir>/images``)
     images_dir: Path | None = None
     #: Debian mirror the image builder downloads from (default: the host's apt source)
@@ -39,6 +50,10 @@ class Settings:
     microvm_accel: str = "auto"
     #: cold starts restore a per-runtime snapshot (else every instance boots)
     microvm_snapshots: bool = True
+    #: the namespace sandbox's template (whose address-space layout its instances share) is
+    #: replaced after this many instances or seconds
+    template_max_forks: int = 1000
+    template_max_age: float = 600.0
 
     @property
     def db_url(self) -> str:
@@ -46,6 +61,10 @@ class Settings:
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'impuls.db').resolve()}"
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert is not None else "http"
 
     @property
     def images_path(self) -> Path:
@@ -75,6 +94,15 @@ def _convert(name: str, raw: str, kind: str) -> Any:
     return raw
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def load(overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None) -> Settings:
     """Settings from the environment, then ``overrides`` (values that are None are ignored)."""
     env = os.environ if environ is None else environ
@@ -87,6 +115,11 @@ def load(overrides: dict[str, Any] | None = None, environ: dict[str, str] | None
     settings = replace(settings, **{k: v for k, v in (overrides or {}).items() if v is not None})
     if settings.sandbox not in SANDBOX_KINDS:
         raise ConfigError(f"sandbox must be one of {', '.join(SANDBOX_KINDS)}, not {settings.sandbox!r}")
+    if not settings.auth and not is_loopback(settings.host):
+        raise ConfigError(f"authentication can only be turned off on a loopback address, "
+                          f"not on {settings.host!r}: anyone who reaches the port could run code")
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise ConfigError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
     if settings.microvm_accel not in ("auto", "kvm", "tcg"):
         raise ConfigError(f"microvm accel must be auto, kvm or tcg, not {settings.microvm_accel!r}")
     if settings.idle_timeout <= 0:

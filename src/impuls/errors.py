@@ -20,21 +20,53 @@ class InvalidInput(ImpulsError):
     """A request is well-formed but a field breaks a rule (the message names the field)."""
 
 
-class FunctionNotFound(ImpulsError):
+class NotFound(ImpulsError):
+    """The named thing does not exist."""
+
+    kind = "resource"
+
     def __init__(self, name: str) -> None:
-        super().__init__(f"function '{name}' not found")
+        super().__init__(f"{self.kind} '{name}' not found")
         self.name = name
 
 
-class FunctionExists(ImpulsError):
+class AlreadyExists(ImpulsError):
+    """A thing of that name exists already."""
+
+    kind = "resource"
+
     def __init__(self, name: str) -> None:
-        super().__init__(f"function '{name}' already exists")
+        super().__init__(f"{self.kind} '{name}' already exists")
         self.name = name
+
+
+class FunctionNotFound(NotFound):
+    kind = "function"
+
+
+class FunctionExists(AlreadyExists):
+    kind = "function"
+
+
+class KeyNotFound(NotFound):
+    kind = "key"
+
+
+class KeyExists(AlreadyExists):
+    kind = "key"
 
 
 class FunctionInactive(ImpulsError):
     def __init__(self, name: str) -> None:
         super().__init__(f"function '{name}' is inactive; set status to 'active' to invoke it")
+
+
+class Unauthenticated(ImpulsError):
+    """A request without a key, or with a key that is unknown or revoked."""
+
+
+class Forbidden(ImpulsError):
+    """The key is valid but its scope (or its function pattern) does not allow this."""
 
 
 class LocalModeDisabled(ImpulsError):

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine as DBEngine
 
+from impuls.auth.keys import KeyStore, load_server_secret
 from impuls.config import Settings
 from impuls.engine.invoker import Invoker
 from impuls.engine.records import InvocationRecorder, LogHub
@@ -35,6 +37,8 @@ class Platform:
         self.blobs = BlobStore(settings.data_dir / "blobs")
         packages = PackageBuilder(settings.data_dir / "packages", settings.data_dir / "build-cache")
         self.registry = FunctionRegistry(self.db, self.blobs, runtimes or default_registry(), packages)
+        self.keys = KeyStore(self.db, load_server_secret(settings.data_dir, settings.server_secret),
+                             settings.admin_key)
         removed = self.registry.collect_garbage()
         if removed:
             log.info("removed %d unreferenced code blobs", removed)
@@ -47,6 +51,10 @@ class Platform:
         self.recorder = InvocationRecorder(
             self.db, timedelta(days=settings.invocation_retention_days))
         self.invoker = Invoker(settings, self.registry, self.driver, local, self.recorder, self.hub)
+
+    @property
+    def admin_key_file(self) -> Path:
+        return self.settings.data_dir / "admin-key"
 
     async def start(self) -> None:
         await self.invoker.start()

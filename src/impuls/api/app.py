@@ -13,8 +13,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from impuls import __version__
-from impuls.api import functions, invocations
-from impuls.api.deps import platform_of
+from impuls.api import functions, invocations, keys
+from impuls.api.auth import AuthGate
+from impuls.api.deps import platform_of, principal_of
 from impuls.api.errors import error_response, status_of
 from impuls.api.invoke import InvokeFastPath
 from impuls.errors import ImpulsError
@@ -53,7 +54,7 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal server error")
 
 
-def create_app(platform: Platform) -> InvokeFastPath:
+def create_app(platform: Platform) -> AuthGate:
     """The ASGI application: invocations on the fast path, everything else through FastAPI."""
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -73,9 +74,16 @@ def create_app(platform: Platform) -> InvokeFastPath:
 
     @app.get("/health")
     async def health(request: Request) -> dict[str, Any]:
-        return {"status": "healthy", "service": "impuls", "version": __version__,
-                **platform_of(request).health()}
+        """Open to all, but only a caller with a key learns more than that the server is up."""
+        p = platform_of(request)
+        up: dict[str, Any] = {"status": "healthy"}
+        if not p.settings.auth:
+            up["auth"] = "off"
+        if principal_of(request) is None:
+            return up
+        return {**up, "service": "impuls", "version": __version__, **p.health()}
 
     app.include_router(functions.router)
     app.include_router(invocations.router)
-    return InvokeFastPath(app, platform)
+    app.include_router(keys.router)
+    return AuthGate(InvokeFastPath(app, platform), platform.keys if platform.settings.auth else None)

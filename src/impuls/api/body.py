@@ -7,12 +7,13 @@ FastAPI routes share it (a route passes ``request.receive``).
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Iterable
 from typing import Any
+
+from starlette import types
 
 from impuls.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Headers = Iterable[tuple[bytes, bytes]]
 
 
@@ -23,7 +24,7 @@ def _header(headers: Headers, name: bytes) -> str:
     return ""
 
 
-async def read_body(receive: Receive, headers: Headers, limit: int) -> bytes:
+async def read_body(receive: types.Receive, headers: Headers, limit: int) -> bytes:
     """The raw body, or PayloadTooLarge as soon as it (or its Content-Length) exceeds ``limit``."""
     declared = _header(headers, b"content-length")
     if declared.isdigit() and int(declared) > limit:
@@ -55,7 +56,7 @@ def parse_json(raw: bytes, what: str = "body") -> Any:
         raise InvalidInput(f"{what}: not valid JSON ({exc})") from exc
 
 
-async def read_json(receive: Receive, headers: Headers, limit: int) -> Any:
+async def read_json(receive: types.Receive, headers: Headers, limit: int) -> Any:
     """A JSON request body (required, at most ``limit`` bytes, of a JSON content type)."""
     require_json_type(headers)
     raw = await read_body(receive, headers, limit)

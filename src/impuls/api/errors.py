@@ -14,26 +14,30 @@ from starlette.responses import JSONResponse
 
 from impuls.engine.results import Outcome
 from impuls.errors import (
+    AlreadyExists,
+    Forbidden,
     FunctionChanging,
-    FunctionExists,
     FunctionInactive,
-    FunctionNotFound,
     ImpulsError,
     InvalidInput,
     LocalModeDisabled,
+    NotFound,
     PayloadTooLarge,
     ShuttingDown,
     Throttled,
+    Unauthenticated,
     UnsupportedMediaType,
 )
 
 #: condition → HTTP status; a condition not listed (nor any of its bases) is a 500
 ERROR_STATUS: dict[type[ImpulsError], int] = {
     InvalidInput: 400,
+    Unauthenticated: 401,
+    Forbidden: 403,
     FunctionInactive: 403,
     LocalModeDisabled: 403,
-    FunctionNotFound: 404,
-    FunctionExists: 409,
+    NotFound: 404,
+    AlreadyExists: 409,
     PayloadTooLarge: 413,
     UnsupportedMediaType: 415,
     Throttled: 429,
@@ -64,5 +68,11 @@ def error_body(message: str) -> bytes:
     return json.dumps({"error": True, "message": message}).encode()
 
 
+#: what a 401 answer carries besides the error body
+CHALLENGE = {"WWW-Authenticate": 'Bearer realm="impuls"'}
+
+
 def error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    if status == 401:
+        headers = {**CHALLENGE, **(headers or {})}
     return JSONResponse({"error": True, "message": message}, status_code=status, headers=headers)

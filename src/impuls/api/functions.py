@@ -9,7 +9,8 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from impuls.api.body import read_json
-from impuls.api.deps import platform_of
+from impuls.api.deps import actor_of, authorize, platform_of
+from impuls.auth.principal import Scope
 from impuls.functions.models import MAX_ZIP_BYTES, Function
 from impuls.platform import Platform
 
@@ -26,9 +27,12 @@ def _full(p: Platform, fn: Function) -> dict[str, Any]:
 
 @router.post("", status_code=201)
 async def create_function(request: Request) -> JSONResponse:
+    who = authorize(request, Scope.DEPLOY)
     p = platform_of(request)
     body = await read_json(request.receive, request.headers.raw, MAX_FUNCTION_BODY)
-    fn = await run_in_threadpool(p.registry.create, body)
+    if isinstance(body, dict) and isinstance(body.get("name"), str):
+        who.require(Scope.DEPLOY, body["name"])
+    fn = await run_in_threadpool(p.registry.create, body, actor_of(request, who))
     return JSONResponse(await run_in_threadpool(_full, p, fn), status_code=201)
 
 
@@ -38,8 +42,9 @@ async def list_functions(
     limit: int = Query(100, ge=1, le=1000),
     offset: int = Query(0, ge=0),
 ) -> dict[str, Any]:
+    who = authorize(request, Scope.READ)
     p = platform_of(request)
-    items, total = await run_in_threadpool(p.registry.list, limit, offset)
+    items, total = await run_in_threadpool(p.registry.list, limit, offset, who.functions)
     return {
         "functions": [fn.to_api(list_item=True) for fn in items],
         "count": len(items),
@@ -51,6 +56,7 @@ async def list_functions(
 
 @router.get("/{name}")
 async def get_function(request: Request, name: str) -> dict[str, Any]:
+    authorize(request, Scope.READ, name)
     p = platform_of(request)
     fn = await run_in_threadpool(p.registry.get, name)
     return await run_in_threadpool(_full, p, fn)
@@ -58,14 +64,16 @@ async def get_function(request: Request, name: str) -> dict[str, Any]:
 
 @router.api_route("/{name}", methods=["PUT", "PATCH"])
 async def update_function(request: Request, name: str) -> dict[str, Any]:
+    who = authorize(request, Scope.DEPLOY, name)
     p = platform_of(request)
     body = await read_json(request.receive, request.headers.raw, MAX_FUNCTION_BODY)
-    fn = await run_in_threadpool(p.registry.update, name, body)
+    fn = await run_in_threadpool(p.registry.update, name, body, actor_of(request, who))
     return await run_in_threadpool(_full, p, fn)
 
 
 @router.delete("/{name}")
 async def delete_function(request: Request, name: str) -> dict[str, Any]:
+    who = authorize(request, Scope.DEPLOY, name)
     p = platform_of(request)
-    await run_in_threadpool(p.registry.delete, name)
+    await run_in_threadpool(p.registry.delete, name, actor_of(request, who))
     return {"message": "Function deleted successfully", "name": name}

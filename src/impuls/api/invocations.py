@@ -11,7 +11,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from impuls.api.deps import platform_of
+from impuls.api.deps import authorize, platform_of
+from impuls.auth.principal import Scope
 
 router = APIRouter(prefix="/api/v1/functions/{name}")
 KEEPALIVE_SECONDS = 15.0
@@ -20,6 +21,7 @@ KEEPALIVE_SECONDS = 15.0
 @router.get("/invocations")
 async def invocations(request: Request, name: str, limit: int = Query(50, ge=1, le=1000),
                       offset: int = Query(0, ge=0)) -> dict[str, Any]:
+    authorize(request, Scope.READ, name)
     p = platform_of(request)
     await run_in_threadpool(p.registry.get, name)
     await p.recorder.flush()
@@ -31,6 +33,7 @@ async def invocations(request: Request, name: str, limit: int = Query(50, ge=1, 
 async def logs(request: Request, name: str, follow: bool = False,
                limit: int = Query(20, ge=1, le=1000)) -> Response | dict[str, Any]:
     """Recent invocations' logs (oldest first); with ``follow=true`` a server-sent event stream."""
+    authorize(request, Scope.READ, name)
     p = platform_of(request)
     await run_in_threadpool(p.registry.get, name)
     if not follow:

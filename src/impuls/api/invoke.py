@@ -16,22 +16,18 @@ import re
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote
 
+from starlette import types
+
+from impuls.api.auth import PRINCIPAL
 from impuls.api.body import parse_json, read_body
 from impuls.api.errors import OUTCOME_STATUS, error_body, status_of
+from impuls.auth.principal import Principal, Scope
 from impuls.engine.invoker import MAX_EVENT_BYTES
 from impuls.engine.results import InvocationResult
 from impuls.errors import ImpulsError
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, MutableMapping
-
-    from impuls.api.body import Receive
     from impuls.platform import Platform
-
-    Scope = MutableMapping[str, Any]
-    Message = MutableMapping[str, Any]
-    Send = Callable[[Message], Awaitable[None]]
-    ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 log = logging.getLogger("impuls.api")
 INVOKE_PATH = re.compile(r"^/api/v1/functions/([^/]+)/invoke$")
@@ -44,11 +40,11 @@ REPLY_LOG_BYTES = 4096
 class InvokeFastPath:
     """Routes invocations to the engine directly; passes every other request to ``app``."""
 
-    def __init__(self, app: ASGIApp, platform: Platform) -> None:
+    def __init__(self, app: types.ASGIApp, platform: Platform) -> None:
         self.app = app
         self.platform = platform
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: types.Scope, receive: types.Receive, send: types.Send) -> None:
         match = INVOKE_PATH.match(scope["path"]) if scope["type"] == "http" else None
         if match is None:
             await self.app(scope, receive, send)
@@ -56,7 +52,10 @@ class InvokeFastPath:
         if scope["method"] != "POST":
             await _reply(send, 405, error_body("method not allowed"), [(b"allow", b"POST")])
             return
+        name = unquote(match[1])
         try:
+            principal: Principal = scope[PRINCIPAL]
+            principal.require(Scope.INVOKE, name)
             payload = await read_body(receive, scope["headers"], MAX_EVENT_BYTES)
             if not payload.strip():
                 payload = b"{}"
@@ -64,7 +63,7 @@ class InvokeFastPath:
                 parse_json(payload, "event")
             query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
             local = query.get("local", ["false"])[-1].lower() in TRUE
-            result = await self.platform.invoker.invoke(unquote(match[1]), payload, local=local)
+            result = await self.platform.invoker.invoke(name, payload, local=local)
         except ImpulsError as exc:
             status = status_of(exc)
             if status >= 500:
@@ -103,7 +102,7 @@ def _decoded(payload: bytes) -> Any:
         return payload.decode("utf-8", "replace")
 
 
-async def _reply(send: Send, status: int, body: bytes,
+async def _reply(send: types.Send, status: int, body: bytes,
                  extra: list[tuple[bytes, bytes]] | None = None) -> None:
     headers = [*JSON_HEADERS, (b"content-length", str(len(body)).encode()), *(extra or [])]
     await send({"type": "http.response.start", "status": status, "headers": headers})

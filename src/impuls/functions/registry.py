@@ -21,6 +21,8 @@ from typing import Any
 from sqlalchemy import Engine, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from impuls.auth import audit
+from impuls.auth.audit import Actor
 from impuls.errors import FunctionExists, FunctionNotFound, InvalidInput
 from impuls.functions.models import Code, Function, check_zip, split_request, validate_config
 from impuls.functions.packages import Package, PackageBuilder
@@ -55,6 +57,12 @@ def _row_to_function(row: Any) -> Function:
     )
 
 
+def _like(pattern: str) -> str:
+    """A function-name glob as a LIKE pattern (escape character: backslash)."""
+    escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped.replace("*", "%").replace("?", "_")
+
+
 def _utc(ts: datetime) -> datetime:
     return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
 
@@ -87,17 +95,19 @@ class FunctionRegistry:
             raise FunctionNotFound(name)
         return _row_to_function(row)
 
-    def list(self, limit: int = 100, offset: int = 0) -> tuple[list[Function], int]:
-        """A page of functions in name order, and the total count."""
+    def list(self, limit: int = 100, offset: int = 0, pattern: str = "*") -> tuple[list[Function], int]:
+        """A page of the functions whose names match ``pattern`` (``*`` and ``?`` wildcards),
+        in name order, and their total count."""
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidInput(f"limit: must be between 1 and {MAX_PAGE}")
         if offset < 0:
             raise InvalidInput("offset: must be 0 or more")
+        matching = functions.c.name.like(_like(pattern), escape="\\")
         with self.db.connect() as conn:
             rows = conn.execute(
-                select(functions).order_by(functions.c.name).limit(limit).offset(offset)
+                select(functions).where(matching).order_by(functions.c.name).limit(limit).offset(offset)
             ).all()
-            total = conn.execute(select(func.count()).select_from(functions)).scalar_one()
+            total = conn.execute(select(func.count()).select_from(functions).where(matching)).scalar_one()
         return [_row_to_function(r) for r in rows], int(total)
 
     def code(self, fn: Function) -> Code:
@@ -117,7 +127,7 @@ class FunctionRegistry:
 
     # --- writes --------------------------------------------------------------
 
-    def create(self, body: Any) -> Function:
+    def create(self, body: Any, actor: Actor = audit.SERVER) -> Function:
         config, code = split_request(body)
         if code is None:
             raise InvalidInput("code: one of 'code' or 'code_zip' is required")
@@ -140,6 +150,8 @@ class FunctionRegistry:
             try:
                 with self.db.begin() as conn:
                     conn.execute(insert(functions).values(**values))
+                    audit.record(conn, actor, "function.create", cfg.name,
+                                 {"code_sha256": values["code_sha256"], "runtime": cfg.runtime})
             except IntegrityError as exc:
                 self._collect(values["code_sha256"])
                 raise FunctionExists(cfg.name) from exc
@@ -149,7 +161,7 @@ class FunctionRegistry:
         self._changed(cfg.name)
         return self.get(cfg.name)
 
-    def update(self, name: str, body: Any) -> Function:
+    def update(self, name: str, body: Any, actor: Actor = audit.SERVER) -> Function:
         """Partial update, validated like create; the stored version stays on any error."""
         config, code = split_request(body)
         if "name" in config and config["name"] != name:
@@ -181,6 +193,9 @@ class FunctionRegistry:
                     )
                     if result.rowcount != 1:
                         raise InvalidInput(f"function '{name}' was changed concurrently; retry")
+                    audit.record(conn, actor, "function.update", name,
+                                 {"fields": sorted(config), "code": code is not None,
+                                  "revision": values["revision"]})
             except Exception:
                 if "code_sha256" in values:
                     self._collect(values["code_sha256"])
@@ -190,7 +205,7 @@ class FunctionRegistry:
         self._changed(name)
         return self.get(name)
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str, actor: Actor = audit.SERVER) -> None:
         with self._blob_lock:
             with self.db.begin() as conn:
                 row = conn.execute(
@@ -199,6 +214,7 @@ class FunctionRegistry:
                 if row is None:
                     raise FunctionNotFound(name)
                 conn.execute(delete(functions).where(functions.c.name == name))
+                audit.record(conn, actor, "function.delete", name)
             self._collect(row[0])
         self._changed(name)
 

@@ -52,7 +52,9 @@ def make_driver(settings: Settings, runtimes: RuntimeRegistry) -> SandboxDriver:
     if reason is None:
         from impuls.sandbox.namespace.driver import NamespaceDriver
 
-        return NamespaceDriver(work_dir / "namespace", runtimes)
+        return NamespaceDriver(work_dir / "namespace", runtimes,
+                               template_max_forks=settings.template_max_forks,
+                               template_max_age=settings.template_max_age)
     if kind == "namespace":
         raise ConfigError(f"sandbox 'namespace' is not available on this host: {reason}")
     log.warning("no isolating sandbox is available on this host (namespace: %s); "

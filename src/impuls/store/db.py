@@ -18,6 +18,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=FULL")  # an answered 2xx survives power loss too
     cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute("PRAGMA case_sensitive_like=ON")  # LIKE as on PostgreSQL (function-name globs)
     cur.close()
 
 

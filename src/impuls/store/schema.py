@@ -56,3 +56,28 @@ invocations = Table(
     Column("note", String(256), nullable=False, default=""),
     Index("ix_invocations_fn_started", "function_name", "started_at"),
 )
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("key_id", String(16), nullable=False, unique=True),  # the key's public part
+    Column("key_hash", String(64), nullable=False),  # sha256 of the whole key
+    Column("access_key_id", String(20), nullable=False, unique=True),  # AWS-style, for SigV4
+    Column("scope", String(8), nullable=False),  # read | invoke | deploy | admin
+    Column("functions", String(64), nullable=False),  # glob of function names
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("revoked_at", DateTime(timezone=True), nullable=True),
+)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", DateTime(timezone=True), nullable=False, index=True),
+    Column("key_name", String(64), nullable=False),
+    Column("source", String(64), nullable=False),
+    Column("action", String(32), nullable=False),
+    Column("target", String(128), nullable=False),
+    Column("detail", Text, nullable=False),  # JSON object
+)
