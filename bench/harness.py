@@ -18,12 +18,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import profiling, report, rotation
+from bench import lambda_api, profiling, report, rotation
 from bench.loadgen import Client, LoadGenError, burst, lua_script, run_wrk, scratch_dir, wrk_path, wrk_version
 from bench.results import (
     FLOOR,
     FLOOR_FASTAPI,
     IMPULS,
+    IMPULS_LAMBDA,
     SPAWN,
     ColdRow,
     MemoryRow,
@@ -148,31 +149,35 @@ class Runner:
                 if failed:
                     self.note(f"{server.label} {runtime} c={level}: {len(failed)} of {level} pre-warm calls "
                               f"failed, e.g. {str(failed[0][1])[:200]}")
-            url = server.url + path
-            row = self.measure(server, url, system, sandbox, runtime, level)
-            while row.other_cpu_pct > OTHER_LOAD_WARNING_PCT and self.repeats_left > 0:
-                self.repeats_left -= 1
-                log(f"{row.label} {runtime} c={level}: other load {row.other_cpu_pct:.0f}%, measuring again "
-                    f"({self.repeats_left} repeats left)")
-                started = time.monotonic()
-                again = self.measure(server, url, system, sandbox, runtime, level)
-                self.deadline += time.monotonic() - started  # nor does measuring a row again
-                row = min(row, again, key=lambda r: r.other_cpu_pct)
-            self.results.warm.append(row)
-            log(f"{row.label:<22} {runtime:<6} c={level:<3} p50 {row.p50_ms:8.3f} ms  "
-                f"p99 {row.p99_ms:8.3f} ms  {row.rps:9.0f} inv/s  errors {row.errors}  "
-                f"other load {row.other_cpu_pct:.0f}%")
+            self.row(server, server.url + path, system, sandbox, runtime, level, self.script)
             if level == 1:
                 self.server_time(server, path, system, sandbox, runtime)
 
+    def row(self, server: ServerProcess, url: str, system: str, sandbox: str, runtime: str, level: int,
+            script: Path) -> None:
+        """Measure one warm row, again (bounded) while other load disturbs it; keep the quietest."""
+        row = self.measure(server, url, system, sandbox, runtime, level, script)
+        while row.other_cpu_pct > OTHER_LOAD_WARNING_PCT and self.repeats_left > 0:
+            self.repeats_left -= 1
+            log(f"{row.label} {runtime} c={level}: other load {row.other_cpu_pct:.0f}%, measuring again "
+                f"({self.repeats_left} repeats left)")
+            started = time.monotonic()
+            again = self.measure(server, url, system, sandbox, runtime, level, script)
+            self.deadline += time.monotonic() - started  # nor does measuring a row again
+            row = min(row, again, key=lambda r: r.other_cpu_pct)
+        self.results.warm.append(row)
+        log(f"{row.label:<22} {runtime:<6} c={level:<3} p50 {row.p50_ms:8.3f} ms  "
+            f"p99 {row.p99_ms:8.3f} ms  {row.rps:9.0f} inv/s  errors {row.errors}  "
+            f"other load {row.other_cpu_pct:.0f}%")
+
     def measure(self, server: ServerProcess, url: str, system: str, sandbox: str, runtime: str,
-                level: int) -> WarmRow:
+                level: int, script: Path) -> WarmRow:
         """One warm row: (wait for quiet,) wrk warm-up, then the measured wrk run with CPU accounting."""
         self.wait_quiet()
         if self.plan.warmup_s:
-            run_wrk(url, self.script, level, self.plan.warmup_s)
+            run_wrk(url, script, level, self.plan.warmup_s)
         before, busy_before = cpu_sample(server.pid), system_busy_s()
-        result = run_wrk(url, self.script, level, self.plan.duration_s)
+        result = run_wrk(url, script, level, self.plan.duration_s)
         after, busy_after = cpu_sample(server.pid), system_busy_s()
         n = max(result.requests, 1)
         server_s, others_s = after.server_s - before.server_s, after.others_s - before.others_s
@@ -258,6 +263,8 @@ class Runner:
                 try:
                     path = server.create(f"bench-{workload.label}", workload, self.plan.max_concurrency)
                     self.warm(server, path, IMPULS, sandbox, workload.label)
+                    if workload is PYTHON:
+                        self.lambda_api(server, sandbox, f"bench-{workload.label}")
                     self.memory(server, sandbox, workload)
                     if self.profile and workload is PYTHON and not self.results.profile_note:
                         self.wait_quiet()  # profiled once: on the first sandbox measured
@@ -269,6 +276,22 @@ class Runner:
         finally:
             self.deadline = float("inf")
             server.stop()
+
+    def lambda_api(self, server: ImpulsServer, sandbox: str, function: str) -> None:
+        """The same Python function through AWS Lambda's Invoke, signed (``bench/lambda_api.py``)."""
+        path = lambda_api.invoke_path(function)
+        access_key_id, secret = lambda_api.credentials(server.call)
+        headers = lambda_api.signed_headers(server.url + path, EVENT, access_key_id, secret)
+        status, doc, _ = Client(server.url, self.call_timeout()).request("POST", path, EVENT, headers)
+        if status != 200 or doc != EXPECTED_BODY:
+            self.note(f"impuls ({sandbox}) Lambda API: skipped, a signed test call gave HTTP {status}: "
+                      f"{str(doc)[:200]}")
+            return
+        script = lua_script(EVENT, self.work, headers, name="lambda.lua")
+        for level in self.plan.concurrency:
+            if self.out_of_time(f"impuls ({sandbox}) Lambda API concurrency {level}"):
+                return
+            self.row(server, server.url + path, IMPULS_LAMBDA, sandbox, PYTHON.label, level, script)
 
     def out_of_time(self, what: str) -> bool:
         if time.monotonic() < self.deadline:

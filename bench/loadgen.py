@@ -41,7 +41,7 @@ _LUA = """
 wrk.method = "POST"
 wrk.body = %(body)s
 wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer %(key)s"
+%(headers)s
 
 done = function(summary, latency, requests)
   local e = summary.errors
@@ -88,10 +88,14 @@ def wrk_version() -> str:
     return first[0].split(" Copyright")[0].strip() if first else "wrk"
 
 
-def lua_script(body: bytes, directory: Path) -> Path:
-    """Write the POST script for ``body`` into ``directory``."""
-    path = directory / "post.lua"
-    path.write_text(_LUA % {"body": _lua_string(body.decode()), "mark": MARK, "key": API_KEY})
+def lua_script(body: bytes, directory: Path, headers: dict[str, str] | None = None,
+               name: str = "post.lua") -> Path:
+    """Write the POST script for ``body`` into ``directory``; every request carries ``headers``
+    (default: the harness's API key)."""
+    path = directory / name
+    lines = "\n".join(f"wrk.headers[{_lua_string(k)}] = {_lua_string(v)}"
+                      for k, v in (AUTH_HEADERS if headers is None else headers).items())
+    path.write_text(_LUA % {"body": _lua_string(body.decode()), "mark": MARK, "headers": lines})
     return path
 
 
@@ -143,13 +147,16 @@ class Client:
             self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
             self.conn.connect()
 
-    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, Any, float]:
-        """(status, decoded JSON or text, seconds) for one request; reconnects once if dropped."""
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, Any, float]:
+        """(status, decoded JSON or text, seconds) for one request; reconnects once if dropped.
+        ``headers`` replace the harness's API key."""
         for attempt in (0, 1):
             if self.conn is None:
                 self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
-            headers = {**AUTH_HEADERS, "Content-Type": "application/json"} if body is not None \
-                else AUTH_HEADERS
+            headers = AUTH_HEADERS if headers is None else headers
+            if body is not None:
+                headers = {**headers, "Content-Type": "application/json"}
             t0 = time.perf_counter()
             try:
                 self.conn.request(method, path, body=body, headers=headers)

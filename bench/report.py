@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from bench.results import FLOOR, FLOOR_FASTAPI, IMPULS, SPAWN, Results
+from bench.results import FLOOR, FLOOR_FASTAPI, IMPULS, IMPULS_LAMBDA, SPAWN, Results
 
 FLOOR_RATIO_GOAL = 2.0
 SPAWN_SPEEDUP_GOAL = 20.0
@@ -19,6 +19,8 @@ NS_PSS_GOAL_MIB = 15.0
 # issue 5 (microvm sandbox), the targets under TCG (software emulation)
 VM_TCG_RESTORE_P50_GOAL_MS = 300.0
 VM_TCG_WARM_P50_GOAL_MS = 10.0
+# the Lambda API: a SigV4-signed Invoke against the native invoke of the same function
+LAMBDA_SIGNED_RATIO_GOAL = 1.25
 X = "\u00d7"  # multiplication sign
 NA = "\u2013"  # en dash: not measured
 
@@ -138,6 +140,15 @@ def targets(results: Results) -> list[Target]:
             f"≥ {THROUGHPUT_GOAL:,.0f} inv/s on 2 cores",
             f"{busy.rps:,.0f} inv/s on {cores} cores" if busy else NA,
             (busy.rps >= THROUGHPUT_GOAL and busy.errors == 0) if busy else None))
+    for sandbox in results.sandboxes:
+        signed = results.find_warm(IMPULS_LAMBDA, "python", 1, sandbox)
+        native = results.find_warm(IMPULS, "python", 1, sandbox)
+        name = f"SigV4-signed Lambda Invoke p50 vs native invoke, concurrency 1 ({sandbox})"
+        if signed and native:
+            ratio = signed.p50_ms / native.p50_ms
+            out.append(Target(name, f"≤ {LAMBDA_SIGNED_RATIO_GOAL:g}{X}",
+                              f"{ratio:.2f}{X} ({_ms(signed.p50_ms)} ms vs {_ms(native.p50_ms)} ms)",
+                              ratio <= LAMBDA_SIGNED_RATIO_GOAL))
     if "namespace" in results.sandboxes:
         out.extend(_issue4_targets(results, "namespace"))
     if "microvm" in results.sandboxes:

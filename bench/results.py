@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 IMPULS = "impuls"
+#: the same function called through AWS Lambda's Invoke, signed with Signature Version 4
+IMPULS_LAMBDA = "impuls Lambda API"
 FLOOR = "floor"
 FLOOR_FASTAPI = "floor + FastAPI"
 SPAWN = "spawn-per-call"
@@ -41,7 +43,7 @@ class WarmRow:
 
     @property
     def label(self) -> str:
-        return f"{self.system} ({self.sandbox})" if self.system == IMPULS else self.system
+        return f"{self.system} ({self.sandbox})" if self.sandbox != "-" else self.system
 
 
 @dataclass
@@ -116,7 +118,7 @@ class Results:
     def find_warm(self, system: str, runtime: str, concurrency: int, sandbox: str = "-") -> WarmRow | None:
         for row in self.warm:
             if (row.system, row.runtime, row.concurrency) == (system, runtime, concurrency) and (
-                    system != IMPULS or row.sandbox == sandbox):
+                    system not in (IMPULS, IMPULS_LAMBDA) or row.sandbox == sandbox):
                 return row
         return None
 

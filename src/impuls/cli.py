@@ -222,11 +222,13 @@ def list_functions(client: Client, as_json: bool, limit: int, offset: int) -> No
 
 @main.command("get")
 @click.argument("name")
+@click.option("--qualifier", "-q", default=None, help="a version number or an alias")
 @click.option("--json", "as_json", is_flag=True)
 @pass_client
-def get_function(client: Client, name: str, as_json: bool) -> None:
+def get_function(client: Client, name: str, qualifier: str | None, as_json: bool) -> None:
     """Show one function (code omitted unless --json)."""
-    fn = client.call("GET", f"/api/v1/functions/{name}")
+    fn = client.call("GET", f"/api/v1/functions/{name}",
+                     params={"qualifier": qualifier} if qualifier else {})
     if as_json:
         click.echo(json.dumps(fn, indent=2))
         return
@@ -249,20 +251,24 @@ def get_function(client: Client, name: str, as_json: bool) -> None:
 @click.option("--file", "file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="read the event from a JSON file")
 @click.option("--local", is_flag=True, help="run unsandboxed (the server must allow it)")
+@click.option("--qualifier", "-q", default=None, help="a version number, an alias or $LATEST")
 @click.option("-v", "--verbose", is_flag=True, help="also print duration, cold start and logs")
 @pass_client
 def invoke(client: Client, name: str, data: str | None, file: Path | None, local: bool,
-           verbose: bool) -> None:
+           qualifier: str | None, verbose: bool) -> None:
     """Invoke function NAME and print what it returned."""
     if data is not None and file is not None:
         fail("give either --data or --file, not both")
     event = file.read_bytes() if file is not None else (data or "{}").encode()
     params = {"local": "true"} if local else {}
+    if qualifier:
+        params["qualifier"] = qualifier
     doc = client.call("POST", f"/api/v1/functions/{name}/invoke", ok=(200, 502, 504),
                       content=event, params=params, headers={"Content-Type": "application/json"})
     if verbose:
         err_console.print(f"request {doc['request_id']}  {doc['duration_ms']:.2f} ms  "
-                          f"{'cold' if doc['cold_start'] else 'warm'} start", highlight=False)
+                          f"{'cold' if doc['cold_start'] else 'warm'} start  "
+                          f"version {doc['executed_version']}", highlight=False)
         if doc.get("logs"):
             err_console.print(doc["logs"].rstrip("\n"), highlight=False, markup=False)
     if doc["status_code"] == 200:
@@ -298,13 +304,145 @@ def logs(client: Client, name: str, follow: bool, limit: int) -> None:
 
 @main.command("rm")
 @click.argument("name")
+@click.option("--version", "version", default=None, help="delete only this published version")
 @pass_client
-def remove(client: Client, name: str) -> None:
-    """Delete a function."""
-    client.call("DELETE", f"/api/v1/functions/{name}")
-    console.print(f"deleted {name}")
+def remove(client: Client, name: str, version: str | None) -> None:
+    """Delete a function (with its versions and aliases), or one of its versions."""
+    client.call("DELETE", f"/api/v1/functions/{name}", params={"qualifier": version} if version else {})
+    console.print(f"deleted {name}" + (f" version {version}" if version else ""))
 
 
+
+
+@main.command()
+@click.argument("name")
+@click.option("--description", default=None, help="the version's description (default: the function's)")
+@click.option("--json", "as_json", is_flag=True)
+@pass_client
+def publish(client: Client, name: str, description: str | None, as_json: bool) -> None:
+    """Publish function NAME's current code and configuration as a new version."""
+    body = {"description": description} if description is not None else {}
+    fn = client.call("POST", f"/api/v1/functions/{name}/versions", json=body)
+    if as_json:
+        click.echo(json.dumps(fn, indent=2))
+        return
+    console.print(f"published [bold]{name}[/bold] version {fn['version']} "
+                  f"(sha256 {fn['code_sha256'][:12]})", highlight=False)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@pass_client
+def versions(client: Client, name: str, as_json: bool) -> None:
+    """List function NAME's versions ($LATEST first)."""
+    data = client.call("GET", f"/api/v1/functions/{name}/versions")["versions"]
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    table = Table("VERSION", "SHA256", "DESCRIPTION", "STATE", "LAST MODIFIED")
+    for fn in data:
+        table.add_row(fn["version"], fn["code_sha256"][:12], fn["description"], fn["state"],
+                      fn["updated_at"])
+    console.print(table)
+
+
+def _routing(pairs: tuple[str, ...]) -> dict[str, float]:
+    routing = {}
+    for pair in pairs:
+        version, sep, weight = pair.partition("=")
+        try:
+            if not sep:
+                raise ValueError(pair)
+            routing[version] = float(weight)
+        except ValueError:
+            fail(f"--routing {pair!r}: use VERSION=WEIGHT with a weight from 0.0 to 1.0")
+    return routing
+
+
+def _print_alias(alias: dict[str, Any], as_json: bool, action: str) -> None:
+    if as_json:
+        click.echo(json.dumps(alias, indent=2))
+        return
+    routing = ", ".join(f"{v} at {w:g}" for v, w in alias["routing"].items())
+    console.print(f"{action} alias [bold]{alias['function_name']}:{alias['name']}[/bold] → version "
+                  f"{alias['function_version']}" + (f" (and {routing})" if routing else ""), highlight=False)
+
+
+@main.group()
+def alias() -> None:
+    """Aliases: names for a version, optionally sharing calls with a second version."""
+
+
+@alias.command("create")
+@click.argument("name")
+@click.argument("alias_name", metavar="ALIAS")
+@click.option("--version", "version", required=True, help="a version number or $LATEST")
+@click.option("--routing", multiple=True, help="VERSION=WEIGHT: send that share of calls (0.0-1.0) "
+              "to another version")
+@click.option("--description", default="")
+@click.option("--json", "as_json", is_flag=True)
+@pass_client
+def alias_create(client: Client, name: str, alias_name: str, version: str, routing: tuple[str, ...],
+                 description: str, as_json: bool) -> None:
+    """Create ALIAS of function NAME."""
+    body: dict[str, Any] = {"name": alias_name, "function_version": version, "description": description}
+    if routing:
+        body["routing"] = _routing(routing)
+    _print_alias(client.call("POST", f"/api/v1/functions/{name}/aliases", json=body), as_json, "created")
+
+
+@alias.command("ls")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@pass_client
+def alias_ls(client: Client, name: str, as_json: bool) -> None:
+    """List function NAME's aliases."""
+    data = client.call("GET", f"/api/v1/functions/{name}/aliases")["aliases"]
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    table = Table("ALIAS", "VERSION", "ROUTING", "DESCRIPTION", "UPDATED")
+    for a in data:
+        table.add_row(a["name"], a["function_version"],
+                      ", ".join(f"{v}={w:g}" for v, w in a["routing"].items()) or "-",
+                      a["description"], a["updated_at"])
+    console.print(table)
+
+
+@alias.command("update")
+@click.argument("name")
+@click.argument("alias_name", metavar="ALIAS")
+@click.option("--version", "version", default=None, help="a version number or $LATEST")
+@click.option("--routing", multiple=True, help="VERSION=WEIGHT (replaces the routing)")
+@click.option("--no-routing", is_flag=True, help="send every call to the alias's version")
+@click.option("--description", default=None)
+@click.option("--json", "as_json", is_flag=True)
+@pass_client
+def alias_update(client: Client, name: str, alias_name: str, version: str | None, routing: tuple[str, ...],
+                 no_routing: bool, description: str | None, as_json: bool) -> None:
+    """Change ALIAS of function NAME (what is not given stays)."""
+    if routing and no_routing:
+        fail("give either --routing or --no-routing, not both")
+    body: dict[str, Any] = {}
+    if version is not None:
+        body["function_version"] = version
+    if description is not None:
+        body["description"] = description
+    if routing or no_routing:
+        body["routing"] = _routing(routing)
+    _print_alias(client.call("PATCH", f"/api/v1/functions/{name}/aliases/{alias_name}", json=body),
+                 as_json, "updated")
+
+
+@alias.command("rm")
+@click.argument("name")
+@click.argument("alias_name", metavar="ALIAS")
+@pass_client
+def alias_rm(client: Client, name: str, alias_name: str) -> None:
+    """Delete ALIAS of function NAME."""
+    client.call("DELETE", f"/api/v1/functions/{name}/aliases/{alias_name}")
+    console.print(f"deleted alias {name}:{alias_name}")
 
 
 @main.group()

@@ -40,6 +40,8 @@ class Settings:
     #: the secret AWS-style credentials are derived from; nodes of a cluster share it
     #: (default: ``<data dir>/server-secret``, made at first start)
     server_secret: str = ""
+    #: the account id in ARNs (the region comes from each request's credential scope)
+    account_id: str = "000000000000"
     tls_cert: Path | None = None
     tls_key: Path | None = None
     #: microVM guest images (default: ``<data dir>/images``)
@@ -118,6 +120,8 @@ def load(overrides: dict[str, Any] | None = None, environ: dict[str, str] | None
     if not settings.auth and not is_loopback(settings.host):
         raise ConfigError(f"authentication can only be turned off on a loopback address, "
                           f"not on {settings.host!r}: anyone who reaches the port could run code")
+    if not (len(settings.account_id) == 12 and settings.account_id.isdigit()):
+        raise ConfigError(f"account id must be 12 digits, not {settings.account_id!r}")
     if (settings.tls_cert is None) != (settings.tls_key is None):
         raise ConfigError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
     if settings.microvm_accel not in ("auto", "kvm", "tcg"):

@@ -56,6 +56,84 @@ class KeyExists(AlreadyExists):
     kind = "key"
 
 
+class VersionNotFound(NotFound):
+    """A function has no published version of that number."""
+
+    kind = "version"
+
+    def __init__(self, function: str, version: str) -> None:
+        super().__init__(f"{function}:{version}")
+        self.function, self.version = function, version
+
+
+class AliasNotFound(NotFound):
+    kind = "alias"
+
+    def __init__(self, function: str, alias: str) -> None:
+        super().__init__(f"{function}:{alias}")
+        self.function, self.alias = function, alias
+
+
+class AliasExists(AlreadyExists):
+    kind = "alias"
+
+    def __init__(self, function: str, alias: str) -> None:
+        super().__init__(f"{function}:{alias}")
+        self.function, self.alias = function, alias
+
+
+class EventConfigNotFound(NotFound):
+    """No event-invoke configuration for that function and qualifier."""
+
+    kind = "event invoke config"
+
+
+class UrlConfigNotFound(NotFound):
+    """No function URL configuration for that function and qualifier."""
+
+    kind = "function URL config"
+
+
+class UrlConfigExists(AlreadyExists):
+    kind = "function URL config"
+
+
+class Conflict(ImpulsError):
+    """The request is valid but the resource's current state does not allow it now."""
+
+
+class UpdateInProgress(Conflict):
+    """A function's last update is still being built (``last_update_status`` InProgress)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"function '{name}' has an update in progress (last_update_status "
+                         "InProgress); retry when it is Successful or Failed")
+        self.name = name
+
+
+class VersionInUse(Conflict):
+    """A version cannot be deleted while an alias routes to it."""
+
+    def __init__(self, name: str, version: str, aliases: list[str]) -> None:
+        super().__init__(f"version {version} of function '{name}' is used by alias "
+                         f"{', '.join(repr(a) for a in aliases)}; point the alias elsewhere first")
+        self.name, self.version, self.aliases = name, version, aliases
+
+
+class FunctionNotReady(Conflict):
+    """A function whose state is Pending (being created) or Failed (its package did not build)."""
+
+    def __init__(self, name: str, state: str, reason: str | None = None) -> None:
+        detail = "it is being created; retry when it is Active" if state == "Pending" else (
+            f"its package did not build ({reason})" if reason else "its package did not build")
+        super().__init__(f"function '{name}' is not ready: its state is {state}: {detail}")
+        self.name, self.state = name, state
+
+
+class PreconditionFailed(ImpulsError):
+    """A given ``revision_id`` is not the resource's current one (it changed in between)."""
+
+
 class FunctionInactive(ImpulsError):
     def __init__(self, name: str) -> None:
         super().__init__(f"function '{name}' is inactive; set status to 'active' to invoke it")

@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import Engine as DBEngine
 
 from impuls.auth.keys import KeyStore, load_server_secret
+from impuls.auth.links import CodeLinks
 from impuls.config import Settings
 from impuls.engine.invoker import Invoker
 from impuls.engine.records import InvocationRecorder, LogHub
@@ -36,9 +37,11 @@ class Platform:
         self.db: DBEngine = open_engine(settings.db_url)
         self.blobs = BlobStore(settings.data_dir / "blobs")
         packages = PackageBuilder(settings.data_dir / "packages", settings.data_dir / "build-cache")
-        self.registry = FunctionRegistry(self.db, self.blobs, runtimes or default_registry(), packages)
+        self.registry = FunctionRegistry(self.db, self.blobs, runtimes or default_registry(), packages,
+                                         max_reserved_concurrency=settings.max_concurrency)
         self.keys = KeyStore(self.db, load_server_secret(settings.data_dir, settings.server_secret),
                              settings.admin_key)
+        self.code_links = CodeLinks(self.keys.mac)
         removed = self.registry.collect_garbage()
         if removed:
             log.info("removed %d unreferenced code blobs", removed)
@@ -58,6 +61,9 @@ class Platform:
 
     async def start(self) -> None:
         await self.invoker.start()
+        resumed = self.registry.resume_builds()  # after the engine listens: it hears their end
+        if resumed:
+            log.info("resumed %d background builds left unfinished", resumed)
         if self.driver.unsafe:
             log.warning("sandbox 'process' runs functions as host processes: "
                         "UNSAFE for untrusted code, development only")
@@ -65,6 +71,7 @@ class Platform:
             log.warning("local=true is allowed: callers may run code unsandboxed (unsafe)")
 
     async def stop(self) -> None:
+        self.registry.close()
         await self.invoker.close()
 
     def describe(self) -> dict[str, Any]:

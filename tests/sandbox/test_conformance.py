@@ -245,6 +245,47 @@ def test_function_error_keeps_instance(driver_kind: str, make_spec: SpecFactory,
     run(scenario())
 
 
+CONTEXT_HANDLERS = {
+    "python3.11": {"handler.py": (
+        "def handler(event, context):\n"
+        "    cc = context.client_context\n"
+        "    if cc is None:\n"
+        "        return None\n"
+        "    return {'custom': cc.custom, 'env': cc.env, 'installation': cc.client.installation_id,\n"
+        "            'arn': context.invoked_function_arn}\n")},
+    "nodejs20": {"index.js": (
+        "exports.handler = async (event, context) => {\n"
+        "  const cc = context.clientContext;\n"
+        "  if (!cc) return null;\n"
+        "  return {custom: cc.Custom, env: cc.env, installation: cc.client.installation_id,\n"
+        "          arn: context.invokedFunctionArn};\n"
+        "};\n")},
+}
+
+
+@pytest.mark.parametrize("runtime", list(CONTEXT_HANDLERS))
+def test_client_context_reaches_the_handler(driver_kind: str, make_spec: SpecFactory, world_dir: Path,
+                                            runtime: str) -> None:
+    """The engine's client context arrives as Lambda-Runtime-Client-Context: Python's
+    ``context.client_context.custom``, Node's ``context.clientContext.Custom``."""
+    context = {"client": {"installation_id": "inst-1"}, "custom": {"cart": "42"},
+               "env": {"platform": "test"}}
+
+    async def scenario() -> None:
+        spec = make_spec(CONTEXT_HANDLERS[runtime], runtime=runtime)
+        async with running(driver_kind, world_dir, spec) as inst:
+            event = invocation({})
+            event.client_context = json.dumps(context, separators=(",", ":"))
+            event.function_arn += ":live"
+            reply = await inst.invoke(event, 5.0)
+            assert reply.ok, reply.body
+            assert json.loads(reply.body) == {"custom": {"cart": "42"}, "env": {"platform": "test"},
+                                              "installation": "inst-1", "arn": event.function_arn}
+            assert json.loads((await call(inst, {})).body) is None  # the next call has none
+
+    run(scenario())
+
+
 @pytest.mark.parametrize(
     ("files", "handler", "error_type"),
     [

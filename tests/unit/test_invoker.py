@@ -4,7 +4,9 @@ folder, a fake sandbox driver whose instances do what the event asks, an injecte
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import threading
 from collections.abc import Callable, Coroutine
 from datetime import timedelta
 from pathlib import Path
@@ -17,8 +19,10 @@ from impuls.engine.invoker import MAX_EVENT_BYTES, Invoker
 from impuls.engine.records import InvocationRecorder, LogHub
 from impuls.engine.results import Outcome
 from impuls.errors import (
+    AliasNotFound,
     FunctionInactive,
     FunctionNotFound,
+    FunctionNotReady,
     InitFailed,
     InvalidInput,
     InvocationTimedOut,
@@ -27,7 +31,10 @@ from impuls.errors import (
     PayloadTooLarge,
     RuntimeExited,
     ShuttingDown,
+    Throttled,
+    VersionNotFound,
 )
+from impuls.functions.models import function_arn
 from impuls.functions.packages import PackageBuilder
 from impuls.functions.registry import FunctionRegistry
 from impuls.runtimes import Runtime, default_registry
@@ -35,13 +42,17 @@ from impuls.sandbox.base import Instance, InstanceSpec, SandboxDriver
 from impuls.sandbox.runtime_api import Invocation, RuntimeReply
 from impuls.store.blobs import BlobStore
 from impuls.store.db import open_engine
+from tests.helpers import make_zip
 from tests.unit.test_pool import FakeClock, FakeInstance
 
 CODE = "def handler(event, context):\n    return event\n"
 
 
 class ScriptedInstance(FakeInstance):
-    """Does what the event's ``do`` says: echo it (default), raise, time out, run out of memory, die."""
+    """Does what the event's ``do`` says: echo it (default), raise, time out, run out of memory, die,
+    hold until the driver's gate opens."""
+
+    gate: asyncio.Event
 
     async def invoke(self, invocation: Invocation, timeout: float) -> RuntimeReply:
         self.invocations += 1
@@ -50,6 +61,8 @@ class ScriptedInstance(FakeInstance):
         do = event.get("do") if isinstance(event, dict) else None
         if do == "sleep":
             await asyncio.sleep(event["seconds"])
+        if do == "hold":  # until the test opens the driver's gate
+            await self.gate.wait()
         if do == "raise":
             return RuntimeReply(False, json.dumps({"errorType": "ValueError", "errorMessage": "bad",
                                                    "stackTrace": ["line 1"]}).encode())
@@ -61,7 +74,9 @@ class ScriptedInstance(FakeInstance):
         if do == "crash":
             self._exited.set_result(1)
             raise RuntimeExited("runtime exited with status 1 during the invocation")
-        return RuntimeReply(True, json.dumps({"echo": event, "arn": invocation.function_arn}).encode())
+        return RuntimeReply(True, json.dumps({"echo": event, "arn": invocation.function_arn,
+                                              "version": self.spec.version,
+                                              "client_context": invocation.client_context}).encode())
 
 
 class ScriptedDriver(SandboxDriver):
@@ -71,12 +86,16 @@ class ScriptedDriver(SandboxDriver):
         self.specs: list[InstanceSpec] = []
         self.instances: list[ScriptedInstance] = []
         self.init_error: InitFailed | None = None
+        self.gate: asyncio.Event | None = None
 
     async def create(self, spec: InstanceSpec) -> Instance:
         self.specs.append(spec)
         if self.init_error is not None:
             raise self.init_error
         instance = ScriptedInstance(spec, delay=0.0)
+        if self.gate is None:
+            self.gate = asyncio.Event()
+        instance.gate = self.gate
         self.instances.append(instance)
         return instance
 
@@ -94,15 +113,23 @@ class World:
         self.clock = FakeClock()
         self.recorder = InvocationRecorder(self.db, timedelta(days=1))
         self.hub = LogHub()
+        #: what the invoker draws to pick an alias's version (0.5 once they are used up)
+        self.draws: list[float] = []
         self.invoker = Invoker(self.settings, self.registry, self.driver, None, self.recorder, self.hub,
-                               clock=self.clock)
+                               clock=self.clock, draw=lambda: self.draws.pop(0) if self.draws else 0.5)
 
     def create(self, name: str = "fn", **fields: Any) -> None:
         self.registry.create({"name": name, "runtime": "python3.11", "handler": "handler.handler",
                               "code": CODE, **fields})
 
-    async def invoke(self, event: Any, name: str = "fn") -> Any:
-        return await self.invoker.invoke(name, json.dumps(event).encode())
+    async def invoke(self, event: Any, name: str = "fn", qualifier: str | None = None) -> Any:
+        return await self.invoker.invoke(name, json.dumps(event).encode(), qualifier=qualifier)
+
+    async def change(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A registry change, made in a thread as the API does, and its notification handled."""
+        result = await asyncio.to_thread(call, *args, **kwargs)
+        await asyncio.sleep(0)  # the change notification is posted to the loop
+        return result
 
 
 Scenario = Callable[[World], Coroutine[Any, Any, None]]
@@ -122,6 +149,7 @@ def run(world: World, scenario: Scenario) -> None:
             await scenario(world)
         finally:
             await world.invoker.close()
+            world.registry.close()
             world.db.dispose()
 
     asyncio.run(main())
@@ -271,6 +299,209 @@ def test_close_drains_calls_in_flight_then_refuses(world: World) -> None:
         assert (await running).outcome is Outcome.SUCCESS
         await closing
         assert all(i.destroyed for i in w.driver.instances)
+
+    run(world, scenario)
+
+
+# --- versions, aliases, reserved concurrency, lifecycle ---------------------------------------
+
+
+def versioned(w: World) -> None:
+    """fn: version 1 (V=1), version 2 (V=2), $LATEST (V=3)."""
+    w.create(environment={"V": "1"})
+    w.registry.publish("fn")
+    w.registry.update("fn", {"environment": {"V": "2"}})
+    w.registry.publish("fn")
+    w.registry.update("fn", {"environment": {"V": "3"}})
+
+
+async def running_calls(w: World, count: int) -> None:
+    """Yield to the loop until ``count`` scripted calls are inside their instances (loop turns, no
+    wall-clock time)."""
+    for _ in range(10_000):
+        if sum(i.invocations for i in w.driver.instances) >= count:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"{count} calls never started")
+
+
+def test_each_version_runs_in_its_own_pool_and_says_so(world: World) -> None:
+    async def scenario(w: World) -> None:
+        await asyncio.to_thread(versioned, w)
+        for qualifier, version in ((None, "$LATEST"), ("$LATEST", "$LATEST"), ("1", "1"), ("2", "2"),
+                                   ("02", "2")):
+            result = await w.invoke({}, qualifier=qualifier)
+            doc = json.loads(result.payload)
+            assert result.executed_version == doc["version"] == version
+            assert doc["arn"] == function_arn("fn", qualifier)  # the qualifier as the caller gave it
+        assert {s.version: s.environment["V"] for s in w.driver.specs} == {"$LATEST": "3", "1": "1", "2": "2"}
+        assert len(w.driver.instances) == 3  # one instance per version, reused
+        failed = await w.invoke({"do": "raise"}, qualifier="1")
+        assert failed.executed_version == "1" and failed.error_type == "ValueError"
+        elsewhere = await w.invoker.invoke("fn", b"{}", qualifier="1", region="eu-west-1", account="1" * 12)
+        assert json.loads(elsewhere.payload)["arn"] == function_arn("fn", "1", "eu-west-1", "1" * 12)
+
+    run(world, scenario)
+
+
+def test_latest_updates_never_touch_published_versions(world: World) -> None:
+    async def scenario(w: World) -> None:
+        await asyncio.to_thread(versioned, w)
+        await w.invoke({})
+        await w.invoke({}, qualifier="1")
+        latest, v1 = w.driver.instances
+        await w.change(w.registry.update, "fn", {"environment": {"V": "4"}})
+        await asyncio.sleep(0)
+        assert latest.destroyed and not v1.destroyed
+        assert (await w.invoke({}, qualifier="1")).cold_start is False
+        assert (await w.invoke({})).cold_start is True
+        assert w.driver.specs[-1].environment == {"V": "4"} and w.driver.specs[-1].version == "$LATEST"
+
+    run(world, scenario)
+
+
+def test_deleting_a_version_or_the_function_retires_its_pools(world: World) -> None:
+    async def scenario(w: World) -> None:
+        await asyncio.to_thread(versioned, w)
+        for qualifier in (None, "1", "2"):
+            await w.invoke({}, qualifier=qualifier)
+        latest, v1, v2 = w.driver.instances
+        await w.change(w.registry.delete, "fn", qualifier="1")
+        await asyncio.sleep(0)
+        assert v1.destroyed and not latest.destroyed and not v2.destroyed
+        with pytest.raises(VersionNotFound):
+            await w.invoke({}, qualifier="1")
+        assert (await w.invoke({}, qualifier="2")).cold_start is False
+        await w.change(w.registry.delete, "fn")
+        await asyncio.sleep(0)
+        assert latest.destroyed and v2.destroyed
+        for qualifier in (None, "2"):
+            with pytest.raises(FunctionNotFound):
+                await w.invoke({}, qualifier=qualifier)
+
+    run(world, scenario)
+
+
+def test_an_alias_picks_a_version_per_call_by_weight(world: World) -> None:
+    async def scenario(w: World) -> None:
+        await asyncio.to_thread(versioned, w)
+        await w.change(w.registry.create_alias, "fn", "live", "1", weights={"2": 0.3})
+        w.draws = [0.1, 0.5, 0.29, 0.3, 0.99, 0.0]
+        picked = [await w.invoke({}, qualifier="live") for _ in range(6)]
+        assert [r.executed_version for r in picked] == ["2", "1", "2", "1", "1", "2"]
+        assert {json.loads(r.payload)["arn"] for r in picked} == {function_arn("fn", "live")}
+
+        def no_database(*args: Any) -> Any:
+            raise AssertionError("the warm path read the registry")
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(w.registry, "get", no_database)
+            patch.setattr(w.registry, "route", no_database)
+            w.draws = [0.0, 0.9]
+            assert [(await w.invoke({}, qualifier="live")).executed_version for _ in range(2)] == ["2", "1"]
+
+        await w.change(w.registry.update_alias, "fn", "live", version="$LATEST", weights={})
+        assert (await w.invoke({}, qualifier="live")).executed_version == "$LATEST"
+        with pytest.raises(AliasNotFound):
+            await w.invoke({}, qualifier="nope")
+        with pytest.raises(VersionNotFound):
+            await w.invoke({}, qualifier="9")
+
+    run(world, scenario)
+
+
+def test_reserved_concurrency_is_the_limit_of_every_version(tmp_path: Path) -> None:
+    if not default_registry().resolve("python3.11").installed:
+        pytest.skip("python3.11 is not installed on this host")
+
+    async def scenario(w: World) -> None:
+        await asyncio.to_thread(versioned, w)
+        await w.invoke({}, qualifier="1")  # a warm pool with the default limit (10)
+        await w.change(w.registry.put_concurrency, "fn", 0)
+        for qualifier in (None, "1"):
+            with pytest.raises(Throttled, match="reserved concurrency of 0"):
+                await w.invoke({}, qualifier=qualifier)
+        assert len(w.driver.specs) == 1
+        await w.change(w.registry.put_concurrency, "fn", 1)
+        held = asyncio.create_task(w.invoke({"do": "hold"}, qualifier="1"))
+        await running_calls(w, 2)
+        with pytest.raises(Throttled):  # queue size 0: at once
+            await w.invoke({}, qualifier="1")
+        assert w.driver.gate is not None
+        w.driver.gate.set()
+        assert (await held).executed_version == "1"
+        await w.change(w.registry.delete_concurrency, "fn")
+        second = asyncio.create_task(w.invoke({"do": "hold"}, qualifier="1"))
+        assert (await w.invoke({"do": "hold"}, qualifier="1")).outcome is Outcome.SUCCESS
+        await second
+
+    run(World(tmp_path, queue_size=0), scenario)
+
+
+def test_pending_and_failed_functions_are_not_ready(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    opened = threading.Event()
+    build = world.registry.packages.get
+
+    def gated(*args: Any) -> Any:
+        assert opened.wait(60)
+        return build(*args)
+
+    async def scenario(w: World) -> None:
+        monkeypatch.setattr(w.registry.packages, "get", gated)
+        await asyncio.to_thread(w.registry.create, {"name": "fn", "runtime": "python3.11",
+                                                    "handler": "handler.handler", "code": CODE}, wait=False)
+        with pytest.raises(FunctionNotReady, match="state is Pending"):
+            await w.invoke({})
+        opened.set()
+        assert await asyncio.to_thread(w.registry.wait_for_builds, 60)
+        await asyncio.sleep(0)
+        assert (await w.invoke({})).outcome is Outcome.SUCCESS
+        await asyncio.to_thread(w.registry.create, {
+            "name": "broken", "runtime": "provided", "handler": "x", "code_zip": make_zip({"x": "y"})},
+            wait=False)
+        assert await asyncio.to_thread(w.registry.wait_for_builds, 60)
+        with pytest.raises(FunctionNotReady, match=r"state is Failed.*bootstrap"):
+            await w.invoke({}, name="broken")
+        assert [s.function_name for s in w.driver.specs] == ["fn"]
+
+    run(world, scenario)
+
+
+def test_an_update_being_built_leaves_the_old_code_serving(world: World,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    opened = threading.Event()
+
+    async def scenario(w: World) -> None:
+        w.create()
+        assert "of revision 1" in (await w.invoke({})).logs
+        build, new = w.registry.packages.get, CODE + "# new\n"
+
+        def gated(*args: Any) -> Any:  # holds the new code's build only
+            if args[2] == hashlib.sha256(new.encode()).hexdigest():
+                assert opened.wait(60)
+            return build(*args)
+
+        monkeypatch.setattr(w.registry.packages, "get", gated)
+        await w.change(w.registry.update, "fn", {"code": new}, wait=False)
+        assert "of revision 1" in (await w.invoke({})).logs  # the served code is unchanged
+        opened.set()
+        assert await asyncio.to_thread(w.registry.wait_for_builds, 60)
+        await asyncio.sleep(0)
+        assert "of revision 2" in (await w.invoke({})).logs
+
+    run(world, scenario)
+
+
+def test_the_client_context_reaches_the_invocation_compact(world: World) -> None:
+    async def scenario(w: World) -> None:
+        w.create()
+        result = await w.invoker.invoke("fn", b"{}", client_context='{"custom": {"a": 1},\n "env": {}}')
+        assert json.loads(result.payload)["client_context"] == '{"custom":{"a":1},"env":{}}'
+        assert json.loads((await w.invoke({})).payload)["client_context"] is None
+        for bad, message in (("not json", "not valid JSON"), ("[1]", "JSON object"),
+                             (json.dumps({"k": "v" * 3000}), "limit")):
+            with pytest.raises(InvalidInput, match=f"client_context: .*{message}"):
+                await w.invoker.invoke("fn", b"{}", client_context=bad)
 
     run(world, scenario)
 

@@ -36,7 +36,7 @@ class Store:
         self.registry = FunctionRegistry(open_engine(f"sqlite:///{root}/impuls.db"), self.blobs,
                                          default_registry(), self.packages)
         self.changes: list[str] = []
-        self.registry.on_change(self.changes.append)
+        self.registry.on_change(lambda name, _qualifier: self.changes.append(name))
 
     def blob_shas(self) -> set[str]:
         return set(self.blobs.all())
@@ -298,7 +298,7 @@ def test_collect_garbage_removes_only_stray_blobs(store: Store) -> None:
 def test_change_listeners_hear_each_committed_change(store: Store) -> None:
     heard: list[tuple[str, int | None]] = []
 
-    def listener(name: str) -> None:  # called after the commit: the change is visible
+    def listener(name: str, _qualifier: str | None) -> None:  # called after the commit: visible
         try:
             heard.append((name, store.registry.get(name).revision))
         except FunctionNotFound:

@@ -239,6 +239,23 @@ def test_dispatch_before_next_is_delivered_on_the_next_poll(listen: Listen) -> N
     run(listen, scenario)
 
 
+def test_client_context_is_a_header_of_next_only_when_given(listen: Listen) -> None:
+    async def scenario(api: RuntimeAPI, client: RawClient) -> None:
+        inv = invocation()
+        inv.client_context = '{"custom":{"k":"v"}}'
+        api.dispatch(inv)
+        r = await client.next()
+        assert r.headers["lambda-runtime-client-context"] == '{"custom":{"k":"v"}}'
+        await client.send("POST", f"{PREFIX}/invocation/{inv.request_id}/response", b"{}")
+        assert (await client.read_response()).status == 202
+        plain = invocation()
+        api.dispatch(plain)
+        r = await client.next()
+        assert "lambda-runtime-client-context" not in r.headers
+
+    run(listen, scenario)
+
+
 def test_keep_alive_serves_many_invocations_on_one_connection(listen: Listen) -> None:
     async def scenario(api: RuntimeAPI, client: RawClient) -> None:
         for i in range(5):

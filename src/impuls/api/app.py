@@ -10,14 +10,17 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette import types
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from impuls import __version__
-from impuls.api import functions, invocations, keys
+from impuls.api import code, functions, invocations, keys
 from impuls.api.auth import AuthGate
 from impuls.api.deps import platform_of, principal_of
 from impuls.api.errors import error_response, status_of
 from impuls.api.invoke import InvokeFastPath
+from impuls.api.lambda_api.door import LambdaDoor
+from impuls.api.lambda_api.routing import PATH_PREFIX as LAMBDA_PATH
 from impuls.errors import ImpulsError
 
 if TYPE_CHECKING:
@@ -86,4 +89,20 @@ def create_app(platform: Platform) -> AuthGate:
     app.include_router(functions.router)
     app.include_router(invocations.router)
     app.include_router(keys.router)
-    return AuthGate(InvokeFastPath(app, platform), platform.keys if platform.settings.auth else None)
+    app.include_router(code.router)
+    doors = LambdaSplit(LambdaDoor(platform), InvokeFastPath(app, platform))
+    return AuthGate(doors, platform.keys if platform.settings.auth else None)
+
+
+class LambdaSplit:
+    """Requests on AWS Lambda's own paths go to the Lambda door, all others to ``app``."""
+
+    def __init__(self, lambda_door: LambdaDoor, app: types.ASGIApp) -> None:
+        self.lambda_door = lambda_door
+        self.app = app
+
+    async def __call__(self, scope: types.Scope, receive: types.Receive, send: types.Send) -> None:
+        if scope["type"] == "http" and LAMBDA_PATH.match(scope["path"]):
+            await self.lambda_door(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)

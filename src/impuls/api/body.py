@@ -63,3 +63,12 @@ async def read_json(receive: types.Receive, headers: Headers, limit: int) -> Any
     if not raw.strip():
         raise InvalidInput("body: a JSON object is required")
     return parse_json(raw)
+
+
+async def read_optional_json(receive: types.Receive, headers: Headers, limit: int) -> Any:
+    """Like :func:`read_json`, but an empty body is ``{}``."""
+    raw = await read_body(receive, headers, limit)
+    if not raw.strip():
+        return {}
+    require_json_type(headers)
+    return parse_json(raw)

@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse
 from impuls.engine.results import Outcome
 from impuls.errors import (
     AlreadyExists,
+    Conflict,
     Forbidden,
     FunctionChanging,
     FunctionInactive,
@@ -23,6 +24,7 @@ from impuls.errors import (
     LocalModeDisabled,
     NotFound,
     PayloadTooLarge,
+    PreconditionFailed,
     ShuttingDown,
     Throttled,
     Unauthenticated,
@@ -38,6 +40,8 @@ ERROR_STATUS: dict[type[ImpulsError], int] = {
     LocalModeDisabled: 403,
     NotFound: 404,
     AlreadyExists: 409,
+    Conflict: 409,
+    PreconditionFailed: 412,
     PayloadTooLarge: 413,
     UnsupportedMediaType: 415,
     Throttled: 429,

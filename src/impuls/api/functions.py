@@ -1,4 +1,5 @@
-"""``/api/v1/functions``: create, list, get, update, delete."""
+"""``/api/v1/functions``: create, list, get, update, delete (versions and aliases:
+:mod:`impuls.api.versions`)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from impuls.api import versions
 from impuls.api.body import read_json
 from impuls.api.deps import actor_of, authorize, platform_of
 from impuls.auth.principal import Scope
+from impuls.errors import InvalidInput
 from impuls.functions.models import MAX_ZIP_BYTES, Function
 from impuls.platform import Platform
 
@@ -18,6 +21,7 @@ from impuls.platform import Platform
 MAX_FUNCTION_BODY = (MAX_ZIP_BYTES * 4) // 3 + 1024 * 1024
 
 router = APIRouter(prefix="/api/v1/functions")
+router.include_router(versions.router)
 
 
 def _full(p: Platform, fn: Function) -> dict[str, Any]:
@@ -55,10 +59,11 @@ async def list_functions(
 
 
 @router.get("/{name}")
-async def get_function(request: Request, name: str) -> dict[str, Any]:
+async def get_function(request: Request, name: str, qualifier: str | None = Query(None)) -> dict[str, Any]:
+    """$LATEST, or with ``?qualifier=`` a version number or an alias's version."""
     authorize(request, Scope.READ, name)
     p = platform_of(request)
-    fn = await run_in_threadpool(p.registry.get, name)
+    fn = await run_in_threadpool(p.registry.get, name, qualifier or None)
     return await run_in_threadpool(_full, p, fn)
 
 
@@ -71,9 +76,31 @@ async def update_function(request: Request, name: str) -> dict[str, Any]:
     return await run_in_threadpool(_full, p, fn)
 
 
+@router.put("/{name}/concurrency")
+async def put_concurrency(request: Request, name: str) -> dict[str, Any]:
+    """``{"reserved_concurrency": n}``: the function's limit for every version (0 throttles)."""
+    who = authorize(request, Scope.DEPLOY, name)
+    body = await read_json(request.receive, request.headers.raw, 4096)
+    if not isinstance(body, dict) or set(body) != {"reserved_concurrency"}:
+        raise InvalidInput("body: must be {\"reserved_concurrency\": <whole number>}")
+    fn = await run_in_threadpool(platform_of(request).registry.put_concurrency, name,
+                                 body["reserved_concurrency"], actor_of(request, who))
+    return {"name": name, "reserved_concurrency": fn.reserved_concurrency}
+
+
+@router.delete("/{name}/concurrency")
+async def delete_concurrency(request: Request, name: str) -> dict[str, Any]:
+    who = authorize(request, Scope.DEPLOY, name)
+    await run_in_threadpool(platform_of(request).registry.delete_concurrency, name, actor_of(request, who))
+    return {"name": name, "reserved_concurrency": None}
+
+
 @router.delete("/{name}")
-async def delete_function(request: Request, name: str) -> dict[str, Any]:
+async def delete_function(request: Request, name: str, qualifier: str | None = Query(None)) -> dict[str, Any]:
+    """The function with everything it has, or with ``?qualifier=N`` version N alone."""
     who = authorize(request, Scope.DEPLOY, name)
     p = platform_of(request)
-    await run_in_threadpool(p.registry.delete, name, actor_of(request, who))
+    await run_in_threadpool(p.registry.delete, name, actor_of(request, who), qualifier or None)
+    if qualifier:
+        return {"message": "Version deleted successfully", "name": name, "version": qualifier}
     return {"message": "Function deleted successfully", "name": name}

@@ -1,4 +1,4 @@
-"""``POST /api/v1/functions/{name}/invoke`` as a bare ASGI handler.
+"""``POST /api/v1/functions/{name}[:qualifier]/invoke[?qualifier=...]`` as a bare ASGI handler.
 
 Invocation is the hot path: served here, in front of FastAPI, it skips the
 framework's routing, dependency and response machinery (about half of the
@@ -24,7 +24,7 @@ from impuls.api.errors import OUTCOME_STATUS, error_body, status_of
 from impuls.auth.principal import Principal, Scope
 from impuls.engine.invoker import MAX_EVENT_BYTES
 from impuls.engine.results import InvocationResult
-from impuls.errors import ImpulsError
+from impuls.errors import ImpulsError, InvalidInput
 
 if TYPE_CHECKING:
     from impuls.platform import Platform
@@ -52,18 +52,19 @@ class InvokeFastPath:
         if scope["method"] != "POST":
             await _reply(send, 405, error_body("method not allowed"), [(b"allow", b"POST")])
             return
-        name = unquote(match[1])
+        name, _, named = unquote(match[1]).partition(":")
         try:
             principal: Principal = scope[PRINCIPAL]
             principal.require(Scope.INVOKE, name)
+            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            qualifier = _qualifier(named, query.get("qualifier", [""])[-1])
             payload = await read_body(receive, scope["headers"], MAX_EVENT_BYTES)
             if not payload.strip():
                 payload = b"{}"
             else:
                 parse_json(payload, "event")
-            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
             local = query.get("local", ["false"])[-1].lower() in TRUE
-            result = await self.platform.invoker.invoke(name, payload, local=local)
+            result = await self.platform.invoker.invoke(name, payload, qualifier=qualifier, local=local)
         except ImpulsError as exc:
             status = status_of(exc)
             if status >= 500:
@@ -78,6 +79,13 @@ class InvokeFastPath:
         await _reply(send, http_status, envelope(result, status_code))
 
 
+def _qualifier(in_path: str, in_query: str) -> str | None:
+    """The qualifier from ``name:qualifier`` or ``?qualifier=`` (they must agree when both are given)."""
+    if in_path and in_query and in_path != in_query:
+        raise InvalidInput(f"qualifier: {in_query!r} in the query does not match {in_path!r} in the path")
+    return in_path or in_query or None
+
+
 def envelope(result: InvocationResult, status_code: int) -> bytes:
     """The native invoke reply: the handler's result (or error) with the call's facts."""
     out: dict[str, Any] = {"status_code": status_code}
@@ -90,6 +98,7 @@ def envelope(result: InvocationResult, status_code: int) -> bytes:
         logs=result.logs[-REPLY_LOG_BYTES:],
         request_id=result.request_id,
         cold_start=result.cold_start,
+        executed_version=result.executed_version,
     )
     return json.dumps(out).encode()
 

@@ -104,6 +104,7 @@ class KeyStore:
         self._server_secret = server_secret
         self._env_admin_hash = _hash(env_admin_key) if env_admin_key else ""
         self._cache: dict[str, tuple[Principal, float]] = {}
+        self._credential_cache: dict[str, tuple[tuple[Principal, str], float]] = {}
         self._lock = threading.Lock()
 
     # --- making and revoking ---------------------------------------------------
@@ -145,6 +146,7 @@ class KeyStore:
             audit.record(conn, actor, "key.revoke", name)
         with self._lock:
             self._cache.clear()
+            self._credential_cache.clear()
         return {"name": name, "revoked_at": _rfc3339(now)}
 
     def list(self) -> list[dict[str, Any]]:
@@ -186,17 +188,31 @@ class KeyStore:
         return principal
 
     def credentials(self, access_key_id: str) -> tuple[Principal, str] | None:
-        """The principal and secret access key for SigV4 verification (None: unknown or revoked)."""
+        """The principal and secret access key for SigV4 verification (None: unknown or
+        revoked); a found one is cached like a key (see :meth:`cached_credentials`)."""
         with self.db.connect() as conn:
             row = conn.execute(select(api_keys).where(api_keys.c.access_key_id == access_key_id)).first()
         if row is None or row.revoked_at is not None:
             return None
-        return Principal(row.name, Scope.parse(row.scope), row.functions), \
-            self.secret_access_key(access_key_id)
+        found = (Principal(row.name, Scope.parse(row.scope), row.functions),
+                 self.secret_access_key(access_key_id))
+        with self._lock:
+            self._credential_cache[access_key_id] = (found, time.monotonic() + CACHE_SECONDS)
+        return found
+
+    def cached_credentials(self, access_key_id: str) -> tuple[Principal, str] | None:
+        """What :meth:`credentials` found less than CACHE_SECONDS ago, else None (no database)."""
+        hit = self._credential_cache.get(access_key_id)
+        if hit is not None and hit[1] > time.monotonic():
+            return hit[0]
+        return None
 
     def secret_access_key(self, access_key_id: str) -> str:
-        mac = hmac.new(self._server_secret, b"aws-secret:" + access_key_id.encode(), hashlib.sha256)
-        return base64.b64encode(mac.digest()).decode()[:40]
+        return base64.b64encode(self.mac(b"aws-secret:" + access_key_id.encode())).decode()[:40]
+
+    def mac(self, message: bytes) -> bytes:
+        """HMAC-SHA256 of ``message`` under the server secret (for links that need no key)."""
+        return hmac.new(self._server_secret, message, hashlib.sha256).digest()
 
     # --- the first admin key -------------------------------------------------------
 

@@ -1,20 +1,27 @@
-"""The invocation engine: from a function name and an event to a result.
+"""The invocation engine: from a function name (and qualifier) and an event to a result.
 
-The hot path (:meth:`Invoker.invoke`) reads no database: function metadata
-and unpacked code are cached per name and invalidated by the registry's
-change notifications, which retire the old version's pools before the
-update is answered.  Records are queued for a background writer.
+The hot path (:meth:`Invoker.invoke`) reads no database: where an alias routes
+and each version's metadata and unpacked code are cached, and invalidated by the
+registry's change notifications, which retire the changed version's pools
+before the change is answered.  Each (function, version) has pools of its own:
+an update of $LATEST retires only $LATEST's, a published version's instances
+stay warm until the version (or the function) is deleted.  Records are queued
+for a background writer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import random
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 from impuls.config import Settings
 from impuls.engine.pool import Capacity, Clock, Pool, PoolRetired
@@ -23,24 +30,33 @@ from impuls.engine.results import InvocationResult
 from impuls.errors import (
     FunctionChanging,
     FunctionInactive,
+    FunctionNotReady,
     InvalidInput,
     LocalModeDisabled,
     PayloadTooLarge,
     SandboxError,
     ShuttingDown,
+    Throttled,
 )
-from impuls.functions.models import Function, function_arn
+from impuls.functions.aliases import Route
+from impuls.functions.models import ACTIVE, DEFAULT_ACCOUNT, DEFAULT_REGION, LATEST, Function, function_arn
 from impuls.functions.registry import FunctionRegistry
 from impuls.runtimes import Runtime
 from impuls.sandbox.base import InstanceSpec, SandboxDriver
 from impuls.sandbox.runtime_api import Invocation
 
 log = logging.getLogger("impuls.engine")
+_T = TypeVar("_T")
 MAX_EVENT_BYTES = 6 * 1024 * 1024
+#: Lambda's limit on the client context (base64 of the JSON, 3583 bytes) as JSON
+MAX_CLIENT_CONTEXT = 3583 * 3 // 4
+ALIAS_PREFIX = "alias:"
 
 
 @dataclass(frozen=True)
 class FunctionVersion:
+    """One version of a function (``fn.version``: "$LATEST", "1", ...) ready to run."""
+
     fn: Function
     runtime: Runtime
     code_dir: Path
@@ -49,7 +65,7 @@ class FunctionVersion:
 class Invoker:
     def __init__(self, settings: Settings, registry: FunctionRegistry, driver: SandboxDriver,
                  local_driver: SandboxDriver | None, recorder: InvocationRecorder, hub: LogHub,
-                 clock: Clock = time.monotonic) -> None:
+                 clock: Clock = time.monotonic, draw: Callable[[], float] = random.random) -> None:
         self.settings = settings
         self.registry = registry
         self.driver = driver
@@ -57,11 +73,14 @@ class Invoker:
         self.recorder = recorder
         self.hub = hub
         self.clock = clock
+        #: uniform in [0, 1): picks an alias's version for each call
+        self.draw = draw
         self.capacity = Capacity(settings.max_concurrency)
         self.capacity.evict = self._evict_one_idle
-        self._functions: dict[str, FunctionVersion] = {}
+        self._routes: dict[tuple[str, str], Route] = {}  # (function, alias)
+        self._targets: dict[tuple[str, str], FunctionVersion] = {}  # (function, version)
         self._generation: dict[str, int] = {}
-        self._pools: dict[tuple[str, int, str], Pool] = {}
+        self._pools: dict[tuple[str, str, int, str], Pool] = {}  # (function, version, revision, driver)
         self._inflight = 0
         self._idle_event = asyncio.Event()
         self._closing = False
@@ -107,48 +126,84 @@ class Invoker:
 
     # --- function cache --------------------------------------------------------
 
-    def _changed_threadsafe(self, name: str) -> None:
+    def _changed_threadsafe(self, name: str, qualifier: str | None) -> None:
         """Registry listener (called from a worker thread after a commit)."""
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._changed, name)
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._changed, name, qualifier)
 
-    def _changed(self, name: str) -> None:
+    def _changed(self, name: str, qualifier: str | None) -> None:
+        """Forget what ``qualifier`` changed (see the registry's ChangeListener) and retire
+        the pools of a changed or deleted version: $LATEST's on a $LATEST change (the other
+        versions are only re-read, for the function-wide reserved concurrency), a version's
+        when it is deleted, every pool of the function when it is deleted."""
         self._generation[name] = self._generation.get(name, 0) + 1
-        self._functions.pop(name, None)
+        if qualifier is not None and qualifier.startswith(ALIAS_PREFIX):
+            self._routes.pop((name, qualifier[len(ALIAS_PREFIX):]), None)
+            return
+        retire = {qualifier} if qualifier is not None else None
+        for target in list(self._targets):
+            if target[0] == name and (qualifier in (None, LATEST) or target[1] == qualifier):
+                del self._targets[target]
+        if qualifier != LATEST:
+            for route in [r for r in self._routes if r[0] == name]:
+                del self._routes[route]
         for key, pool in list(self._pools.items()):
-            if key[0] == name:
+            if key[0] == name and (retire is None or key[1] in retire):
                 pool.retire()
 
-    async def _function(self, name: str) -> FunctionVersion:
-        cached = self._functions.get(name)
-        if cached is not None:
-            return cached
+    async def _cached(self, name: str, load: Callable[[], _T], cache: dict[tuple[str, str], _T],
+                      key: tuple[str, str]) -> _T:
+        """``load()`` in a thread; kept in ``cache`` unless a change of ``name`` came meanwhile."""
         generation = self._generation.get(name, 0)
-        version = await asyncio.to_thread(self._load, name)
+        value = await asyncio.to_thread(load)
         if self._generation.get(name, 0) == generation:
-            self._functions[name] = version
-        return version
+            cache[key] = value
+        return value
 
-    def _load(self, name: str) -> FunctionVersion:
-        fn = self.registry.get(name)
+    async def _target(self, name: str, qualifier: str | None) -> FunctionVersion:
+        """The version a call of ``name:qualifier`` runs (an alias picks one per call)."""
+        if not qualifier or qualifier == LATEST:
+            version = LATEST
+        elif qualifier.isascii() and qualifier.isdigit():
+            version = str(int(qualifier))
+        else:
+            route = self._routes.get((name, qualifier))
+            if route is None:
+                route = await self._cached(name, lambda: self.registry.route(name, qualifier),
+                                           self._routes, (name, qualifier))
+            version = route.pick(self.draw())
+        target = self._targets.get((name, version))
+        if target is None:
+            target = await self._cached(name, lambda: self._load(name, version), self._targets,
+                                        (name, version))
+        return target
+
+    def _load(self, name: str, version: str) -> FunctionVersion:
+        fn = self.registry.get(name, version)
+        if fn.state != ACTIVE:  # never cached: the build's end is announced
+            raise FunctionNotReady(name, fn.state, fn.state_reason)
         return FunctionVersion(fn, self.registry.runtime(fn), self.registry.package(fn).directory)
 
     def _pool(self, version: FunctionVersion, driver: SandboxDriver) -> Pool:
         fn = version.fn
-        key = (fn.name, fn.revision, driver.name)
+        key = (fn.name, fn.version, fn.revision, driver.name)
         pool = self._pools.get(key)
-        if pool is None or pool.retired:
-            def spec(instance_id: str) -> InstanceSpec:
-                return InstanceSpec(
-                    instance_id=instance_id, function_name=fn.name, revision=fn.revision,
-                    runtime=version.runtime, handler=fn.handler, code_dir=version.code_dir,
-                    memory_mb=fn.memory_mb, ephemeral_storage_mb=fn.ephemeral_storage_mb,
-                    environment=fn.environment,
-                )
+        if pool is not None and not pool.retired:
+            pool.max_concurrency = fn.concurrency_limit  # reserved concurrency may have changed
+            return pool
 
-            pool = Pool(spec, driver, fn.max_concurrency, self.capacity, self.settings.queue_size,
-                        self.settings.queue_timeout, self.clock)
-            self._pools[key] = pool
+        def spec(instance_id: str) -> InstanceSpec:
+            return InstanceSpec(
+                instance_id=instance_id, function_name=fn.name, revision=fn.revision,
+                runtime=version.runtime, handler=fn.handler, code_dir=version.code_dir,
+                memory_mb=fn.memory_mb, ephemeral_storage_mb=fn.ephemeral_storage_mb,
+                environment=fn.environment, version=fn.version,
+            )
+
+        pool = Pool(spec, driver, fn.concurrency_limit, self.capacity, self.settings.queue_size,
+                    self.settings.queue_timeout, self.clock)
+        self._pools[key] = pool
         return pool
 
     # --- idle expiry -----------------------------------------------------------
@@ -183,25 +238,46 @@ class Invoker:
 
     # --- invoking --------------------------------------------------------------
 
-    async def invoke(self, name: str, payload: bytes, local: bool = False) -> InvocationResult:
-        """Run function ``name`` on ``payload`` (JSON bytes); see the API docs for outcomes."""
+    async def invoke(self, name: str, payload: bytes, qualifier: str | None = None, local: bool = False,
+                     client_context: str | None = None, region: str = DEFAULT_REGION,
+                     account: str = DEFAULT_ACCOUNT) -> InvocationResult:
+        """Run function ``name`` on ``payload`` (JSON bytes); see the API docs for outcomes.
+
+        ``qualifier``: None or "$LATEST", a version number, or an alias (which picks its
+        version, or its additional version with the routing weight's probability, per
+        call).  ``client_context``: a JSON object (as text) the runtime gets in
+        ``Lambda-Runtime-Client-Context``.  ``region`` and ``account`` go into the invoked
+        ARN the function sees (with the qualifier as given).  Raises before any instance is used:
+        FunctionNotFound, VersionNotFound, AliasNotFound, FunctionNotReady (Pending or
+        Failed), FunctionInactive, Throttled (reserved concurrency 0), InvalidInput.
+        """
         if self._closing:
             raise ShuttingDown("the server is shutting down")
         if len(payload) > MAX_EVENT_BYTES:
             raise PayloadTooLarge(f"event of {len(payload)} bytes exceeds the {MAX_EVENT_BYTES} byte limit")
+        context = _client_context(client_context)
         driver = self._driver_for(local)
-        version = await self._function(name)
-        if version.fn.status != "active":
-            raise FunctionInactive(name)
-        if not driver.supports(version.runtime):
-            raise InvalidInput(f"runtime {version.runtime.id} is not offered by the {driver.name} sandbox")
+        target = await self._target(name, qualifier)
+        self._check(target, driver)
         self._inflight += 1
         try:
-            return await self._run(version, driver, payload)
+            arn = function_arn(name, qualifier or None, region, account)
+            return await self._run(target, qualifier, driver, payload, context, arn)
         finally:
             self._inflight -= 1
             if not self._inflight:
                 self._idle_event.set()
+
+    @staticmethod
+    def _check(target: FunctionVersion, driver: SandboxDriver) -> None:
+        fn = target.fn
+        if fn.status != "active":
+            raise FunctionInactive(fn.name)
+        if not driver.supports(target.runtime):
+            raise InvalidInput(f"runtime {target.runtime.id} is not offered by the {driver.name} sandbox")
+        if fn.concurrency_limit == 0:
+            raise Throttled(f"function '{fn.name}' has a reserved concurrency of 0: every invocation "
+                            "is throttled")
 
     def _driver_for(self, local: bool) -> SandboxDriver:
         if not local:
@@ -210,42 +286,62 @@ class Invoker:
             raise LocalModeDisabled()
         return self.local_driver
 
-    async def _run(self, version: FunctionVersion, driver: SandboxDriver, payload: bytes) -> InvocationResult:
+    async def _run(self, target: FunctionVersion, qualifier: str | None, driver: SandboxDriver,
+                   payload: bytes, context: str | None, arn: str) -> InvocationResult:
         request_id = str(uuid.uuid4())
         started = datetime.now(UTC)
         t0 = time.perf_counter()
-        name = version.fn.name
+        name = target.fn.name
         listener = None
         if self.hub.wants(name):
             def listener(data: bytes) -> None:
                 self.hub.publish(name, {"request_id": request_id,
                                         "text": data.decode("utf-8", "replace")})
-        timeout = float(version.fn.timeout_sec)
         result: InvocationResult
         try:
             for _attempt in range(5):
+                timeout = float(target.fn.timeout_sec)
                 invocation = Invocation(
                     request_id=request_id, payload=payload,
                     deadline_ms=int((time.time() + timeout) * 1000),
-                    function_arn=function_arn(name), trace_id=_trace_id(request_id),
+                    function_arn=arn, trace_id=_trace_id(request_id),
+                    client_context=context,
                 )
                 try:
-                    result = await self._pool(version, driver).run(invocation, timeout, listener)
+                    result = await self._pool(target, driver).run(invocation, timeout, listener)
                     break
                 except PoolRetired:
-                    version = await self._function(name)
+                    target = await self._target(name, qualifier)
+                    self._check(target, driver)
             else:
                 raise FunctionChanging(f"function '{name}' keeps changing; retry")
         except SandboxError as exc:
             result = InvocationResult.from_error(request_id, exc)
         result.duration_ms = (time.perf_counter() - t0) * 1000
+        result.executed_version = target.fn.version
         self.recorder.add(InvocationRecord(
-            request_id=request_id, function_name=name, function_id=version.fn.id, started_at=started,
+            request_id=request_id, function_name=name, function_id=target.fn.id, started_at=started,
             duration_ms=result.duration_ms, outcome=result.outcome.value, error_type=result.error_type,
             cold_start=result.cold_start, sandbox=driver.name, logs=result.logs,
             logs_truncated=result.logs_truncated, note=result.note,
         ))
         return result
+
+
+def _client_context(text: str | None) -> str | None:
+    """The client context as compact JSON on one line (it becomes a header), or InvalidInput."""
+    if text is None:
+        return None
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise InvalidInput(f"client_context: not valid JSON ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise InvalidInput("client_context: must be a JSON object")
+    compact = json.dumps(doc, separators=(",", ":"))
+    if len(compact) > MAX_CLIENT_CONTEXT:
+        raise InvalidInput(f"client_context: {len(compact)} bytes exceeds the limit of {MAX_CLIENT_CONTEXT}")
+    return compact
 
 
 def _trace_id(request_id: str) -> str:

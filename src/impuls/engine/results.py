@@ -43,6 +43,8 @@ class InvocationResult:
     duration_ms: float = 0.0
     #: how a cold start was served (microvm: restored or booted, and why)
     note: str = ""
+    #: the version that ran: "$LATEST" or a published version's number
+    executed_version: str = "$LATEST"
 
     @classmethod
     def from_reply(cls, request_id: str, reply: RuntimeReply, cold_start: bool, logs: str,

@@ -14,7 +14,7 @@ import io
 import re
 import stat
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal
 
@@ -33,8 +33,19 @@ RESERVED_ENV = ("_HANDLER", "LAMBDA_TASK_ROOT", "LAMBDA_RUNTIME_DIR")
 #: Lambda's identity of a function: ARNs name this region and account
 DEFAULT_REGION = "us-east-1"
 DEFAULT_ACCOUNT = "000000000000"
-READ_ONLY_FIELDS = ("id", "code_sha256", "code_size", "created_at", "updated_at", "revision")
+READ_ONLY_FIELDS = ("id", "code_sha256", "code_size", "created_at", "updated_at", "revision", "version",
+                    "runtime_given", "revision_id", "reserved_concurrency", "state", "state_reason",
+                    "state_reason_code", "last_update_status", "last_update_status_reason",
+                    "last_update_status_reason_code")
 CODE_FIELDS = ("code", "code_zip")
+#: the qualifier of the function's unpublished, editable version
+LATEST = "$LATEST"
+#: Lambda's lifecycle: ``state`` of the function, ``last_update_status`` of its last change
+PENDING, ACTIVE, FAILED = "Pending", "Active", "Failed"
+IN_PROGRESS, SUCCESSFUL = "InProgress", "Successful"
+ROLE_RE = re.compile(r"^arn:(aws[a-zA-Z-]*)?:iam::\d{12}:role/?[a-zA-Z_0-9+=,.@\-_/]+$")
+MAX_ROLE = 2048
+MAX_TAGS = 50
 
 
 class FunctionConfig(BaseModel):
@@ -88,8 +99,29 @@ class Code:
 
 
 @dataclass(frozen=True)
+class ValidConfig:
+    """A checked configuration: the user's fields, the runtime they name, the runtime's name
+    as written (``nodejs20.x``; ``config.runtime`` is the canonical id) and the role."""
+
+    config: FunctionConfig
+    runtime: Runtime
+    runtime_given: str
+    role: str
+
+    def snapshot(self) -> dict[str, Any]:
+        """What a version freezes and a pending update carries (JSON-ready)."""
+        return {**self.config.model_dump(), "role": self.role, "runtime_given": self.runtime_given}
+
+
+@dataclass(frozen=True)
 class Function:
-    """A stored function (one row of ``functions``)."""
+    """A stored function: ``$LATEST`` (one row of ``functions``) or a published version
+    (``version`` "1", "2", ...: a row of ``function_versions`` with its function's
+    id, tags and reserved concurrency).
+
+    ``pending*`` describe an update being built in the background (``last_update_status``
+    InProgress); the fields above them are what is served until it succeeds.
+    """
 
     id: str
     name: str
@@ -108,10 +140,46 @@ class Function:
     revision: int
     created_at: datetime
     updated_at: datetime
+    version: str = LATEST
+    role: str = ""
+    runtime_given: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+    reserved_concurrency: int | None = None
+    revision_id: str = ""
+    state: str = ACTIVE
+    state_reason: str | None = None
+    state_reason_code: str | None = None
+    last_update_status: str = SUCCESSFUL
+    last_update_status_reason: str | None = None
+    last_update_status_reason_code: str | None = None
+    pending: dict[str, Any] | None = None
+    pending_code_sha256: str | None = None
+    pending_code_size: int | None = None
+    pending_code_kind: Literal["source", "zip"] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def config(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in FunctionConfig.model_fields}
+
+    def snapshot(self) -> dict[str, Any]:
+        """The configuration a version freezes (see :meth:`ValidConfig.snapshot`)."""
+        return {**self.config(), "role": self.role, "runtime_given": self.runtime_given}
+
+    @property
+    def concurrency_limit(self) -> int:
+        """Instances at once: the reserved concurrency when set, else ``max_concurrency``."""
+        return self.reserved_concurrency if self.reserved_concurrency is not None else self.max_concurrency
+
+    def as_pending(self) -> Function:
+        """The function as it will be once its pending update is built (itself when none):
+        what Lambda's answers show while ``last_update_status`` is InProgress."""
+        if self.pending is None or self.pending_code_sha256 is None:
+            return self
+        fields = {k: v for k, v in self.pending.items() if k in FunctionConfig.model_fields
+                  or k in ("role", "runtime_given")}
+        return replace(self, **fields, code_sha256=self.pending_code_sha256,
+                       code_size=self.pending_code_size or 0,
+                       code_kind=self.pending_code_kind or self.code_kind)
 
     def to_api(self, code: Code | None = None, *, list_item: bool = False) -> dict[str, Any]:
         """The API representation; list items carry environment keys only, never values."""
@@ -120,8 +188,19 @@ class Function:
             **self.config(),
             "code_sha256": self.code_sha256,
             "code_size": self.code_size,
-            "created_at": _rfc3339(self.created_at),
-            "updated_at": _rfc3339(self.updated_at),
+            "created_at": rfc3339(self.created_at),
+            "updated_at": rfc3339(self.updated_at),
+            "version": self.version,
+            "role": self.role,
+            "tags": dict(self.tags),
+            "reserved_concurrency": self.reserved_concurrency,
+            "revision_id": self.revision_id,
+            "state": self.state,
+            "state_reason": self.state_reason,
+            "state_reason_code": self.state_reason_code,
+            "last_update_status": self.last_update_status,
+            "last_update_status_reason": self.last_update_status_reason,
+            "last_update_status_reason_code": self.last_update_status_reason_code,
         }
         if list_item:
             out["environment"] = sorted(self.environment)
@@ -137,7 +216,7 @@ def function_arn(name: str, qualifier: str | None = None, region: str = DEFAULT_
     return f"{arn}:{qualifier}" if qualifier else arn
 
 
-def _rfc3339(ts: datetime) -> str:
+def rfc3339(ts: datetime) -> str:
     return ts.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -161,6 +240,38 @@ def validate_config(data: dict[str, Any], registry: RuntimeRegistry) -> tuple[Fu
     runtime = registry.resolve(cfg.runtime)
     runtime.check_handler(cfg.handler)
     return cfg.model_copy(update={"runtime": runtime.id}), runtime
+
+
+def validate_function(data: dict[str, Any], registry: RuntimeRegistry,
+                      runtime_given: str | None = None) -> ValidConfig:
+    """:func:`validate_config` plus the fields outside :class:`FunctionConfig` (``role``);
+    ``runtime_given`` defaults to the runtime as named in ``data``."""
+    data = dict(data)
+    role = data.pop("role", "")
+    if not isinstance(role, str) or len(role) > MAX_ROLE or (role and not ROLE_RE.match(role)):
+        raise InvalidInput("role: must be an IAM role ARN (arn:aws:iam::<12 digits>:role/<name>) "
+                           f"of at most {MAX_ROLE} characters")
+    cfg, runtime = validate_config(data, registry)
+    given = runtime_given if runtime_given is not None else data["runtime"]
+    return ValidConfig(cfg, runtime, given, role)
+
+
+def validate_tags(tags: Any, field_name: str = "tags") -> dict[str, str]:
+    """Lambda's tag rules: string keys of 1-128 characters (not ``aws:...``), string values of
+    at most 256."""
+    if not isinstance(tags, dict):
+        raise InvalidInput(f"{field_name}: must be an object of tag names and values")
+    for key, value in tags.items():
+        if not isinstance(key, str) or not 1 <= len(key) <= 128:
+            raise InvalidInput(f"{field_name}: tag name {key!r} must be 1-128 characters")
+        if key.lower().startswith("aws:"):
+            raise InvalidInput(f"{field_name}: tag name {key!r}: the prefix 'aws:' is reserved")
+        if not isinstance(value, str) or len(value) > 256:
+            raise InvalidInput(f"{field_name}: the value of tag {key!r} must be a string of at most "
+                               "256 characters")
+    if len(tags) > MAX_TAGS:
+        raise InvalidInput(f"{field_name}: at most {MAX_TAGS} tags per function")
+    return dict(tags)
 
 
 def split_request(body: Any) -> tuple[dict[str, Any], Code | None]:

@@ -49,10 +49,14 @@ class Invocation:
     deadline_ms: int
     function_arn: str
     trace_id: str = ""
+    #: the caller's client context, compact JSON on one line (the engine checks it)
+    client_context: str | None = None
     reply: asyncio.Future[RuntimeReply] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
 
     def next_response(self) -> bytes:
+        context = ("" if self.client_context is None
+                   else f"Lambda-Runtime-Client-Context: {self.client_context}\r\n")
         head = (
             "HTTP/1.1 200 OK\r\n"
             "Content-Type: application/json\r\n"
@@ -60,6 +64,7 @@ class Invocation:
             f"Lambda-Runtime-Deadline-Ms: {self.deadline_ms}\r\n"
             f"Lambda-Runtime-Invoked-Function-Arn: {self.function_arn}\r\n"
             f"Lambda-Runtime-Trace-Id: {self.trace_id}\r\n"
+            f"{context}"
             f"Content-Length: {len(self.payload)}\r\n\r\n"
         ).encode()
         return head + self.payload

@@ -37,6 +37,77 @@ functions = Table(
     Column("revision", Integer, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    # 0004: Lambda's view of a function
+    Column("role", String(2048), nullable=False, server_default=""),
+    Column("runtime_given", String(32), nullable=False, server_default=""),  # as the user wrote it
+    Column("tags", Text, nullable=False, server_default="{}"),  # JSON object
+    Column("reserved_concurrency", Integer, nullable=True),
+    Column("revision_id", String(36), nullable=False, server_default=""),  # new uuid4 on every change
+    Column("last_version", Integer, nullable=False, server_default="0"),  # never reused
+    Column("state", String(16), nullable=False, server_default="Active"),  # Pending | Active | Failed
+    Column("state_reason", Text, nullable=True),
+    Column("state_reason_code", String(64), nullable=True),
+    # InProgress | Successful | Failed
+    Column("last_update_status", String(16), nullable=False, server_default="Successful"),
+    Column("last_update_status_reason", Text, nullable=True),
+    Column("last_update_status_reason_code", String(64), nullable=True),
+    # an update being built: the new configuration (JSON) and code; NULL when none
+    Column("pending", Text, nullable=True),
+    Column("pending_code_sha256", String(64), nullable=True),
+    Column("pending_code_size", Integer, nullable=True),
+    Column("pending_code_kind", String(8), nullable=True),
+)
+
+function_versions = Table(
+    "function_versions",
+    metadata,
+    Column("function_name", String(64), primary_key=True),
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("config", Text, nullable=False),  # JSON: the frozen configuration
+    Column("code_sha256", String(64), nullable=False, index=True),
+    Column("code_size", Integer, nullable=False),
+    Column("code_kind", String(8), nullable=False),
+    Column("description", String(256), nullable=False),
+    Column("revision_id", String(36), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+aliases = Table(
+    "aliases",
+    metadata,
+    Column("function_name", String(64), primary_key=True),
+    Column("name", String(128), primary_key=True),
+    Column("function_version", String(16), nullable=False),  # a version number or "$LATEST"
+    Column("description", String(256), nullable=False),
+    Column("routing", Text, nullable=False),  # JSON {version: weight}
+    Column("revision_id", String(36), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+event_invoke_configs = Table(
+    "event_invoke_configs",
+    metadata,
+    Column("function_name", String(64), primary_key=True),
+    Column("qualifier", String(128), primary_key=True),  # "$LATEST", a version or an alias
+    Column("maximum_retry_attempts", Integer, nullable=False),
+    Column("maximum_event_age_seconds", Integer, nullable=False),
+    Column("on_success", String(1024), nullable=True),
+    Column("on_failure", String(1024), nullable=True),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+function_urls = Table(
+    "function_urls",
+    metadata,
+    Column("function_name", String(64), primary_key=True),
+    Column("qualifier", String(128), primary_key=True),  # "$LATEST" or an alias
+    Column("url_id", String(40), nullable=False, unique=True),
+    Column("auth_type", String(16), nullable=False),  # NONE | KEY | AWS_IAM
+    Column("cors", Text, nullable=False),  # JSON object
+    Column("invoke_mode", String(16), nullable=False),  # BUFFERED | RESPONSE_STREAM
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
 invocations = Table(
@@ -78,6 +149,6 @@ audit_log = Table(
     Column("key_name", String(64), nullable=False),
     Column("source", String(64), nullable=False),
     Column("action", String(32), nullable=False),
-    Column("target", String(128), nullable=False),
+    Column("target", String(256), nullable=False),  # 0004: room for "function:alias"
     Column("detail", Text, nullable=False),  # JSON object
 )

@@ -451,6 +451,15 @@ function parseHeaderJson(value) {
   }
 }
 
+// Mobile SDKs send "custom"; Lambda's Node.js documentation reads "Custom": both work.
+function clientContext(value) {
+  const parsed = parseHeaderJson(value);
+  if (parsed && typeof parsed === 'object' && !('Custom' in parsed) && 'custom' in parsed) {
+    Object.defineProperty(parsed, 'Custom', { value: parsed.custom, enumerable: false });
+  }
+  return parsed;
+}
+
 function makeContext(inv, headers) {
   const deadline = Number(headers['lambda-runtime-deadline-ms']) || 0;
   const context = {
@@ -460,7 +469,7 @@ function makeContext(inv, headers) {
     memoryLimitInMB: MEMORY_SIZE,
     logGroupName: LOG_GROUP,
     logStreamName: LOG_STREAM,
-    clientContext: parseHeaderJson(headers['lambda-runtime-client-context']),
+    clientContext: clientContext(headers['lambda-runtime-client-context']),
     identity: parseHeaderJson(headers['lambda-runtime-cognito-identity']),
     invokedFunctionArn: headers['lambda-runtime-invoked-function-arn'],
     awsRequestId: inv.id,

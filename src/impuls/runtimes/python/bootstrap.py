@@ -286,7 +286,7 @@ class _ClientContext:
     def __init__(self, data: "dict[str, Any]") -> None:
         client = data.get("client")
         self.client = _Client(client) if isinstance(client, dict) else None
-        self.custom = data.get("custom")
+        self.custom = data.get("custom", data.get("Custom"))  # SDKs send "custom"; Node's docs "Custom"
         self.env = data.get("env")
 
 
