@@ -77,6 +77,11 @@ async def list_function_event_invoke_configs(call: Call) -> Reply:
 
 # --- function URL configs ------------------------------------------------------------------
 
+#: Lambda's Cors fields and the registry's names for them
+CORS_FIELDS = (("AllowOrigins", "allow_origins"), ("AllowMethods", "allow_methods"),
+               ("AllowHeaders", "allow_headers"), ("ExposeHeaders", "expose_headers"),
+               ("AllowCredentials", "allow_credentials"), ("MaxAge", "max_age"))
+
 
 def _url_fields(doc: dict[str, Any]) -> dict[str, Any]:
     fields: dict[str, Any] = {}
@@ -86,20 +91,14 @@ def _url_fields(doc: dict[str, Any]) -> dict[str, Any]:
         fields["invoke_mode"] = doc["InvokeMode"]
     if "Cors" in doc:
         cors = doc["Cors"] or {}
-        fields["cors"] = {snake: cors[camel] for camel, snake in (
-            ("AllowOrigins", "allow_origins"), ("AllowMethods", "allow_methods"),
-            ("AllowHeaders", "allow_headers"), ("ExposeHeaders", "expose_headers"),
-            ("AllowCredentials", "allow_credentials"), ("MaxAge", "max_age")) if camel in cors}
+        fields["cors"] = {snake: cors[camel] for camel, snake in CORS_FIELDS if camel in cors}
     return fields
 
 
 def _url_shape(call: Call, name: str, config: Any) -> dict[str, Any]:
     qualifier = None if config.qualifier == "$LATEST" else config.qualifier
     suffix = f":{config.qualifier}" if qualifier else ""
-    cors = {camel: config.cors[snake] for camel, snake in (
-        ("AllowOrigins", "allow_origins"), ("AllowMethods", "allow_methods"),
-        ("AllowHeaders", "allow_headers"), ("ExposeHeaders", "expose_headers"),
-        ("AllowCredentials", "allow_credentials"), ("MaxAge", "max_age")) if snake in config.cors}
+    cors = {camel: config.cors[snake] for camel, snake in CORS_FIELDS if snake in config.cors}
     out: dict[str, Any] = {
         "FunctionUrl": f"{call.base_url}/fn/{name}{suffix}/",
         "FunctionArn": function_arn(name, qualifier, call.region, call.account),
