@@ -3,7 +3,6 @@ answer in Lambda's shapes.  Requests whose path starts with a Lambda API date re
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
@@ -14,13 +13,14 @@ from urllib.parse import parse_qs
 
 from starlette import types
 
+from impuls.api.auth import sigv4_lookup
 from impuls.api.body import read_body
 from impuls.api.lambda_api import absent, configs, functions, invoke
 from impuls.api.lambda_api.call import Call, Reply
 from impuls.api.lambda_api.errors import OperationNotSupported, error_of, error_reply
 from impuls.api.lambda_api.routing import match
 from impuls.auth.principal import ANONYMOUS
-from impuls.auth.sigv4 import MISSING_TOKEN, Lookup, SignatureRejected, verify
+from impuls.auth.sigv4 import Lookup, verify
 from impuls.engine.invoker import MAX_EVENT_BYTES
 from impuls.errors import ImpulsError, NotFound
 from impuls.functions.models import DEFAULT_REGION, MAX_ZIP_BYTES
@@ -70,7 +70,6 @@ HANDLERS: dict[str, Handler] = {
 }
 #: the largest body of any operation: CreateFunction with a 50 MB zip, base64-encoded in JSON
 MAX_BODY = (MAX_ZIP_BYTES * 4) // 3 + 1024 * 1024
-_CREDENTIAL = re.compile(r"Credential=([A-Z0-9]{16,128})/")
 
 
 class UnknownOperation(NotFound):
@@ -128,27 +127,10 @@ class LambdaDoor:
         return await handler(call)
 
     async def _credentials(self, headers: list[tuple[str, str]], raw_query: str) -> Lookup | None:
-        """How the signature will be checked: a lookup whose cache holds the signer's key
-        (None: authentication is off).  SignatureRejected when the request is not signed."""
+        """How the signature will be checked (None: authentication is off)."""
         if not self.platform.settings.auth:
             return None
-        keys = self.platform.keys
-        access_key = _access_key_id(headers, raw_query)
-        if not access_key:
-            raise SignatureRejected(MISSING_TOKEN, "Missing Authentication Token: sign the request with "
-                                                   "Signature Version 4 (an Impuls key's AWS credentials)")
-        if keys.cached_credentials(access_key) is None:
-            await asyncio.to_thread(keys.credentials, access_key)  # fills the cache
-        return keys.cached_credentials
-
-
-def _access_key_id(headers: list[tuple[str, str]], raw_query: str) -> str:
-    for name, value in headers:
-        if name.lower() == "authorization":
-            m = _CREDENTIAL.search(value)
-            return m[1] if m else ""
-    values = parse_qs(raw_query).get("X-Amz-Credential")
-    return values[0].split("/", 1)[0] if values else ""
+        return await sigv4_lookup(self.platform.keys, headers, raw_query)
 
 
 def _region_of(headers: list[tuple[str, str]]) -> str:
