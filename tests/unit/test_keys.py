@@ -139,3 +139,22 @@ def test_function_globs() -> None:
     with pytest.raises(Forbidden, match="limited to functions matching 'orders-\\*'"):
         p.require(Scope.READ, "billing")
     assert Principal("k", Scope.READ, "a?c").may_touch("abc")
+
+
+def test_a_signature_is_checked_against_the_credentials_looked_up_for_it(
+        store: KeyStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lookup handed to the verifier keeps what was found, even once the cache expires
+    (it used to re-read the cache: rare 403s under load)."""
+    import asyncio
+
+    from impuls.api.auth import sigv4_lookup
+
+    new = store.create("boto", "invoke")
+    headers = [("Authorization", f"AWS4-HMAC-SHA256 Credential={new.access_key_id}/20260101/us-east-1/"
+                                 "lambda/aws4_request, SignedHeaders=host, Signature=00")]
+    lookup = asyncio.run(sigv4_lookup(store, headers, ""))
+    now = keys_module.time.monotonic()
+    monkeypatch.setattr(keys_module.time, "monotonic", lambda: now + keys_module.CACHE_SECONDS + 1)
+    assert store.cached_credentials(new.access_key_id) is None
+    assert lookup(new.access_key_id) == (Principal("boto", Scope.INVOKE), new.secret_access_key)
+    assert lookup("AKIAOTHER") is None
