@@ -25,6 +25,7 @@ from bench.results import (
     FLOOR_FASTAPI,
     IMPULS,
     IMPULS_LAMBDA,
+    IMPULS_URL,
     SPAWN,
     ColdRow,
     MemoryRow,
@@ -265,6 +266,7 @@ class Runner:
                     self.warm(server, path, IMPULS, sandbox, workload.label)
                     if workload is PYTHON:
                         self.lambda_api(server, sandbox, f"bench-{workload.label}")
+                        self.function_url(server, sandbox, f"bench-{workload.label}")
                     self.memory(server, sandbox, workload)
                     if self.profile and workload is PYTHON and not self.results.profile_note:
                         self.wait_quiet()  # profiled once: on the first sandbox measured
@@ -292,6 +294,20 @@ class Runner:
             if self.out_of_time(f"impuls ({sandbox}) Lambda API concurrency {level}"):
                 return
             self.row(server, server.url + path, IMPULS_LAMBDA, sandbox, PYTHON.label, level, script)
+
+    def function_url(self, server: ImpulsServer, sandbox: str, function: str) -> None:
+        """The same Python function served through its function URL (auth KEY: the harness's key)."""
+        server.call("POST", f"/api/v1/functions/{function}/url", {"auth_type": "KEY"})
+        path = f"/fn/{function}/"
+        status, doc, _ = Client(server.url, self.call_timeout()).request("POST", path, EVENT)
+        if status != 200 or doc != EXPECTED_BODY:
+            self.note(f"impuls ({sandbox}) function URL: skipped, a test call gave HTTP {status}: "
+                      f"{str(doc)[:200]}")
+            return
+        for level in self.plan.concurrency:
+            if self.out_of_time(f"impuls ({sandbox}) function URL concurrency {level}"):
+                return
+            self.row(server, server.url + path, IMPULS_URL, sandbox, PYTHON.label, level, self.script)
 
     def out_of_time(self, what: str) -> bool:
         if time.monotonic() < self.deadline:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from bench.results import FLOOR, FLOOR_FASTAPI, IMPULS, IMPULS_LAMBDA, SPAWN, Results
+from bench.results import FLOOR, FLOOR_FASTAPI, IMPULS, IMPULS_LAMBDA, IMPULS_URL, SPAWN, Results
 
 FLOOR_RATIO_GOAL = 2.0
 SPAWN_SPEEDUP_GOAL = 20.0
@@ -21,6 +21,8 @@ VM_TCG_RESTORE_P50_GOAL_MS = 300.0
 VM_TCG_WARM_P50_GOAL_MS = 10.0
 # the Lambda API: a SigV4-signed Invoke against the native invoke of the same function
 LAMBDA_SIGNED_RATIO_GOAL = 1.25
+# function URLs: the same function through its URL against its native invoke
+URL_RATIO_GOAL = 1.2
 X = "\u00d7"  # multiplication sign
 NA = "\u2013"  # en dash: not measured
 
@@ -149,6 +151,13 @@ def targets(results: Results) -> list[Target]:
             out.append(Target(name, f"≤ {LAMBDA_SIGNED_RATIO_GOAL:g}{X}",
                               f"{ratio:.2f}{X} ({_ms(signed.p50_ms)} ms vs {_ms(native.p50_ms)} ms)",
                               ratio <= LAMBDA_SIGNED_RATIO_GOAL))
+        via_url = results.find_warm(IMPULS_URL, "python", 1, sandbox)
+        if via_url and native:
+            ratio = via_url.p50_ms / native.p50_ms
+            out.append(Target(f"function URL p50 vs native invoke, concurrency 1 ({sandbox})",
+                              f"≤ {URL_RATIO_GOAL:g}{X}",
+                              f"{ratio:.2f}{X} ({_ms(via_url.p50_ms)} ms vs {_ms(native.p50_ms)} ms)",
+                              ratio <= URL_RATIO_GOAL))
     if "namespace" in results.sandboxes:
         out.extend(_issue4_targets(results, "namespace"))
     if "microvm" in results.sandboxes:

@@ -9,6 +9,8 @@ from typing import Any
 IMPULS = "impuls"
 #: the same function called through AWS Lambda's Invoke, signed with Signature Version 4
 IMPULS_LAMBDA = "impuls Lambda API"
+#: the same function served through its function URL
+IMPULS_URL = "impuls function URL"
 FLOOR = "floor"
 FLOOR_FASTAPI = "floor + FastAPI"
 SPAWN = "spawn-per-call"
@@ -118,7 +120,7 @@ class Results:
     def find_warm(self, system: str, runtime: str, concurrency: int, sandbox: str = "-") -> WarmRow | None:
         for row in self.warm:
             if (row.system, row.runtime, row.concurrency) == (system, runtime, concurrency) and (
-                    system not in (IMPULS, IMPULS_LAMBDA) or row.sandbox == sandbox):
+                    system not in (IMPULS, IMPULS_LAMBDA, IMPULS_URL) or row.sandbox == sandbox):
                 return row
         return None
 

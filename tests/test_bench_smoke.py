@@ -39,7 +39,8 @@ def test_quick_run_produces_every_row(tmp_path: Path) -> None:
     warm = {(r["system"], r["sandbox"], r["runtime"], r["concurrency"]): r for r in results["warm"]}
     expected = [(b, "-", "python", c) for b in BASELINES for c in LEVELS]
     expected += [("impuls", "process", rt, c) for rt in ("python", "node", "go") for c in LEVELS]
-    expected += [("impuls Lambda API", "process", "python", c) for c in LEVELS]
+    expected += [(door, "process", "python", c) for door in ("impuls Lambda API", "impuls function URL")
+                 for c in LEVELS]
     for key in expected:
         assert key in warm, f"missing warm row {key}; have {sorted(warm)}\n{log}"
         row = warm[key]
@@ -62,8 +63,9 @@ def test_quick_run_produces_every_row(tmp_path: Path) -> None:
         for system in ("impuls (process)", *BASELINES):
             assert system in text, log
         assert "not measured" not in text, text
-        assert text.count("**met**") + text.count("**missed**") == 4, text
+        assert text.count("**met**") + text.count("**missed**") == 5, text
         assert "SigV4-signed Lambda Invoke p50 vs native invoke" in text
+        assert "function URL p50 vs native invoke" in text
     page = report.read_text()
     for heading in ("## Machine and command", "## Targets", "## Warm invocations", "## Cold starts",
                     "## Where the time goes", "## How it measures"):

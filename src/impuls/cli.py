@@ -446,6 +446,63 @@ def alias_rm(client: Client, name: str, alias_name: str) -> None:
 
 
 @main.group()
+def url() -> None:
+    """Function URLs: a function as an HTTP endpoint."""
+
+
+_QUALIFIER = click.option("--qualifier", default="$LATEST", show_default=True,
+                          help="$LATEST or an alias")
+
+
+def _print_url(config: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(config, indent=2))
+        return
+    console.print(f"{config['url']}  (auth {config['auth_type']}, {config['invoke_mode']})", highlight=False)
+
+
+@url.command("create")
+@click.argument("name")
+@_QUALIFIER
+@click.option("--auth-type", type=click.Choice(["NONE", "KEY", "AWS_IAM"]), default="KEY", show_default=True,
+              help="NONE: public; KEY: an Impuls key with invoke scope (Bearer) or a signed request")
+@click.option("--invoke-mode", type=click.Choice(["BUFFERED", "RESPONSE_STREAM"]), default="BUFFERED",
+              show_default=True)
+@click.option("--cors-origin", "origins", multiple=True,
+              help="an allowed CORS origin (repeatable; * for any)")
+@click.option("--json", "as_json", is_flag=True)
+@pass_client
+def url_create(client: Client, name: str, qualifier: str, auth_type: str, invoke_mode: str,
+               origins: tuple[str, ...], as_json: bool) -> None:
+    """Give function NAME a URL."""
+    body: dict[str, Any] = {"qualifier": qualifier, "auth_type": auth_type, "invoke_mode": invoke_mode}
+    if origins:
+        body["cors"] = {"allow_origins": list(origins)}
+    _print_url(client.call("POST", f"/api/v1/functions/{name}/url", json=body), as_json)
+
+
+@url.command("get")
+@click.argument("name")
+@_QUALIFIER
+@click.option("--json", "as_json", is_flag=True)
+@pass_client
+def url_get(client: Client, name: str, qualifier: str, as_json: bool) -> None:
+    """Show function NAME's URL."""
+    _print_url(client.call("GET", f"/api/v1/functions/{name}/url", params={"qualifier": qualifier}),
+               as_json)
+
+
+@url.command("rm")
+@click.argument("name")
+@_QUALIFIER
+@pass_client
+def url_rm(client: Client, name: str, qualifier: str) -> None:
+    """Remove function NAME's URL (it answers 404 from then on)."""
+    client.call("DELETE", f"/api/v1/functions/{name}/url", params={"qualifier": qualifier})
+    console.print(f"removed the URL of {name} ({qualifier})")
+
+
+@main.group()
 def keys() -> None:
     """API keys (admin scope): create, list, revoke."""
 

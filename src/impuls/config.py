@@ -40,6 +40,9 @@ class Settings:
     #: the secret AWS-style credentials are derived from; nodes of a cluster share it
     #: (default: ``<data dir>/server-secret``, made at first start)
     server_secret: str = ""
+    #: a wildcard DNS name pointing at the server: ``<name>.<url_domain>`` serves function
+    #: ``name``'s URL at ``/`` (function URLs are always at ``/fn/<name>/`` too)
+    url_domain: str = ""
     #: the account id in ARNs (the region comes from each request's credential scope)
     account_id: str = "000000000000"
     tls_cert: Path | None = None

@@ -22,7 +22,12 @@ from impuls.errors import InitFailed, InvocationTimedOut, RuntimeExited, Sandbox
 from impuls.runtimes import default_registry
 from impuls.sandbox import make_driver
 from impuls.sandbox.base import Instance, InstanceSpec, SandboxDriver
-from impuls.sandbox.runtime_api import RuntimeReply
+from impuls.sandbox.runtime_api import (
+    HTTP_INTEGRATION_CONTENT_TYPE,
+    Invocation,
+    ResponseStream,
+    RuntimeReply,
+)
 from tests.helpers import invocation, processes_with
 from tests.sandbox.conftest import SpecFactory, run
 
@@ -390,3 +395,168 @@ def test_concurrent_instances_are_independent(driver_kind: str, make_spec: SpecF
             await asyncio.gather(*(i.destroy() for i in instances))
 
     run(scenario())
+
+
+# --- response streaming -------------------------------------------------------------------
+
+# Each writes "first;", waits ``pause`` seconds, then writes "second;" and "last" (or fails);
+# with ``http`` the body starts with the HTTP integration prelude.
+STREAMING = {
+    "nodejs20": {"index.js": """
+exports.handler = awslambda.streamifyResponse(async (event, responseStream, context) => {
+  let stream = responseStream;
+  if (event.http) {
+    stream = awslambda.HttpResponseStream.from(responseStream,
+      {statusCode: 201, headers: {"x-impuls": "yes"}, cookies: ["a=1"]});
+  } else {
+    responseStream.setContentType("text/plain");
+  }
+  console.log("streaming", context.awsRequestId);
+  stream.write("first;");
+  await new Promise(r => setTimeout(r, (event.pause || 0) * 1000));
+  if (event.fail) throw new TypeError("failed after the first chunk");
+  stream.write(Buffer.from("second;"));
+  stream.end("last");
+});
+"""},
+    "python3.11": {"handler.py": """
+import time
+
+def handler(event, context):
+    if event.get("http"):
+        yield {"statusCode": 201, "headers": {"x-impuls": "yes"}, "cookies": ["a=1"]}
+    print("streaming", context.aws_request_id)
+    yield "first;"
+    time.sleep(event.get("pause", 0))
+    if event.get("fail"):
+        raise TypeError("failed after the first chunk")
+    yield b"second;"
+    yield "last"
+"""},
+}
+STREAM_CONTENT_TYPE = {"nodejs20": "text/plain", "python3.11": "application/octet-stream"}
+PRELUDE = {"statusCode": 201, "headers": {"x-impuls": "yes"}, "cookies": ["a=1"]}
+
+
+class RecordedStream(ResponseStream):
+    """A ResponseStream that notes, for each piece as the Runtime API hands it on, whether the
+    invocation had already ended then."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.invocation: Invocation | None = None
+        self.pieces: list[tuple[bytes, bool]] = []
+
+    def write(self, chunk: bytes) -> None:
+        assert self.invocation is not None
+        self.pieces.append((chunk, self.invocation.reply.done()))
+        super().write(chunk)
+
+
+def streamed(event: object, timeout: float = 10.0) -> tuple[Invocation, RecordedStream]:
+    inv = invocation(event, timeout)
+    stream = RecordedStream()
+    inv.stream, stream.invocation = stream, inv
+    return inv, stream
+
+
+@pytest.mark.parametrize("runtime", list(STREAMING))
+def test_a_streamed_response_arrives_while_the_handler_runs(
+        driver_kind: str, make_spec: SpecFactory, world_dir: Path, runtime: str) -> None:
+    """Node's streamifyResponse and Python's generators: the first chunk is handed on while the
+    handler still runs (it waits 2 s before its next one): ordering, not speed."""
+
+    async def scenario() -> None:
+        async with running(driver_kind, world_dir, make_spec(STREAMING[runtime], runtime=runtime)) as inst:
+            inv, stream = streamed({"pause": 2})
+            pending = asyncio.create_task(inst.invoke(inv, 10.0))
+            assert await stream.started() is True
+            assert stream.content_type == STREAM_CONTENT_TYPE[runtime]
+            assert await stream.read() == b"first;"
+            assert not pending.done()
+            rest = b"".join([piece async for piece in stream])
+            reply = await pending
+            assert reply == RuntimeReply(True, b"", streamed=True)
+            assert rest == b"second;last" and stream.error_type is None
+            first, ended = stream.pieces[0]
+            assert first == b"first;" and not ended  # alone, and long before the end
+            assert not any(ended for _, ended in stream.pieces)
+            assert f"streaming {inv.request_id}" in inst.output.take()[0]  # output as ever
+            # a caller that cannot stream gets the same response whole, from the same instance
+            assert await call(inst, {}) == RuntimeReply(True, b"first;second;last")
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("runtime", list(STREAMING))
+def test_a_streamed_http_response_starts_with_its_prelude(
+        driver_kind: str, make_spec: SpecFactory, world_dir: Path, runtime: str) -> None:
+    async def scenario() -> None:
+        async with running(driver_kind, world_dir, make_spec(STREAMING[runtime], runtime=runtime)) as inst:
+            inv, stream = streamed({"http": True})
+            pending = asyncio.create_task(inst.invoke(inv, 10.0))
+            assert await stream.started() is True
+            assert stream.content_type == HTTP_INTEGRATION_CONTENT_TYPE
+            assert await stream.read_prelude() == PRELUDE
+            assert b"".join([piece async for piece in stream]) == b"first;second;last"
+            assert (await pending).streamed
+            wire = b"".join(piece for piece, _ in stream.pieces)  # JSON, 8 NULs, the body
+            metadata, _, body = wire.partition(b"\0" * 8)
+            assert json.loads(metadata) == PRELUDE and body == b"first;second;last"
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("runtime", list(STREAMING))
+def test_an_error_after_the_first_chunk_ends_the_stream(
+        driver_kind: str, make_spec: SpecFactory, world_dir: Path, runtime: str) -> None:
+    async def scenario() -> None:
+        async with running(driver_kind, world_dir, make_spec(STREAMING[runtime], runtime=runtime)) as inst:
+            inv, stream = streamed({"fail": True})
+            reply = await inst.invoke(inv, 10.0)
+            assert reply.ok is False and reply.streamed and reply.error_type == "TypeError"
+            doc = json.loads(reply.body)
+            assert doc["errorType"] == "TypeError" and doc["errorMessage"] == "failed after the first chunk"
+            assert doc["stackTrace"]
+            assert await stream.started() is True
+            assert b"".join([piece async for piece in stream]) == b"first;"
+            assert (stream.error_type, stream.error_message) == ("TypeError", "failed after the first chunk")
+            assert "failed after the first chunk" in inst.output.take()[0]
+            again, stream = streamed({})  # the instance serves on
+            assert (await inst.invoke(again, 10.0)).ok
+            assert b"".join([piece async for piece in stream]) == b"first;second;last"
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("runtime", list(STREAMING))
+def test_a_timeout_mid_stream_keeps_what_was_streamed(
+        driver_kind: str, make_spec: SpecFactory, world_dir: Path, runtime: str) -> None:
+    async def scenario() -> None:
+        driver = driver_for(driver_kind, world_dir)
+        instance = await driver.create(make_spec(STREAMING[runtime], runtime=runtime))
+        try:
+            inv, stream = streamed({"pause": 30}, timeout=1.5)
+            with pytest.raises(InvocationTimedOut):
+                await instance.invoke(inv, 1.5)
+            assert stream.pieces == [(b"first;", False)]  # the engine then closes the stream
+        finally:
+            await instance.destroy()
+            await driver.close()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("runtime", list(STREAMING))
+def test_a_buffered_reply_to_a_caller_that_can_stream(
+        driver_kind: str, make_spec: SpecFactory, world_dir: Path, runtime: str) -> None:
+    async def scenario() -> None:
+        async with running(driver_kind, world_dir, make_spec(SOURCES[runtime], runtime=runtime)) as inst:
+            inv, stream = streamed({"n": 1})
+            reply = await inst.invoke(inv, 10.0)
+            assert reply.ok and not reply.streamed
+            assert json.loads(reply.body)["echo"] == {"n": 1}
+            assert stream.pieces == [] and stream.content_type == ""
+
+    run(scenario())
+

@@ -39,7 +39,7 @@ from impuls.functions.packages import PackageBuilder
 from impuls.functions.registry import FunctionRegistry
 from impuls.runtimes import Runtime, default_registry
 from impuls.sandbox.base import Instance, InstanceSpec, SandboxDriver
-from impuls.sandbox.runtime_api import Invocation, RuntimeReply
+from impuls.sandbox.runtime_api import Invocation, ResponseStream, RuntimeReply
 from impuls.store.blobs import BlobStore
 from impuls.store.db import open_engine
 from tests.helpers import make_zip
@@ -50,7 +50,9 @@ CODE = "def handler(event, context):\n    return event\n"
 
 class ScriptedInstance(FakeInstance):
     """Does what the event's ``do`` says: echo it (default), raise, time out, run out of memory, die,
-    hold until the driver's gate opens."""
+    hold until the driver's gate opens, or stream ``chunks`` as the Runtime API would (to the
+    invocation's sink, else buffered), holding for the gate after the first one, and ending with
+    ``then``: nothing, a mid-stream "raise" (trailers) or a "timeout"."""
 
     gate: asyncio.Event
 
@@ -63,6 +65,8 @@ class ScriptedInstance(FakeInstance):
             await asyncio.sleep(event["seconds"])
         if do == "hold":  # until the test opens the driver's gate
             await self.gate.wait()
+        if do == "stream":
+            return await self._stream(invocation, event, timeout)
         if do == "raise":
             return RuntimeReply(False, json.dumps({"errorType": "ValueError", "errorMessage": "bad",
                                                    "stackTrace": ["line 1"]}).encode())
@@ -77,6 +81,28 @@ class ScriptedInstance(FakeInstance):
         return RuntimeReply(True, json.dumps({"echo": event, "arn": invocation.function_arn,
                                               "version": self.spec.version,
                                               "client_context": invocation.client_context}).encode())
+
+
+    async def _stream(self, invocation: Invocation, event: dict[str, Any], timeout: float) -> RuntimeReply:
+        chunks = [c.encode() for c in event["chunks"]]
+        error = json.dumps({"errorType": "StreamError", "errorMessage": "broke mid-stream"}).encode()
+        sink = invocation.stream
+        if sink is None:  # the Runtime API buffers a stream nobody can take
+            if event.get("then") == "raise":
+                return RuntimeReply(False, error, "StreamError")
+            return RuntimeReply(True, b"".join(chunks))
+        sink.open("text/plain", None)
+        for n, chunk in enumerate(chunks):
+            sink.write(chunk)
+            if n == 0:
+                await self.gate.wait()
+        if event.get("then") == "timeout":
+            raise InvocationTimedOut(f"function timed out after {timeout:.2f} s")
+        if event.get("then") == "raise":
+            sink.close("StreamError", "broke mid-stream")
+            return RuntimeReply(False, error, "StreamError", streamed=True)
+        sink.close()
+        return RuntimeReply(True, b"", streamed=True)
 
 
 class ScriptedDriver(SandboxDriver):
@@ -122,8 +148,10 @@ class World:
         self.registry.create({"name": name, "runtime": "python3.11", "handler": "handler.handler",
                               "code": CODE, **fields})
 
-    async def invoke(self, event: Any, name: str = "fn", qualifier: str | None = None) -> Any:
-        return await self.invoker.invoke(name, json.dumps(event).encode(), qualifier=qualifier)
+    async def invoke(self, event: Any, name: str = "fn", qualifier: str | None = None,
+                     stream: ResponseStream | None = None) -> Any:
+        return await self.invoker.invoke(name, json.dumps(event).encode(), qualifier=qualifier,
+                                         stream=stream)
 
     async def change(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """A registry change, made in a thread as the API does, and its notification handled."""
@@ -511,3 +539,103 @@ def _installed(runtime_id: str) -> bool:
         return default_registry().resolve(runtime_id).installed
     except InvalidInput:
         return False
+
+
+# --- streamed responses ------------------------------------------------------------------
+
+
+def test_a_streamed_response_flows_to_the_callers_stream_while_the_call_runs(world: World) -> None:
+    async def scenario(w: World) -> None:
+        w.create()
+        assert (await w.invoke({})).cold_start  # an instance to hold the gate of
+        stream = ResponseStream()
+        call = asyncio.create_task(w.invoke({"do": "stream", "chunks": ["one ", "two ", "three"]},
+                                            stream=stream))
+        assert await stream.started() is True and stream.content_type == "text/plain"
+        assert await stream.read() == b"one "  # while the function still runs
+        assert not call.done() and w.invoker.stats()["inflight"] == 1
+        assert w.driver.gate is not None
+        w.driver.gate.set()
+        assert b"".join([part async for part in stream]) == b"two three"
+        result = await call
+        assert result.outcome is Outcome.SUCCESS and result.streamed and result.payload == b""
+        assert result.cold_start is False and "call 2" in result.logs  # output kept as ever
+        assert stream.closed and stream.error_type is None
+        assert (await w.invoke({})).cold_start is False  # the instance went back to the pool
+        await w.recorder.flush()
+        records, total = w.recorder.query("fn", 10, 0)
+        assert total == 3 and all(r.outcome == "success" for r in records)
+
+    run(world, scenario)
+
+
+def test_an_error_after_the_stream_started_ends_it_and_is_the_outcome(world: World) -> None:
+    async def scenario(w: World) -> None:
+        w.create()
+        await w.invoke({})
+        assert w.driver.gate is not None
+        w.driver.gate.set()
+        stream = ResponseStream()
+        result = await w.invoke({"do": "stream", "chunks": ["partial"], "then": "raise"}, stream=stream)
+        assert await stream.started() is True and await stream.read() == b"partial"
+        assert (stream.error_type, stream.error_message) == ("StreamError", "broke mid-stream")
+        assert result.outcome is Outcome.ERROR and result.streamed
+        assert (result.error_type, result.error_message) == ("StreamError", "broke mid-stream")
+        assert (await w.invoke({})).cold_start is False  # a function error keeps the instance
+
+    run(world, scenario)
+
+
+def test_a_timeout_mid_stream_ends_the_stream_and_the_instance(world: World) -> None:
+    async def scenario(w: World) -> None:
+        w.create()
+        await w.invoke({})
+        assert w.driver.gate is not None
+        w.driver.gate.set()
+        stream = ResponseStream()
+        result = await w.invoke({"do": "stream", "chunks": ["early"], "then": "timeout"}, stream=stream)
+        assert result.outcome is Outcome.TIMEOUT and result.error_type == "Sandbox.Timeout"
+        assert await stream.read() == b"early" and await stream.read() == b""
+        assert stream.error_type == "Sandbox.Timeout" and "timed out" in stream.error_message
+        assert (await w.invoke({})).cold_start is True  # the instance was destroyed
+        await w.recorder.flush()
+        records, _ = w.recorder.query("fn", 10, 0)
+        assert "timeout" in {r.outcome for r in records}
+
+    run(world, scenario)
+
+
+def test_a_buffered_reply_to_a_streaming_caller_is_as_ever(world: World) -> None:
+    async def scenario(w: World) -> None:
+        w.create()
+        stream = ResponseStream()
+        result = await w.invoke({"n": 1}, stream=stream)
+        assert await stream.started() is False and stream.closed
+        assert result.outcome is Outcome.SUCCESS and not result.streamed
+        assert json.loads(result.payload)["echo"] == {"n": 1}
+        failed = ResponseStream()
+        result = await w.invoke({"do": "raise"}, stream=failed)
+        assert await failed.started() is False and result.error_type == "ValueError"
+
+    run(world, scenario)
+
+
+def test_a_streaming_function_called_without_a_stream_is_buffered(world: World) -> None:
+    async def scenario(w: World) -> None:
+        w.create()
+        result = await w.invoke({"do": "stream", "chunks": ["a", "b"]})
+        assert result.outcome is Outcome.SUCCESS and not result.streamed and result.payload == b"ab"
+        result = await w.invoke({"do": "stream", "chunks": ["a"], "then": "raise"})
+        assert result.outcome is Outcome.ERROR and result.error_type == "StreamError"
+
+    run(world, scenario)
+
+
+def test_a_call_that_raises_closes_the_callers_stream(world: World) -> None:
+    async def scenario(w: World) -> None:
+        stream = ResponseStream()
+        with pytest.raises(FunctionNotFound):
+            await w.invoke({}, name="missing", stream=stream)
+        assert await stream.started() is False and stream.closed
+
+    run(world, scenario)

@@ -7,6 +7,7 @@ client would; every test runs over loopback TCP and over a unix socket.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import socket
@@ -24,8 +25,13 @@ import pytest
 from impuls.errors import InitFailed
 from impuls.sandbox import runtime_api
 from impuls.sandbox.runtime_api import (
+    HTTP_INTEGRATION_CONTENT_TYPE,
+    MAX_PRELUDE_BYTES,
     MAX_RESPONSE_BYTES,
+    MAX_STREAM_BYTES,
+    RESPONSE_TOO_LARGE,
     Invocation,
+    ResponseStream,
     RuntimeAPI,
     RuntimeReply,
     parse_error,
@@ -544,6 +550,403 @@ def test_expect_100_continue_is_answered(listen: Listen) -> None:
         assert (await within(inv.reply)).body == b"42"
 
     run(listen, scenario)
+
+
+# --- streamed responses ---------------------------------------------------------------
+
+
+class RecordingSink:
+    """A StreamSink that records every call, in order; ``seen`` wakes a waiting test."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+        self.flow: Callable[[bool], None] | None = None
+        self.seen = asyncio.Event()
+
+    def open(self, content_type: str, flow: Callable[[bool], None] | None) -> None:
+        self.events.append(("open", content_type))
+        self.flow = flow
+        self.seen.set()
+
+    def write(self, chunk: bytes) -> None:
+        self.events.append(("write", chunk))
+        self.seen.set()
+
+    def close(self, error_type: str | None = None, message: str = "") -> None:
+        self.events.append(("close", error_type, message))
+        self.seen.set()
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(e[1] for e in self.events if e[0] == "write")
+
+    async def until(self, condition: Callable[[], bool]) -> None:
+        while not condition():
+            self.seen.clear()
+            await within(self.seen.wait())
+
+
+def stream_head(request_id: str, content_type: str | None = "text/plain",
+                mode: str = "streaming") -> bytes:
+    lines = [f"POST {PREFIX}/invocation/{request_id}/response HTTP/1.1", "Host: runtime",
+             f"Lambda-Runtime-Function-Response-Mode: {mode}", "Transfer-Encoding: chunked",
+             "Trailer: Lambda-Runtime-Function-Error-Type, Lambda-Runtime-Function-Error-Body"]
+    if content_type is not None:
+        lines.append(f"Content-Type: {content_type}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+END = b"0\r\n\r\n"
+
+
+def error_trailers(doc: dict[str, Any], error_type: str | None = None) -> bytes:
+    body = base64.b64encode(json.dumps(doc).encode()).decode()
+    return (f"0\r\nLambda-Runtime-Function-Error-Type: {error_type or doc['errorType']}\r\n"
+            f"Lambda-Runtime-Function-Error-Body: {body}\r\n\r\n").encode()
+
+
+def streaming_invocation(sink: Any) -> Invocation:
+    inv = invocation()
+    inv.stream = sink
+    return inv
+
+
+def test_streamed_chunks_reach_the_sink_before_the_request_ends(
+        listen: Listen, recorded: list[RecordingTransport]) -> None:
+    async def scenario(api: RuntimeAPI, client: RawClient) -> None:
+        sink = RecordingSink()
+        inv = streaming_invocation(sink)
+        api.dispatch(inv)
+        await client.next()
+        await client.send_raw(stream_head(inv.request_id, "text/event-stream"))
+        await sink.until(lambda: len(sink.events) == 1)
+        assert sink.events == [("open", "text/event-stream")]  # open: before any body
+        await client.send_raw(chunk(b"data: one\n\n"))
+        await sink.until(lambda: sink.body == b"data: one\n\n")  # the request is still open
+        assert not inv.reply.done()
+        await client.send_raw(chunk(b"data: two\n\n")[:9])  # a chunk split across reads
+        await sink.until(lambda: sink.body == b"data: one\n\ndata: ")
+        await client.send_raw(chunk(b"data: two\n\n")[9:])
+        await sink.until(lambda: sink.body == b"data: one\n\ndata: two\n\n")
+        assert not inv.reply.done()
+        before = len(recorded[0].writes)
+        await client.send_raw(END)
+        ack = await client.read_response()
+        assert ack.status == 202 and recorded[0].writes[before:] == [ack.raw]  # one write
+        assert await within(inv.reply) == RuntimeReply(True, b"", streamed=True)
+        assert sink.events[-1] == ("close", None, "")
+        assert [e[0] for e in sink.events] == ["open", "write", "write", "write", "close"]
+        # keep-alive: the same connection serves the next invocation, buffered as usual
+        plain = invocation()
+        api.dispatch(plain)
+        await client.next()
+        assert (await client.post_response(plain.request_id, b'"ok"')).status == 202
+        assert await within(plain.reply) == RuntimeReply(True, b'"ok"')
+
+    run(listen, scenario)
+
+
+def test_streamed_response_without_content_type_or_body(listen: Listen) -> None:
+    async def scenario(api: RuntimeAPI, client: RawClient) -> None:
+        sink = RecordingSink()
+        inv = streaming_invocation(sink)
+        api.dispatch(inv)
+        await client.next()
+        await client.send_raw(stream_head(inv.request_id, content_type=None) + END)
+        assert (await client.read_response()).status == 202
+        assert await within(inv.reply) == RuntimeReply(True, b"", streamed=True)
+        assert sink.events == [("open", "application/octet-stream"), ("close", None, "")]
+
+    run(listen, scenario)
+
+
+def test_error_trailers_end_the_stream_with_the_error(listen: Listen) -> None:
+    async def scenario(api: RuntimeAPI, client: RawClient) -> None:
+        sink = RecordingSink()
+        inv = streaming_invocation(sink)
+        api.dispatch(inv)
+        await client.next()
+        doc = {"errorType": "TypeError", "errorMessage": "bad after one", "stackTrace": ["at x"]}
+        await client.send_raw(stream_head(inv.request_id) + chunk(b"partial"))
+        await sink.until(lambda: sink.body == b"partial")
+        await client.send_raw(error_trailers(doc))
+        assert (await client.read_response()).status == 202
+        reply = await within(inv.reply)
+        assert reply.ok is False and reply.streamed is True
+        assert reply.error_type == "TypeError" and json.loads(reply.body) == doc
+        assert sink.events[-1] == ("close", "TypeError", "bad after one")
+
+        # without a readable body the header's type is still the error
+        inv = streaming_invocation(sink := RecordingSink())
+        api.dispatch(inv)
+        await client.next()
+        await client.send_raw(stream_head(inv.request_id) +
+                              b"0\r\nLambda-Runtime-Function-Error-Type: Runtime.Odd\r\n"
+                              b"Lambda-Runtime-Function-Error-Body: %%%\r\n\r\n")
+        assert (await client.read_response()).status == 202
+        reply = await within(inv.reply)
+        assert (reply.ok, reply.error_type, reply.body) == (False, "Runtime.Odd", b"")
+        assert sink.events == [("open", "text/plain"), ("close", "Runtime.Odd", "")]
+
+    run(listen, scenario)
+
+
+def test_streamed_response_is_capped(listen: Listen) -> None:
+    async def scenario(api: RuntimeAPI, client: RawClient) -> None:
+        sink = RecordingSink()
+        inv = streaming_invocation(sink)
+        api.dispatch(inv)
+        await client.next()
+        await client.send_raw(stream_head(inv.request_id))
+        piece = b"z" * (1024 * 1024)
+        for _ in range(MAX_STREAM_BYTES // len(piece)):
+            await client.send_raw(chunk(piece))
+        await sink.until(lambda: len(sink.body) == MAX_STREAM_BYTES)  # exactly at the limit: fine
+        assert sink.events[-1][0] == "write"
+        await client.send_raw(chunk(b"!"))  # one byte over
+        await sink.until(lambda: sink.events[-1][0] == "close")
+        assert sink.events[-1][1] == RESPONSE_TOO_LARGE and "20 MB" in sink.events[-1][2]
+        assert not inv.reply.done()  # the invocation runs until the runtime ends its request
+        await client.send_raw(chunk(b"more, dropped") + END)
+        ack = await client.read_response()
+        assert ack.status == 413 and ack.json()["errorType"] == RESPONSE_TOO_LARGE
+        assert await within(inv.reply) == RuntimeReply(False, b"", RESPONSE_TOO_LARGE, streamed=True)
+        assert len(sink.body) == MAX_STREAM_BYTES and sink.events[-1][0] == "close"
+        # the cap is per request
+        inv = streaming_invocation(RecordingSink())
+        api.dispatch(inv)
+        await client.next()
+        await client.send_raw(stream_head(inv.request_id) + chunk(b"small") + END)
+        assert (await client.read_response()).status == 202
+        assert (await within(inv.reply)).ok
+
+    run(listen, scenario)
+
+
+def test_streaming_mode_without_a_sink_is_buffered(listen: Listen) -> None:
+    """A caller that cannot stream (e.g. the native invoke) gets the whole body, as Lambda's
+    Invoke does for a streaming function; the usual 6 MB limit and error trailers apply."""
+
+    async def scenario(api: RuntimeAPI, client: RawClient) -> None:
+        inv = invocation()
+        api.dispatch(inv)
+        await client.next()
+        await client.send_raw(stream_head(inv.request_id) + chunk(b"hello ") + chunk(b"world") + END)
+        assert (await client.read_response()).status == 202
+        assert await within(inv.reply) == RuntimeReply(True, b"hello world")
+
+        inv = invocation()
+        api.dispatch(inv)
+        await client.next()
+        doc = {"errorType": "Error", "errorMessage": "mid-stream", "stackTrace": []}
+        await client.send_raw(stream_head(inv.request_id) + chunk(b"lost") + error_trailers(doc))
+        assert (await client.read_response()).status == 202
+        reply = await within(inv.reply)
+        assert (reply.ok, reply.error_type, reply.streamed) == (False, "Error", False)
+        assert parse_error(reply.body, reply.error_type)["errorMessage"] == "mid-stream"
+
+        inv = invocation()
+        api.dispatch(inv)
+        await client.next()
+        await client.send_raw(stream_head(inv.request_id) + chunk(b"x" * MAX_RESPONSE_BYTES) + chunk(b"y")
+                              + END)
+        assert (await client.read_response()).status == 202
+        assert await within(inv.reply) == RuntimeReply(False, b"", RESPONSE_TOO_LARGE)
+
+    run(listen, scenario)
+
+
+def test_streamed_response_to_an_unknown_id_is_400_and_touches_no_sink(listen: Listen) -> None:
+    async def scenario(api: RuntimeAPI, client: RawClient) -> None:
+        sink = RecordingSink()
+        inv = streaming_invocation(sink)
+        api.dispatch(inv)
+        await client.next()
+        await client.send_raw(stream_head("not-" + inv.request_id) + chunk(b"stray") + END)
+        assert (await client.read_response()).status == 400
+        assert sink.events == [] and not inv.reply.done()
+        await client.send_raw(stream_head(inv.request_id) + chunk(b"mine") + END)
+        assert (await client.read_response()).status == 202
+        assert sink.body == b"mine" and (await within(inv.reply)).streamed
+
+    run(listen, scenario)
+
+
+def test_a_second_stream_for_the_same_invocation_is_refused(listen: Listen) -> None:
+    async def scenario(api: RuntimeAPI, client: RawClient) -> None:
+        sink = RecordingSink()
+        inv = streaming_invocation(sink)
+        api.dispatch(inv)
+        await client.next()
+        await client.send_raw(stream_head(inv.request_id) + chunk(b"first"))
+        await sink.until(lambda: sink.body == b"first")
+        other = await RawClient.connect(api)
+        try:
+            r = await other.post_response(inv.request_id, b'"buffered meanwhile"')
+            assert r.status == 400 and not inv.reply.done()
+        finally:
+            other.close()
+        await client.send_raw(END)
+        assert (await client.read_response()).status == 202
+        assert (await within(inv.reply)).streamed and sink.body == b"first"
+
+    run(listen, scenario)
+
+
+def test_abandoned_stream_stops_feeding_the_sink(listen: Listen) -> None:
+    async def scenario(api: RuntimeAPI, client: RawClient) -> None:
+        sink = RecordingSink()
+        inv = streaming_invocation(sink)
+        api.dispatch(inv)
+        await client.next()
+        await client.send_raw(stream_head(inv.request_id) + chunk(b"before"))
+        await sink.until(lambda: sink.body == b"before")
+        api.abandon()  # the deadline passed
+        fresh = invocation()
+        api.dispatch(fresh)
+        await client.send_raw(chunk(b"after") + END)
+        assert (await client.read_response()).status == 400
+        assert sink.body == b"before" and not inv.reply.done()
+        assert (await client.next()).headers["lambda-runtime-aws-request-id"] == fresh.request_id
+
+    run(listen, scenario)
+
+
+def test_a_full_response_stream_stops_reading_the_runtime(listen: Listen) -> None:
+    """Back-pressure: past its high-water mark a ResponseStream pauses the runtime's
+    connection, so the server holds a bounded amount however fast the runtime writes."""
+
+    async def scenario(api: RuntimeAPI, client: RawClient) -> None:
+        stream = ResponseStream(high_water=64 * 1024)
+        inv = streaming_invocation(stream)
+        api.dispatch(inv)
+        await client.next()
+        piece = bytes(range(256)) * 256  # 64 KiB
+        count = 288  # 18 MiB: more than the socket buffers can hold, under the 20 MB cap
+        total = count * len(piece)
+
+        async def produce() -> None:
+            await client.send_raw(stream_head(inv.request_id, "application/x-test"))
+            for _ in range(count):
+                await client.send_raw(chunk(piece))
+            await client.send_raw(END)
+
+        producer = asyncio.create_task(produce())
+        assert await within(stream.started()) is True and stream.content_type == "application/x-test"
+        conn = next(iter(api._connections))
+        await within(_until(lambda: conn.paused))
+        held = stream._buffered
+        assert held <= stream.high_water + 512 * 1024  # bounded: one read past the mark at most
+        assert not producer.done()  # the runtime is blocked on its writes
+        received = bytearray()
+        async for part in stream:
+            received += part
+            assert stream._buffered <= stream.high_water + 512 * 1024
+        assert len(received) == total and received[:len(piece)] == piece
+        await within(producer)
+        assert (await client.read_response()).status == 202
+        assert await within(inv.reply) == RuntimeReply(True, b"", streamed=True)
+        assert stream.closed and stream.error_type is None and stream.size == total
+        assert not conn.paused
+
+    run(listen, scenario)
+
+
+# --- ResponseStream, the door's side ---------------------------------------------------------
+
+
+def test_response_stream_started_says_whether_anything_was_streamed() -> None:
+    async def main() -> None:
+        buffered = ResponseStream()
+        buffered.close()  # the runtime answered the usual way
+        assert await buffered.started() is False and await buffered.read() == b""
+
+        failed_early = ResponseStream()
+        failed_early.open("text/plain")
+        failed_early.close("TypeError", "before any byte")
+        assert await failed_early.started() is False
+        assert failed_early.error_type == "TypeError"
+
+        empty = ResponseStream()
+        empty.open("text/plain")
+        empty.close()
+        assert await empty.started() is True and await empty.read() == b""
+
+        streaming = ResponseStream()
+        streaming.open("text/plain")
+        waiting = asyncio.create_task(streaming.started())
+        await asyncio.sleep(0)
+        assert not waiting.done()  # opened, but nothing streamed yet
+        streaming.write(b"")  # ignored: b"" is the end of the stream
+        streaming.write(b"a")
+        assert await within(waiting) is True
+        streaming.write(b"b")
+        streaming.close("Sandbox.Timeout", "timed out")
+        streaming.write(b"late")  # after close: dropped
+        assert [part async for part in streaming] == [b"a", b"b"]
+        assert (streaming.error_type, streaming.error_message) == ("Sandbox.Timeout", "timed out")
+        streaming.close()  # idempotent: the first close wins
+        assert streaming.error_type == "Sandbox.Timeout"
+
+    asyncio.run(main())
+
+
+def test_response_stream_reads_the_http_prelude() -> None:
+    async def main() -> None:
+        prelude = {"statusCode": 201, "headers": {"x-a": "1"}, "cookies": ["c=1"]}
+        stream = ResponseStream()
+        stream.open(HTTP_INTEGRATION_CONTENT_TYPE)
+        wire = json.dumps(prelude).encode() + b"\0" * 8 + b"body \0 with a NUL"
+        for i in range(0, len(wire), 5):  # the prelude split anywhere, even in its delimiter
+            stream.write(wire[i:i + 5])
+        stream.close()
+        assert await stream.read_prelude() == prelude
+        assert b"".join([part async for part in stream]) == b"body \0 with a NUL"
+
+        plain = ResponseStream()
+        plain.open("text/html; charset=utf-8")
+        plain.write(b"{}" + b"\0" * 8)
+        assert await plain.read_prelude() is None and await plain.read() == b"{}" + b"\0" * 8
+
+        for bad in (b"[1]" + b"\0" * 8, b"{nope" + b"\0" * 8, b'{"statusCode": 200}',
+                    b" " * (MAX_PRELUDE_BYTES + 100) + b"\0" * 8):
+            broken = ResponseStream()
+            broken.open(HTTP_INTEGRATION_CONTENT_TYPE)
+            broken.write(bad)
+            broken.close()
+            with pytest.raises(ValueError):
+                await broken.read_prelude()
+
+    asyncio.run(main())
+
+
+def test_response_stream_cancel_drops_the_rest_and_resumes_the_producer() -> None:
+    async def main() -> None:
+        flows: list[bool] = []
+        stream = ResponseStream(high_water=10)
+        stream.open("text/plain", flows.append)
+        stream.write(b"x" * 8)
+        assert flows == []
+        stream.write(b"x" * 8)
+        assert flows == [True]  # past the high-water mark: stop reading the runtime
+        assert await stream.read() == b"x" * 8
+        assert flows == [True]  # 8 bytes still held: over half the mark
+        assert await stream.read() == b"x" * 8
+        assert flows == [True, False]  # at or under half the mark again: go on
+        stream.write(b"y" * 20)
+        assert flows == [True, False, True]
+        stream.cancel()  # the door's client went away
+        assert flows == [True, False, True, False]
+        stream.write(b"z" * 100)
+        assert flows == [True, False, True, False] and stream.size == 136  # counted, not kept
+        stream.close()
+        assert await stream.read() == b""
+
+    asyncio.run(main())
 
 
 # --- /init/error ----------------------------------------------------------------------

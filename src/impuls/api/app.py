@@ -14,13 +14,14 @@ from starlette import types
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from impuls import __version__
-from impuls.api import code, functions, invocations, keys
+from impuls.api import code, functions, invocations, keys, url_configs
 from impuls.api.auth import AuthGate
 from impuls.api.deps import platform_of, principal_of
 from impuls.api.errors import error_response, status_of
 from impuls.api.invoke import InvokeFastPath
 from impuls.api.lambda_api.door import LambdaDoor
 from impuls.api.lambda_api.routing import PATH_PREFIX as LAMBDA_PATH
+from impuls.api.urls.door import UrlDoor
 from impuls.errors import ImpulsError
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal server error")
 
 
-def create_app(platform: Platform) -> AuthGate:
+def create_app(platform: Platform) -> Doors:
     """The ASGI application: invocations on the fast path, everything else through FastAPI."""
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -90,19 +91,26 @@ def create_app(platform: Platform) -> AuthGate:
     app.include_router(invocations.router)
     app.include_router(keys.router)
     app.include_router(code.router)
-    doors = LambdaSplit(LambdaDoor(platform), InvokeFastPath(app, platform))
-    return AuthGate(doors, platform.keys if platform.settings.auth else None)
+    app.include_router(url_configs.router)
+    native = AuthGate(InvokeFastPath(app, platform), platform.keys if platform.settings.auth else None)
+    return Doors(native, LambdaDoor(platform), UrlDoor(platform))
 
 
-class LambdaSplit:
-    """Requests on AWS Lambda's own paths go to the Lambda door, all others to ``app``."""
+class Doors:
+    """Function URLs (by path or host) to the URL door, AWS Lambda's paths to the Lambda door,
+    everything else to the native API; each door authenticates its own way."""
 
-    def __init__(self, lambda_door: LambdaDoor, app: types.ASGIApp) -> None:
+    def __init__(self, native: types.ASGIApp, lambda_door: LambdaDoor, url_door: UrlDoor) -> None:
+        self.native = native
         self.lambda_door = lambda_door
-        self.app = app
+        self.url_door = url_door
 
     async def __call__(self, scope: types.Scope, receive: types.Receive, send: types.Send) -> None:
-        if scope["type"] == "http" and LAMBDA_PATH.match(scope["path"]):
-            await self.lambda_door(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
+        if scope["type"] == "http":
+            if self.url_door.target(scope) is not None:
+                await self.url_door(scope, receive, send)
+                return
+            if LAMBDA_PATH.match(scope["path"]):
+                await self.lambda_door(scope, receive, send)
+                return
+        await self.native(scope, receive, send)

@@ -26,7 +26,7 @@ from typing import TypeVar
 from impuls.config import Settings
 from impuls.engine.pool import Capacity, Clock, Pool, PoolRetired
 from impuls.engine.records import InvocationRecord, InvocationRecorder, LogHub
-from impuls.engine.results import InvocationResult
+from impuls.engine.results import InvocationResult, Outcome
 from impuls.errors import (
     FunctionChanging,
     FunctionInactive,
@@ -43,7 +43,7 @@ from impuls.functions.models import ACTIVE, DEFAULT_ACCOUNT, DEFAULT_REGION, LAT
 from impuls.functions.registry import FunctionRegistry
 from impuls.runtimes import Runtime
 from impuls.sandbox.base import InstanceSpec, SandboxDriver
-from impuls.sandbox.runtime_api import Invocation
+from impuls.sandbox.runtime_api import Invocation, StreamSink
 
 log = logging.getLogger("impuls.engine")
 _T = TypeVar("_T")
@@ -51,6 +51,8 @@ MAX_EVENT_BYTES = 6 * 1024 * 1024
 #: Lambda's limit on the client context (base64 of the JSON, 3583 bytes) as JSON
 MAX_CLIENT_CONTEXT = 3583 * 3 // 4
 ALIAS_PREFIX = "alias:"
+#: how a stream is closed when its invocation raised instead of producing a result
+ABORTED = "Impuls.InvocationAborted"
 
 
 @dataclass(frozen=True)
@@ -240,7 +242,7 @@ class Invoker:
 
     async def invoke(self, name: str, payload: bytes, qualifier: str | None = None, local: bool = False,
                      client_context: str | None = None, region: str = DEFAULT_REGION,
-                     account: str = DEFAULT_ACCOUNT) -> InvocationResult:
+                     account: str = DEFAULT_ACCOUNT, stream: StreamSink | None = None) -> InvocationResult:
         """Run function ``name`` on ``payload`` (JSON bytes); see the API docs for outcomes.
 
         ``qualifier``: None or "$LATEST", a version number, or an alias (which picks its
@@ -250,7 +252,26 @@ class Invoker:
         ARN the function sees (with the qualifier as given).  Raises before any instance is used:
         FunctionNotFound, VersionNotFound, AliasNotFound, FunctionNotReady (Pending or
         Failed), FunctionInactive, Throttled (reserved concurrency 0), InvalidInput.
+
+        ``stream`` (a door that can stream a response, e.g. with a
+        :class:`~impuls.sandbox.runtime_api.ResponseStream`): when the runtime answers in
+        streaming mode, the response goes there piece by piece as it is produced, and the
+        result says ``streamed`` (its payload is empty).  The call returns when the stream
+        has ended (instance released, record queued).  Whatever happens, the stream is
+        closed before this returns or raises: with the result's error when the invocation
+        failed (a timeout or crash mid-stream ends the stream so), never opened when the
+        runtime answered the usual way (the result is then sent whole, as without a stream).
         """
+        try:
+            return await self._invoke(name, payload, qualifier, local, client_context, region, account,
+                                      stream)
+        finally:
+            if stream is not None:  # a no-op when _run closed it; else the call never ran
+                stream.close(ABORTED, "the invocation ended without a result")
+
+    async def _invoke(self, name: str, payload: bytes, qualifier: str | None, local: bool,
+                      client_context: str | None, region: str, account: str,
+                      stream: StreamSink | None) -> InvocationResult:
         if self._closing:
             raise ShuttingDown("the server is shutting down")
         if len(payload) > MAX_EVENT_BYTES:
@@ -262,7 +283,7 @@ class Invoker:
         self._inflight += 1
         try:
             arn = function_arn(name, qualifier or None, region, account)
-            return await self._run(target, qualifier, driver, payload, context, arn)
+            return await self._run(target, qualifier, driver, payload, context, arn, stream)
         finally:
             self._inflight -= 1
             if not self._inflight:
@@ -287,7 +308,8 @@ class Invoker:
         return self.local_driver
 
     async def _run(self, target: FunctionVersion, qualifier: str | None, driver: SandboxDriver,
-                   payload: bytes, context: str | None, arn: str) -> InvocationResult:
+                   payload: bytes, context: str | None, arn: str,
+                   stream: StreamSink | None) -> InvocationResult:
         request_id = str(uuid.uuid4())
         started = datetime.now(UTC)
         t0 = time.perf_counter()
@@ -305,7 +327,7 @@ class Invoker:
                     request_id=request_id, payload=payload,
                     deadline_ms=int((time.time() + timeout) * 1000),
                     function_arn=arn, trace_id=_trace_id(request_id),
-                    client_context=context,
+                    client_context=context, stream=stream,
                 )
                 try:
                     result = await self._pool(target, driver).run(invocation, timeout, listener)
@@ -317,6 +339,10 @@ class Invoker:
                 raise FunctionChanging(f"function '{name}' keeps changing; retry")
         except SandboxError as exc:
             result = InvocationResult.from_error(request_id, exc)
+        if stream is not None:  # a timeout or crash mid-stream ends the stream with its error
+            failed = result.outcome is not Outcome.SUCCESS
+            stream.close(result.error_type or "Runtime.Unknown" if failed else None,
+                         result.error_message if failed else "")
         result.duration_ms = (time.perf_counter() - t0) * 1000
         result.executed_version = target.fn.version
         self.recorder.add(InvocationRecord(

@@ -11,7 +11,12 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from impuls.errors import InitFailed, InvocationTimedOut, OutOfMemory, SandboxError
-from impuls.sandbox.runtime_api import RESPONSE_TOO_LARGE, RuntimeReply, parse_error
+from impuls.sandbox.runtime_api import (
+    RESPONSE_TOO_LARGE,
+    STREAM_TOO_LARGE_MESSAGE,
+    RuntimeReply,
+    parse_error,
+)
 
 
 class Outcome(StrEnum):
@@ -29,7 +34,8 @@ class Outcome(StrEnum):
 @dataclass
 class InvocationResult:
     """``payload`` is the runtime's response bytes (success); the ``error*`` fields and
-    ``stack`` describe any other outcome."""
+    ``stack`` describe any other outcome.  ``streamed``: the response went, piece by piece,
+    to the caller's stream (``payload`` is empty; the outcome says how the stream ended)."""
 
     request_id: str
     outcome: Outcome
@@ -45,17 +51,20 @@ class InvocationResult:
     note: str = ""
     #: the version that ran: "$LATEST" or a published version's number
     executed_version: str = "$LATEST"
+    streamed: bool = False
 
     @classmethod
     def from_reply(cls, request_id: str, reply: RuntimeReply, cold_start: bool, logs: str,
                    logs_truncated: bool, note: str = "") -> InvocationResult:
         """The result of a call the runtime answered (with a response or an error document)."""
-        result = cls(request_id, Outcome.SUCCESS, cold_start, logs, logs_truncated, note=note)
+        result = cls(request_id, Outcome.SUCCESS, cold_start, logs, logs_truncated, note=note,
+                     streamed=reply.streamed)
         if reply.ok:
             result.payload = reply.body
         elif reply.error_type == RESPONSE_TOO_LARGE:
             result.outcome, result.error_type = Outcome.ERROR, RESPONSE_TOO_LARGE
-            result.error_message = "the function's response exceeds the 6 MB limit"
+            result.error_message = (STREAM_TOO_LARGE_MESSAGE if reply.streamed
+                                    else "the function's response exceeds the 6 MB limit")
         else:
             info = parse_error(reply.body, reply.error_type)
             result.outcome, result.error_type = Outcome.ERROR, info["errorType"]

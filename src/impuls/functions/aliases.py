@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from impuls.auth import audit
 from impuls.auth.audit import Actor
 from impuls.errors import AliasExists, InvalidInput
-from impuls.functions.base import RegistryBase, is_version_number, new_revision_id, now, utc
+from impuls.functions.base import ALIAS_PREFIX, RegistryBase, is_version_number, new_revision_id, now, utc
 from impuls.functions.models import LATEST, rfc3339
 from impuls.store.schema import aliases, event_invoke_configs, function_urls
 
@@ -146,7 +146,7 @@ class AliasesMixin(RegistryBase):
                                  {"function_version": primary, "routing": routing})
             except IntegrityError as exc:
                 raise AliasExists(name, alias) from exc
-        self._changed(name, f"alias:{alias}")
+        self._changed(name, ALIAS_PREFIX + alias)
         return self.get_alias(name, alias)
 
     def get_alias(self, name: str, alias: str) -> Alias:
@@ -189,7 +189,7 @@ class AliasesMixin(RegistryBase):
                          .values(**values))
             audit.record(conn, actor, "alias.update", f"{name}:{alias}",
                          {"function_version": primary, "routing": routing})
-        self._changed(name, f"alias:{alias}")
+        self._changed(name, ALIAS_PREFIX + alias)
         return self.get_alias(name, alias)
 
     def delete_alias(self, name: str, alias: str, actor: Actor = audit.SERVER) -> None:
@@ -201,7 +201,7 @@ class AliasesMixin(RegistryBase):
             for table in (event_invoke_configs, function_urls):
                 conn.execute(delete(table).where(table.c.function_name == name, table.c.qualifier == alias))
             audit.record(conn, actor, "alias.delete", f"{name}:{alias}")
-        self._changed(name, f"alias:{alias}")
+        self._changed(name, ALIAS_PREFIX + alias)
 
     def route(self, name: str, qualifier: str | None) -> Route:
         """Where calls of ``name:qualifier`` go.  Version numbers and $LATEST route to

@@ -27,9 +27,11 @@ from impuls.store.schema import aliases, function_versions, functions
 log = logging.getLogger("impuls.registry")
 
 #: ``(name, qualifier)``: qualifier "$LATEST" when $LATEST changed, a version number when
-#: that version was deleted, "alias:<name>" when an alias changed, None when the whole
-#: function was deleted
+#: that version was deleted, "alias:<name>" when an alias changed, "url:<qualifier>" when a
+#: URL configuration changed, None when the whole function was deleted
 ChangeListener = Callable[[str, str | None], None]
+ALIAS_PREFIX = "alias:"
+URL_PREFIX = "url:"
 
 
 def new_revision_id() -> str:

@@ -16,7 +16,7 @@ from sqlalchemy import Row, delete, insert, select, update
 from impuls.auth import audit
 from impuls.auth.audit import Actor
 from impuls.errors import InvalidInput, UrlConfigExists, UrlConfigNotFound
-from impuls.functions.base import RegistryBase, now, utc
+from impuls.functions.base import URL_PREFIX, RegistryBase, now, utc
 from impuls.functions.models import rfc3339
 from impuls.store.schema import function_urls
 
@@ -132,6 +132,7 @@ class UrlConfigsMixin(RegistryBase):
                 conn.execute(update(function_urls).where(*where).values(**values))
             audit.record(conn, actor, "url.put", f"{name}:{qualifier}",
                          {k: given[k] for k in ("auth_type", "invoke_mode") if k in given})
+        self._changed(name, URL_PREFIX + qualifier)
         return self.get_url_config(name, qualifier)
 
     def get_url_config(self, name: str, qualifier: str) -> UrlConfig:
@@ -161,6 +162,7 @@ class UrlConfigsMixin(RegistryBase):
             if not deleted:
                 raise UrlConfigNotFound(f"{name}:{qualifier}")
             audit.record(conn, actor, "url.delete", f"{name}:{qualifier}")
+        self._changed(name, URL_PREFIX + qualifier)
 
     def list_url_configs(self, name: str) -> list[UrlConfig]:
         """Every URL configuration of the function, by qualifier."""

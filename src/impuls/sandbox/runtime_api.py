@@ -7,6 +7,17 @@ calls :meth:`RuntimeAPI.dispatch` to hand it an event and awaits the
 :class:`Invocation`'s future, which the runtime completes by posting to
 ``.../response`` or ``.../error``.  ``/init/error`` fails :attr:`RuntimeAPI.ready`.
 
+Response streaming (Lambda's): a runtime may post ``.../response`` with
+``Lambda-Runtime-Function-Response-Mode: streaming`` and a chunked body.  When the
+invocation carries a :class:`StreamSink` (``Invocation.stream``, given by a door that
+can stream, e.g. a :class:`ResponseStream`), each piece of the body is handed to it
+as it arrives, the runtime's connection stops being read while the sink is full, and
+the reply completes when the body ends (``RuntimeReply.streamed``).  A failure after
+the stream started comes as the trailers ``Lambda-Runtime-Function-Error-Type`` and
+``Lambda-Runtime-Function-Error-Body`` (base64 of the error document).  A streamed
+response may hold :data:`MAX_STREAM_BYTES`; without a sink it is buffered like any
+response (and :data:`MAX_RESPONSE_BYTES` applies).
+
 HTTP parsing is httptools (uvicorn's parser); each reply is written with a
 single ``write`` so that Nagle never delays it.
 """
@@ -14,11 +25,15 @@ single ``write`` so that Nagle never delays it.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import collections
 import json
 import os
 import socket
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import httptools
 
@@ -28,16 +43,207 @@ PREFIX = b"/2018-06-01/runtime/"
 MAX_RESPONSE_BYTES = 6 * 1024 * 1024
 MAX_ERROR_BYTES = 1024 * 1024
 #: the error type of a reply whose response body was over MAX_RESPONSE_BYTES
+#: (or, streamed, over MAX_STREAM_BYTES)
 RESPONSE_TOO_LARGE = "Function.ResponseSizeTooLarge"
+#: Lambda's (soft) limit on a streamed response
+MAX_STREAM_BYTES = 20 * 1024 * 1024
+#: how a streamed response is typed when the runtime names no Content-Type
+DEFAULT_STREAM_CONTENT_TYPE = "application/octet-stream"
+#: a streamed response that starts with an HTTP prelude: the JSON metadata
+#: ``{"statusCode", "headers", "cookies"}``, then PRELUDE_DELIMITER, then the body
+HTTP_INTEGRATION_CONTENT_TYPE = "application/vnd.awslambda.http-integration-response"
+PRELUDE_DELIMITER = b"\0" * 8
+MAX_PRELUDE_BYTES = 16 * 1024
+#: a ResponseStream holding more than this stops the runtime's connection being read
+STREAM_HIGH_WATER = 1024 * 1024
 
 
 @dataclass
 class RuntimeReply:
-    """What the runtime posted for one invocation."""
+    """What the runtime posted for one invocation.  ``streamed``: the body went to the
+    invocation's stream sink as it arrived (``body`` is then empty, or the error document)."""
 
     ok: bool
     body: bytes
     error_type: str | None = None
+    streamed: bool = False
+
+
+class StreamSink(Protocol):
+    """Where a streamed response goes, piece by piece (see :class:`ResponseStream`).
+
+    Called from the event loop, in this order: ``open`` once (when the runtime starts
+    a streamed response; never for a buffered one), ``write`` for each piece of the
+    body as it arrives (never empty), and ``close`` once at the end, with the error
+    type and message when the stream ended in a failure (the runtime's trailers, the
+    size limit, or, from the engine, a timeout or crash).  ``close`` may come without
+    ``open`` (the invocation ended without streaming) and must be idempotent.
+    ``flow(True)`` asks the producer to stop reading the runtime; ``flow(False)``
+    to go on.
+    """
+
+    def open(self, content_type: str, flow: Callable[[bool], None] | None) -> None: ...
+
+    def write(self, chunk: bytes) -> None: ...
+
+    def close(self, error_type: str | None = None, message: str = "") -> None: ...
+
+
+class ResponseStream:
+    """A streamed response between the runtime's connection (producer, the
+    :class:`StreamSink` side) and a door (consumer).
+
+    A door passes one to ``Invoker.invoke(..., stream=...)`` and then::
+
+        if await stream.started():          # the runtime streams
+            prelude = await stream.read_prelude()  # HTTP integration metadata, or None
+            async for chunk in stream:      # the body as it arrives; ends with the stream
+                ...
+        result = await the_invoke_call      # result.streamed; its outcome says how it ended
+
+    ``started()`` is False when the invocation ended without streaming anything:
+    a buffered reply, or a failure before the first byte.  The result is then what
+    it is today, to be sent whole.  Pieces are buffered up to ``high_water`` bytes;
+    beyond, the runtime's connection is not read until the door catches up (the
+    runtime's writes block).  A door that loses its client calls ``cancel()``: the
+    rest of the stream is dropped, and the function runs on to its end.
+    """
+
+    def __init__(self, high_water: int = STREAM_HIGH_WATER) -> None:
+        self.high_water = high_water
+        #: the runtime's Content-Type ("" until the stream opens)
+        self.content_type = ""
+        #: bytes the runtime streamed so far
+        self.size = 0
+        #: set when the stream ended in a failure
+        self.error_type: str | None = None
+        self.error_message = ""
+        self._opened = False
+        self._closed = False
+        self._cancelled = False
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._started: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiter: asyncio.Future[None] | None = None
+        self._flow: Callable[[bool], None] | None = None
+        self._paused = False
+
+    # --- the producer (StreamSink) ------------------------------------------------
+
+    def open(self, content_type: str, flow: Callable[[bool], None] | None = None) -> None:
+        if self._opened or self._closed:
+            return
+        self._opened = True
+        self.content_type = content_type
+        self._flow = flow
+
+    def write(self, chunk: bytes) -> None:
+        if not self._opened or self._closed or not chunk:
+            return
+        self.size += len(chunk)
+        if not self._started.done():
+            self._started.set_result(True)
+        if self._cancelled:
+            return
+        self._chunks.append(chunk)
+        self._buffered += len(chunk)
+        self._wake()
+        if self._buffered > self.high_water and not self._paused and self._flow is not None:
+            self._paused = True
+            self._flow(True)
+
+    def close(self, error_type: str | None = None, message: str = "") -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if error_type:
+            self.error_type, self.error_message = error_type, message
+        if not self._started.done():  # an empty stream that ended well was still a stream
+            self._started.set_result(self._opened and not error_type)
+        self._resume()
+        self._flow = None
+        self._wake()
+
+    # --- the consumer (a door) -------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """The producer is done (the consumer may still have pieces to read)."""
+        return self._closed
+
+    async def started(self) -> bool:
+        """True once the runtime streamed its first byte (or ended a stream cleanly
+        with none); False when the invocation ended without streaming."""
+        return await asyncio.shield(self._started)
+
+    async def read(self) -> bytes:
+        """The next piece of the body; b"" once the stream has ended."""
+        while not self._chunks:
+            if self._closed:
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        chunk = self._chunks.popleft()
+        self._buffered -= len(chunk)
+        if self._paused and self._buffered <= self.high_water // 2:
+            self._resume()
+        return chunk
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._pieces()
+
+    async def _pieces(self) -> AsyncIterator[bytes]:
+        while chunk := await self.read():
+            yield chunk
+
+    async def read_prelude(self) -> dict[str, Any] | None:
+        """The HTTP integration prelude (``{"statusCode", "headers", "cookies"}``) when the
+        stream's Content-Type is :data:`HTTP_INTEGRATION_CONTENT_TYPE`, else None (and
+        nothing is read).  Call it before reading the body, which follows the prelude.
+        Raises ValueError when the prelude is malformed (not a JSON object followed by
+        eight NUL bytes within the first :data:`MAX_PRELUDE_BYTES`)."""
+        if self.content_type.split(";", 1)[0].strip().lower() != HTTP_INTEGRATION_CONTENT_TYPE:
+            return None
+        head = bytearray()
+        while (end := head.find(PRELUDE_DELIMITER)) < 0:
+            if len(head) > MAX_PRELUDE_BYTES + len(PRELUDE_DELIMITER):
+                raise ValueError(f"no HTTP prelude delimiter within the first {MAX_PRELUDE_BYTES} bytes")
+            chunk = await self.read()
+            if not chunk:
+                raise ValueError("the stream ended before its HTTP prelude did")
+            head += chunk
+        rest = bytes(head[end + len(PRELUDE_DELIMITER):])
+        if rest:
+            self._chunks.appendleft(rest)
+            self._buffered += len(rest)
+        try:
+            prelude = json.loads(head[:end]) if end else {}
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"the HTTP prelude is not JSON: {exc}") from None
+        if not isinstance(prelude, dict):
+            raise ValueError("the HTTP prelude is not a JSON object")
+        return prelude
+
+    def cancel(self) -> None:
+        """The consumer is gone: drop what is buffered and everything still to come."""
+        self._cancelled = True
+        self._chunks.clear()
+        self._buffered = 0
+        self._resume()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            if self._flow is not None:
+                self._flow(False)
 
 
 @dataclass
@@ -51,6 +257,8 @@ class Invocation:
     trace_id: str = ""
     #: the caller's client context, compact JSON on one line (the engine checks it)
     client_context: str | None = None
+    #: where a streamed response goes; None: a streamed response is buffered like any other
+    stream: StreamSink | None = None
     reply: asyncio.Future[RuntimeReply] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -81,9 +289,15 @@ ACCEPTED = _reply(202, "Accepted")
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-def _error_reply(status: int, reason: str, message: str) -> bytes:
-    body = json.dumps({"errorMessage": message, "errorType": "InvalidRequest"}).encode()
+def _error_reply(status: int, reason: str, message: str, error_type: str = "InvalidRequest") -> bytes:
+    body = json.dumps({"errorMessage": message, "errorType": error_type}).encode()
     return _reply(status, reason, body)
+
+
+STREAM_TOO_LARGE_MESSAGE = f"the function's streamed response exceeds the {MAX_STREAM_BYTES >> 20} MB limit"
+STREAM_TOO_LARGE = _error_reply(413, "Request Entity Too Large",
+                                f"the streamed response exceeds {MAX_STREAM_BYTES} bytes",
+                                RESPONSE_TOO_LARGE)
 
 
 class RuntimeAPI:
@@ -100,6 +314,7 @@ class RuntimeAPI:
         self._current: Invocation | None = None
         self._delivered = False
         self._parked: _Connection | None = None
+        self._streaming: _Connection | None = None  # posting the current invocation's stream
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[_Connection] = set()
         self.address = ""
@@ -132,6 +347,7 @@ class RuntimeAPI:
     def abandon(self) -> None:
         """Forget the outstanding invocation (timed out or cancelled)."""
         self._current = None
+        self._streaming = None
 
     def close(self) -> None:
         """Stop listening and drop every connection (idempotent)."""
@@ -159,12 +375,25 @@ class RuntimeAPI:
         else:
             self._parked = conn
 
-    def _on_result(self, conn: _Connection, request_id: str, reply: RuntimeReply) -> None:
+    def _begin_stream(self, conn: _Connection, request_id: str) -> Invocation | None:
+        """The invocation a streamed response of ``conn`` belongs to (None: unknown or finished,
+        or already being answered)."""
         current = self._current
-        if current is None or current.request_id != request_id or current.reply.done():
+        if (current is None or current.request_id != request_id or current.reply.done()
+                or self._streaming is not None):
+            return None
+        self._streaming = conn
+        return current
+
+    def _on_result(self, conn: _Connection, request_id: str, reply: RuntimeReply,
+                   ack: bytes = ACCEPTED) -> None:
+        current = self._current
+        if (current is None or current.request_id != request_id or current.reply.done()
+                or self._streaming not in (None, conn)):
             conn.write(_error_reply(400, "Bad Request", f"unknown or finished request id {request_id}"))
             return
-        conn.write(ACCEPTED)
+        self._streaming = None
+        conn.write(ack)
         current.reply.set_result(reply)
 
     def _on_init_error(self, conn: _Connection, body: bytes, error_type: str | None) -> None:
@@ -205,6 +434,7 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.paused = False  # not reading: a streamed response's sink is full
         self._reset()
 
     def _reset(self) -> None:
@@ -212,6 +442,14 @@ class _Connection(asyncio.Protocol):
         self.body = bytearray()
         self.too_large = False
         self.error_type: str | None = None
+        # a streamed response: its mode header, its type, its error trailer, and where it goes
+        self.streaming = False
+        self.content_type = ""
+        self.error_body: bytes | None = None
+        self.sink: StreamSink | None = None
+        self.sink_of: Invocation | None = None
+        self.streamed = 0
+        self.overflow = False
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -224,6 +462,8 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.api._connections.discard(self)
+        if self.api._streaming is self:  # the runtime went away mid-stream
+            self.api._streaming = None
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -241,6 +481,16 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def flow(self, pause: bool) -> None:
+        """Stop (or resume) reading the runtime: a streamed response's sink is full (or not)."""
+        if self.transport is None or self.closed or pause == self.paused:
+            return
+        self.paused = pause
+        if pause:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+
     # httptools callbacks
     def on_message_begin(self) -> None:
         self._reset()
@@ -248,19 +498,78 @@ class _Connection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self.url += url
 
-    def on_header(self, name: bytes, value: bytes) -> None:
+    def on_header(self, name: bytes, value: bytes) -> None:  # also called for trailers
         name = name.lower()
         if name == b"lambda-runtime-function-error-type":
             self.error_type = value.decode("latin-1")
+        elif name == b"lambda-runtime-function-error-body":
+            self.error_body = value
+        elif name == b"lambda-runtime-function-response-mode":
+            self.streaming = value.strip().lower() == b"streaming"
+        elif name == b"content-type":
+            self.content_type = value.decode("latin-1").strip()
         elif name == b"expect" and value.lower() == b"100-continue":
             # curl sends this for bodies over 1 MB and would wait a second for the go-ahead
             self.write(CONTINUE)
 
+    def on_headers_complete(self) -> None:
+        """A streamed response to an invocation that has a sink starts flowing now."""
+        if not self.streaming or self.parser.get_method() != b"POST":
+            return
+        request_id = self._response_of()
+        if request_id is None:
+            return
+        invocation = self.api._begin_stream(self, request_id)
+        if invocation is None or invocation.stream is None:
+            return  # unknown (a 400 once it ends), or buffered like any response
+        self.sink, self.sink_of = invocation.stream, invocation
+        self.sink.open(self.content_type or DEFAULT_STREAM_CONTENT_TYPE, self.flow)
+
     def on_body(self, body: bytes) -> None:
-        if len(self.body) + len(body) > MAX_RESPONSE_BYTES:
+        if self.sink is not None:
+            self.streamed += len(body)
+            if self.overflow:
+                return
+            if self.streamed > MAX_STREAM_BYTES:
+                self.overflow = True
+                self.sink.close(RESPONSE_TOO_LARGE, STREAM_TOO_LARGE_MESSAGE)
+                self.flow(False)
+            elif self.sink_of is self.api._current:
+                self.sink.write(bytes(body))
+        elif len(self.body) + len(body) > MAX_RESPONSE_BYTES:
             self.too_large = True
         elif not self.too_large:
             self.body += body
+
+    def _response_of(self) -> str | None:
+        """The request id of a ``.../invocation/{id}/response`` path, else None."""
+        path = self.url.split(b"?", 1)[0]
+        parts = path[len(PREFIX):].split(b"/") if path.startswith(PREFIX) else []
+        if len(parts) == 3 and parts[0] == b"invocation" and parts[2] == b"response":
+            return parts[1].decode("latin-1")
+        return None
+
+    def _streamed_reply(self) -> tuple[RuntimeReply, bytes]:
+        """The reply (and the runtime's answer) for a response posted in streaming mode."""
+        sink, self.sink = self.sink, None
+        streamed = sink is not None
+        if self.overflow:
+            return RuntimeReply(False, b"", RESPONSE_TOO_LARGE, streamed=True), STREAM_TOO_LARGE
+        if self.error_type is not None or self.error_body is not None:
+            try:
+                body = base64.b64decode(self.error_body or b"", validate=True)[:MAX_ERROR_BYTES]
+            except (binascii.Error, ValueError):
+                body = b""
+            if sink is not None:
+                info = parse_error(body, self.error_type)
+                sink.close(info["errorType"], info["errorMessage"])
+            return RuntimeReply(False, body, self.error_type, streamed), ACCEPTED
+        if sink is not None:
+            sink.close()
+            return RuntimeReply(True, b"", streamed=True), ACCEPTED
+        if self.too_large:
+            return RuntimeReply(False, b"", RESPONSE_TOO_LARGE), ACCEPTED
+        return RuntimeReply(True, bytes(self.body)), ACCEPTED
 
     def on_message_complete(self) -> None:
         method = self.parser.get_method()
@@ -279,7 +588,11 @@ class _Connection(asyncio.Protocol):
         elif rest.startswith(b"invocation/") and method == b"POST":
             _, request_id, kind = [*rest.split(b"/"), b"", b""][:3]
             rid = request_id.decode("latin-1")
-            if kind == b"response":
+            if kind == b"response" and self.streaming:
+                self.flow(False)
+                reply, ack = self._streamed_reply()
+                self.api._on_result(self, rid, reply, ack)
+            elif kind == b"response":
                 if self.too_large:
                     reply = RuntimeReply(False, b"", RESPONSE_TOO_LARGE)
                 else:

@@ -14,7 +14,11 @@
 //   null response when the event loop empties;
 // - context.succeed/fail/done respond immediately;
 // - an uncaught exception or unhandled rejection reports an error for the current invocation
-//   (or init) and ends the process with exit code 129.
+//   (or init) and ends the process with exit code 129;
+// - response streaming: a handler wrapped by the global awslambda.streamifyResponse(handler) is
+//   called as handler(event, responseStream, context) and its response is streamed (see
+//   "Response streaming" below); awslambda.HttpResponseStream.from(responseStream, {statusCode,
+//   headers, cookies}) starts the body with the HTTP integration prelude.
 'use strict';
 
 const net = require('net');
@@ -132,6 +136,10 @@ function send() {
 function onClose(s) {
   if (s !== sock) return;
   sock = null;
+  if (streaming !== null) { // half a streamed request cannot be sent again on a new connection
+    logError('impuls runtime: lost the connection to the Runtime API while streaming, exiting');
+    process.exit(1);
+  }
   if (pendingCb === null) return;
   if (bodyMode === 3) {
     bodyMode = 0;
@@ -329,6 +337,241 @@ function postError(pathAndQuery, body, cb) {
 }
 
 // ------------------------------------------------------------------------------------------
+// Response streaming
+//
+// awslambda.streamifyResponse(handler) marks a handler as streaming (as Lambda's Node.js runtime
+// does, with the same symbol): it is called as handler(event, responseStream, context), where
+// responseStream is a stream.Writable with setContentType(type). Its response is one POST
+// .../response with Lambda-Runtime-Function-Response-Mode: streaming and Transfer-Encoding:
+// chunked: the head goes with the first write (or the end), each write is sent as one chunk as
+// soon as it is made (the write callback, and so 'drain', waits for the socket: back-pressure),
+// and the last chunk ends it. An error after the stream was opened (the handler throws or
+// rejects, destroys the stream, or the process crashes) ends it with the trailers
+// Lambda-Runtime-Function-Error-Type and Lambda-Runtime-Function-Error-Body (base64 of the error
+// document). The invocation is over when the handler's promise has settled and the host has
+// answered the POST; a stream the handler left open when its promise resolved is ended for it.
+//
+// awslambda.HttpResponseStream.from(responseStream, prelude) sets the Content-Type to
+// application/vnd.awslambda.http-integration-response and, before the first byte of the body
+// (or at the end, if nothing is written), sends JSON.stringify(prelude) and 8 NUL bytes.
+
+const HANDLER_STREAMING = Symbol.for('aws.lambda.runtime.handler.streaming');
+const HANDLER_HIGHWATERMARK = Symbol.for('aws.lambda.runtime.handler.streaming.highWaterMark');
+const STREAM_RESPONSE = 'response';
+const HTTP_INTEGRATION = 'application/vnd.awslambda.http-integration-response';
+const PRELUDE_DELIMITER = 8;
+const CRLF = Buffer.from('\r\n');
+const LAST_CHUNK = Buffer.from('0\r\n\r\n');
+
+let streaming = null; // the invocation whose streamed POST is on the wire and not yet answered
+
+function streamifyResponse(fn, options) {
+  if (typeof fn !== 'function') throw new TypeError('awslambda.streamifyResponse expects a function');
+  fn[HANDLER_STREAMING] = STREAM_RESPONSE;
+  const hwm = options && options.highWaterMark;
+  if (Number.isInteger(hwm) && hwm > 0) fn[HANDLER_HIGHWATERMARK] = hwm;
+  return fn;
+}
+
+class HttpResponseStream {
+  static from(responseStream, prelude) {
+    responseStream.setContentType(HTTP_INTEGRATION);
+    const metadata = JSON.stringify(prelude === undefined ? {} : prelude); // JSON holds no NUL
+    responseStream._onBeforeFirstWrite = (write) => {
+      write(metadata);
+      write(new Uint8Array(PRELUDE_DELIMITER));
+    };
+    return responseStream;
+  }
+}
+
+if (env.AWS_LAMBDA_NODEJS_NO_GLOBAL_AWSLAMBDA !== '1' &&
+    env.AWS_LAMBDA_NODEJS_NO_GLOBAL_AWSLAMBDA !== 'true') {
+  global.awslambda = { streamifyResponse, HttpResponseStream };
+}
+
+function toBuffer(data) {
+  if (typeof data === 'string') return Buffer.from(data);
+  if (Buffer.isBuffer(data)) return data;
+  return Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+}
+
+// Appends data as one chunk of the chunked body (an empty chunk would end the body: skipped).
+function pushChunk(parts, data) {
+  const buf = toBuffer(data);
+  if (buf.length === 0) return;
+  parts.push(Buffer.from(buf.length.toString(16) + '\r\n', 'latin1'), buf, CRLF);
+}
+
+// Appends the head of the streamed POST and, unless the stream fails, the prelude hook's bytes.
+function openStream(inv, parts, withPrelude) {
+  const rs = inv.stream;
+  inv.headSent = true;
+  streaming = inv;
+  const type = String(rs._contentType).replace(/[^\x20-\x7e]/g, '');
+  parts.push(Buffer.from('POST ' + RUNTIME + '/invocation/' + inv.id + '/response HTTP/1.1\r\n' +
+    'Host: ' + HOST + '\r\nLambda-Runtime-Function-Response-Mode: streaming\r\n' +
+    'Transfer-Encoding: chunked\r\n' +
+    'Trailer: Lambda-Runtime-Function-Error-Type, Lambda-Runtime-Function-Error-Body\r\n' +
+    'Content-Type: ' + type + '\r\n\r\n', 'latin1'));
+  const hook = rs._onBeforeFirstWrite;
+  rs._onBeforeFirstWrite = undefined;
+  if (withPrelude && typeof hook === 'function') hook((data) => pushChunk(parts, data));
+}
+
+function sockWrite(data, cb) {
+  if (sock === null) connect();
+  else if (!refd) {
+    sock.ref();
+    refd = true;
+  }
+  sock.write(data, () => cb());
+}
+
+// Sends chunks as they are written (the Writable's _write/_writev).
+function streamChunks(inv, chunks, cb) {
+  if (inv.streamEnded) { // an error already ended the stream: later writes go nowhere
+    cb();
+    return;
+  }
+  const parts = [];
+  if (!inv.headSent) openStream(inv, parts, true);
+  for (const chunk of chunks) pushChunk(parts, chunk);
+  if (parts.length === 0) cb();
+  else sockWrite(Buffer.concat(parts), cb);
+}
+
+// Ends the stream: the last chunk, or the error trailers for body ({errorType, ...}). Returns
+// false when it had already ended.
+function streamEnd(inv, body) {
+  if (inv.streamEnded) return false;
+  inv.streamEnded = true;
+  const parts = [];
+  if (!inv.headSent) openStream(inv, parts, body === null);
+  if (body === null) parts.push(LAST_CHUNK);
+  else {
+    const type = String(body.errorType).replace(/[^\x20-\x7e]/g, '?');
+    parts.push(Buffer.from('0\r\nLambda-Runtime-Function-Error-Type: ' + type +
+      '\r\nLambda-Runtime-Function-Error-Body: ' +
+      Buffer.from(JSON.stringify(body)).toString('base64') + '\r\n\r\n', 'latin1'));
+  }
+  const data = Buffer.concat(parts);
+  whenFlushed(() => request(data, (status) => streamPosted(inv, status)));
+  return true;
+}
+
+function streamPosted(inv, status) {
+  if (streaming === inv) streaming = null;
+  if (status < 200 || status > 299) {
+    logError('impuls runtime: POST /invocation/response answered HTTP ' + status);
+  }
+  inv.posted = true;
+  if (inv.onPosted !== null) inv.onPosted();
+  else streamDone(inv);
+}
+
+function streamDone(inv) {
+  if (inv.done || crashing || !inv.settled || !inv.posted) return;
+  inv.done = true;
+  if (current === inv) current = null;
+  next();
+}
+
+let ResponseStream = null; // the class, made on first use (stream.Writable)
+
+function newResponseStream(inv, highWaterMark) {
+  if (ResponseStream === null) {
+    const { Writable } = require('stream');
+    ResponseStream = class extends Writable {
+      constructor(owner, hwm) {
+        super(hwm ? { highWaterMark: hwm } : {});
+        this._inv = owner;
+        this._contentType = 'application/octet-stream';
+        this._onBeforeFirstWrite = undefined;
+        this.on('error', () => {}); // a failed stream is reported in its trailers
+      }
+
+      setContentType(type) {
+        if (this._inv.headSent) {
+          throw fault('Runtime.InvalidStreamingOperation', 'Cannot set content-type, too late.');
+        }
+        this._contentType = String(type);
+      }
+
+      write(chunk, encoding, cb) {
+        // like Lambda's: what is neither a string nor bytes is written as JSON
+        if (chunk !== null && chunk !== undefined && typeof chunk !== 'string' &&
+            !(chunk instanceof Uint8Array)) chunk = JSON.stringify(chunk);
+        return super.write(chunk, encoding, cb);
+      }
+
+      _write(chunk, encoding, cb) {
+        streamChunks(this._inv, [chunk], cb);
+      }
+
+      _writev(entries, cb) {
+        streamChunks(this._inv, entries.map((entry) => entry.chunk), cb);
+      }
+
+      _final(cb) {
+        streamEnd(this._inv, null);
+        cb();
+      }
+
+      _destroy(err, cb) {
+        if (!this._inv.streamEnded) {
+          const body = err ? errorBody(err) : {
+            errorType: 'Runtime.StreamDestroyed', errorMessage: 'the response stream was destroyed',
+            stackTrace: [] };
+          logError('Invoke Error ' + JSON.stringify(body));
+          streamEnd(this._inv, body);
+        }
+        cb(err);
+      }
+    };
+  }
+  return new ResponseStream(inv, highWaterMark);
+}
+
+function runStreaming(inv, event, context) {
+  const rs = newResponseStream(inv, handler[HANDLER_HIGHWATERMARK]);
+  inv.stream = rs;
+  let ret;
+  try {
+    ret = handler(event, rs, context);
+  } catch (err) {
+    streamSettled(inv, err);
+    return;
+  }
+  if (ret !== null && (typeof ret === 'object' || typeof ret === 'function') &&
+      typeof ret.then === 'function') {
+    ret.then(
+      () => streamSettled(inv, null),
+      (err) => streamSettled(inv, err === undefined || err === null ? 'handled' : err),
+    );
+  } else if (rs.writableEnded || inv.streamEnded) {
+    streamSettled(inv, null);
+  } else {
+    streamSettled(inv, fault('Runtime.InvalidStreamingOperation',
+      'Streaming does not support non-async handlers.'));
+  }
+}
+
+// The handler settled: fail the stream with err, or end it if the handler left it open.
+function streamSettled(inv, err) {
+  if (inv.settled || crashing) return;
+  inv.settled = true;
+  if (err !== null) {
+    const body = err && err.impulsBody ? err.impulsBody : errorBody(err);
+    logError('Invoke Error ' + JSON.stringify(body));
+    streamEnd(inv, body); // too late (the stream had ended): logged only
+  } else if (!inv.stream.writableEnded && !inv.streamEnded) {
+    inv.stream.end();
+  }
+  streamDone(inv);
+}
+
+// ------------------------------------------------------------------------------------------
 // Handler loading ("init")
 
 // An error whose report is fixed (Runtime.* types raised by this file).
@@ -439,6 +682,12 @@ class Invocation {
     this.called = false; // callback already called (the first call wins)
     this.err = null;
     this.result = undefined;
+    this.stream = null; // streaming handlers: the response stream, and its progress
+    this.headSent = false;
+    this.streamEnded = false;
+    this.settled = false;
+    this.posted = false;
+    this.onPosted = null;
   }
 }
 
@@ -511,6 +760,10 @@ function onNext(status, headers, body) {
   }
   current = inv;
   const context = makeContext(inv, headers);
+  if (handler[HANDLER_STREAMING] === STREAM_RESPONSE) {
+    runStreaming(inv, event, context);
+    return;
+  }
   const callback = (err, result) => {
     if (inv.done || inv.called) return;
     inv.called = true;
@@ -556,6 +809,10 @@ process.on('beforeExit', () => {
 });
 
 function finish(inv, err, result) {
+  if (inv.stream !== null) { // context.succeed/fail/done of a streaming handler
+    streamSettled(inv, err === undefined ? null : err);
+    return;
+  }
   if (inv.done || crashing) return;
   inv.done = true;
   if (current === inv) current = null;
@@ -595,6 +852,14 @@ function crash(label, body) {
   logError(label + ' ' + JSON.stringify(body));
   const exit = () => process.exit(129);
   let target = null;
+  if (!initializing && current !== null && !current.done && current.stream !== null) {
+    const inv = current; // a streaming invocation: its stream carries the error
+    crashing = true;
+    setTimeout(exit, 2000);
+    if (streamEnd(inv, body) || !inv.posted) inv.onPosted = exit;
+    else exit();
+    return;
+  }
   if (initializing) target = RUNTIME + '/init/error';
   else if (current !== null && !current.done) {
     current.done = true;

@@ -5,6 +5,20 @@ the handler named by ``_HANDLER`` once, then loops: GET .../invocation/next, cal
 POST the result (or the error) back, over one persistent HTTP/1.1 connection (TCP to
 AWS_LAMBDA_RUNTIME_API, or the unix socket named by IMPULS_RUNTIME_API_SOCKET).
 
+Response streaming: a handler that returns a generator (a generator function, ``def handler(
+event, context): yield ...``, or an async generator function) streams its response: each item it
+yields (``bytes``, ``bytearray``, ``memoryview`` or ``str``, sent as UTF-8) is posted as it is
+yielded, in Lambda's streaming mode (``Lambda-Runtime-Function-Response-Mode: streaming``, a
+chunked body, ``Content-Type: application/octet-stream``). If the FIRST item is a ``dict``, it is
+the HTTP response's metadata for a function URL, ``{"statusCode": 200, "headers": {...},
+"cookies": [...]}``: the body then starts with Lambda's HTTP integration prelude (that dict as
+JSON, then eight NUL bytes) and its Content-Type is
+``application/vnd.awslambda.http-integration-response`` (what Node's
+``awslambda.HttpResponseStream.from`` writes). An exception raised by the generator, or an item
+of another type (``Runtime.MarshalError``), ends the stream with the error trailers
+``Lambda-Runtime-Function-Error-Type`` and ``Lambda-Runtime-Function-Error-Body`` (base64 of the
+error document). Any other result is serialised to JSON and posted whole, as always.
+
 Start-up time is part of every cold start, so this script imports almost nothing: it talks
 HTTP by hand over the ``_socket`` C module and encodes/decodes JSON with the ``_json`` C
 accelerator (``socket`` and ``json`` each pull in ``enum``/``re``, ~5 ms apiece). ``traceback``
@@ -454,6 +468,132 @@ def _run_awaitable(awaitable: "Any") -> "Any":
 
 
 # --------------------------------------------------------------------------------------------
+# Response streaming (see the module docstring)
+
+_HTTP_INTEGRATION = b"application/vnd.awslambda.http-integration-response"
+_PRELUDE_DELIMITER = b"\0" * 8
+_LAST_CHUNK = b"0\r\n\r\n"
+
+
+def _is_stream(result: object) -> bool:
+    """A generator or an async generator (not any iterable: a list is a JSON result)."""
+    return (hasattr(result, "__next__") and hasattr(result, "send")) or hasattr(result, "__anext__")
+
+
+def _chunk(data: "bytes | bytearray | memoryview") -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data) if len(data) else b""
+
+
+def _items(result: "Any") -> "Any":
+    """The generator's items one by one, driving an async generator on the instance's loop."""
+    if not hasattr(result, "__anext__"):
+        yield from result
+        return
+    try:
+        while True:
+            try:
+                yield _run_awaitable(result.__anext__())
+            except StopAsyncIteration:
+                return
+    finally:
+        _run_awaitable(result.aclose())
+
+
+def _stream(conn: _Connection, path: bytes, result: "Any") -> None:
+    """Post ``result``'s items as a streamed response to ``path``; the head goes with the first
+    chunk, each chunk as it is yielded, then the last chunk, or the error trailers."""
+    items = _items(result)
+    sock: _socket.socket | None = None
+    pending = b""  # the head (and prelude) until the first chunk goes with it
+    first = True
+    error: BaseException | None = None
+    while True:
+        try:
+            item = next(items)
+        except StopIteration:
+            break
+        except BaseException as exc:
+            error = exc
+            break
+        if first and isinstance(item, dict):
+            try:
+                prelude = _dumps(item).encode("utf-8")
+            except Exception as exc:
+                error = _Fault("Runtime.MarshalError", f"Unable to marshal the HTTP prelude: {exc}")
+                break
+            pending = _stream_head(conn, path, _HTTP_INTEGRATION) + _chunk(prelude + _PRELUDE_DELIMITER)
+            first = False
+            continue
+        if isinstance(item, str):
+            data = item.encode("utf-8")
+        elif isinstance(item, (bytes, bytearray, memoryview)):
+            data = bytes(item)
+        else:
+            error = _Fault(
+                "Runtime.MarshalError",
+                f"Unable to stream an item of type {type(item).__name__}: yield bytes or str",
+            )
+            break
+        if first:
+            pending = _stream_head(conn, path, b"application/octet-stream")
+            first = False
+        if data or pending:
+            sock = _send_stream(conn, sock, pending + _chunk(data))
+            pending = b""
+    if error is not None:
+        _close_items(items)
+    if first:  # nothing was yielded
+        pending = _stream_head(conn, path, b"application/octet-stream")
+    if error is None:
+        tail = _LAST_CHUNK
+    else:
+        body, headers = _error_request(error)
+        import binascii
+
+        tail = b"0\r\n%sLambda-Runtime-Function-Error-Body: %s\r\n\r\n" % (
+            headers, binascii.b2a_base64(body, newline=False))
+    _flush()
+    sock = _send_stream(conn, sock, pending + tail)
+    status, _, _ = conn._response(sock)
+    if not 200 <= status < 300:
+        _log(f"impuls runtime: POST {path.decode('latin-1')} answered HTTP {status}\n")
+    if error is not None and not isinstance(error, Exception):
+        raise error  # SystemExit, KeyboardInterrupt: reported, now let the process end
+
+
+def _stream_head(conn: _Connection, path: bytes, content_type: bytes) -> bytes:
+    return (
+        b"POST %s HTTP/1.1\r\nHost: %s\r\nLambda-Runtime-Function-Response-Mode: streaming\r\n"
+        b"Transfer-Encoding: chunked\r\n"
+        b"Trailer: Lambda-Runtime-Function-Error-Type, Lambda-Runtime-Function-Error-Body\r\n"
+        b"Content-Type: %s\r\n\r\n" % (path, conn.host, content_type)
+    )
+
+
+def _send_stream(conn: _Connection, sock: "_socket.socket | None", data: bytes) -> _socket.socket:
+    """Send part of a streamed request.  The first part may go again on a new connection (a
+    dropped keep-alive); once a part is sent, a lost connection cannot be recovered."""
+    if sock is not None:
+        sock.sendall(data)
+        return sock
+    try:
+        sock = conn.sock or conn.connect()
+        sock.sendall(data)
+    except OSError:
+        conn.close()
+        sock = conn.connect()
+        sock.sendall(data)
+    return sock
+
+
+def _close_items(items: "Any") -> None:
+    try:  # noqa: SIM105 (contextlib costs an import at start-up)
+        items.close()
+    except Exception:
+        pass
+
+
+# --------------------------------------------------------------------------------------------
 # Main loop
 
 
@@ -500,16 +640,23 @@ def _serve(conn: _Connection, handler: "Handler") -> None:
             result = handler(event, context)
             if hasattr(result, "__await__"):
                 result = _run_awaitable(result)
-            try:
-                payload = _dumps(result).encode("utf-8")
-            except Exception as exc:
-                raise _Fault("Runtime.MarshalError", f"Unable to marshal response: {exc}") from None
+            streamed = _is_stream(result)
+            if not streamed:
+                try:
+                    payload = _dumps(result).encode("utf-8")
+                except Exception as exc:
+                    raise _Fault(
+                        "Runtime.MarshalError", f"Unable to marshal response: {exc}"
+                    ) from None
         except BaseException as exc:
             error_body, error_headers = _error_request(exc)
             _flush()
             post(invocation + raw_id + b"/error", error_body, error_headers)
             if not isinstance(exc, Exception):
                 raise  # SystemExit, KeyboardInterrupt: reported, now let the process end
+            continue
+        if streamed:  # its own errors go in its trailers
+            _stream(conn, invocation + raw_id + b"/response", result)
             continue
         _flush()
         status, _, _ = request(
@@ -551,7 +698,7 @@ def main() -> None:
     try:
         handler = _load_handler(environ.get("_HANDLER", ""))
         code = getattr(handler, "__code__", None)
-        if code is not None and code.co_flags & 0x180:  # CO_COROUTINE | CO_ITERABLE_COROUTINE
+        if code is not None and code.co_flags & 0x380:  # CO_(ITERABLE_)COROUTINE, CO_ASYNC_GENERATOR
             _run_awaitable(_noop())  # create the event loop during init, not on first call
     except BaseException as exc:
         error_body, error_headers = _error_request(exc)
