@@ -39,6 +39,7 @@ from impuls.errors import (
     Throttled,
 )
 from impuls.functions.aliases import Route
+from impuls.functions.base import ALIAS_PREFIX, URL_PREFIX
 from impuls.functions.models import ACTIVE, DEFAULT_ACCOUNT, DEFAULT_REGION, LATEST, Function, function_arn
 from impuls.functions.registry import FunctionRegistry
 from impuls.runtimes import Runtime
@@ -50,7 +51,6 @@ _T = TypeVar("_T")
 MAX_EVENT_BYTES = 6 * 1024 * 1024
 #: Lambda's limit on the client context (base64 of the JSON, 3583 bytes) as JSON
 MAX_CLIENT_CONTEXT = 3583 * 3 // 4
-ALIAS_PREFIX = "alias:"
 #: how a stream is closed when its invocation raised instead of producing a result
 ABORTED = "Impuls.InvocationAborted"
 
@@ -139,6 +139,8 @@ class Invoker:
         the pools of a changed or deleted version: $LATEST's on a $LATEST change (the other
         versions are only re-read, for the function-wide reserved concurrency), a version's
         when it is deleted, every pool of the function when it is deleted."""
+        if qualifier is not None and qualifier.startswith(URL_PREFIX):
+            return  # a URL configuration: nothing the engine keeps
         self._generation[name] = self._generation.get(name, 0) + 1
         if qualifier is not None and qualifier.startswith(ALIAS_PREFIX):
             self._routes.pop((name, qualifier[len(ALIAS_PREFIX):]), None)
