@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import http.client
 import os
 import shlex
@@ -18,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import lambda_api, profiling, report, rotation
+from bench import events, lambda_api, profiling, report, rotation
 from bench.loadgen import Client, LoadGenError, burst, lua_script, run_wrk, scratch_dir, wrk_path, wrk_version
 from bench.results import (
     FLOOR,
@@ -392,6 +393,29 @@ class Runner:
             log(f"namespace template {row.label}: cold start p50 {row.p50_ms:.1f} ms, "
                 f"p99 {row.p99_ms:.1f} ms over {row.samples}, {row.rotations} rotations")
 
+    def events(self, sandbox: str, postgres_url: str) -> None:
+        """The asynchronous-event rows on SQLite, and on PostgreSQL when given (``bench/events.py``)."""
+        stores = [("sqlite", "")] + ([("postgresql", postgres_url)] if postgres_url else [])
+        level = max(self.plan.concurrency)
+        samples = 20 if self.plan.quick else 200
+        for store, url in stores:
+            with contextlib.ExitStack() as stack:
+                if url:
+                    url = stack.enter_context(events.temporary_database(url))
+                server = ImpulsServer(sandbox, self.work / f"data-events-{store}",
+                                      self.work / f"events-{store}.log", database_url=url)
+                stack.callback(server.stop)
+                try:
+                    server.start()
+                    self.wait_quiet()
+                    row = events.measure(server, store, self.work, level, self.plan.duration_s, samples)
+                except (OSError, RuntimeError, http.client.HTTPException, ServerRefused) as exc:
+                    self.note(f"asynchronous events ({store}): stopped: {exc}")
+                    continue
+            self.results.events.append(row)
+            log(f"events ({store}): {row.accepted_per_s:,.0f} accepted/s at c={level}, accept to start "
+                f"p50 {row.delay_p50_ms:.1f} ms, p99 {row.delay_p99_ms:.1f} ms")
+
     def note(self, text: str) -> None:
         log(text)
         self.results.notes.append(text)
@@ -457,6 +481,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="seconds per sandbox after which its remaining rows are skipped with a note, "
                         "for slow sandboxes such as microVMs without KVM (default 150; --quick 60)")
     parser.add_argument("--no-baselines", action="store_true", help="skip the floor and spawn-per-call rows")
+    parser.add_argument("--no-events", action="store_true", help="skip the asynchronous-event rows")
+    parser.add_argument("--postgres-url", default=os.environ.get("IMPULS_BENCH_POSTGRES_URL", ""),
+                        help="also measure the asynchronous-event rows on this PostgreSQL database "
+                        "(IMPULS_BENCH_POSTGRES_URL)")
     parser.add_argument("--profile", action="store_true",
                         help="also sample the server with py-spy during an extra Python concurrency-1 "
                         "run and add the breakdown (needs py-spy on PATH or in the venv)")
@@ -491,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
                 runner.impuls(sandbox)
                 if sandbox == "namespace" and sandbox in results.sandboxes:
                     runner.rotation()
+            if results.sandboxes and not args.no_events:
+                runner.events(results.sandboxes[0], args.postgres_url)
     except LoadGenError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2

@@ -23,6 +23,9 @@ VM_TCG_WARM_P50_GOAL_MS = 10.0
 LAMBDA_SIGNED_RATIO_GOAL = 1.25
 # function URLs: the same function through its URL against its native invoke
 URL_RATIO_GOAL = 1.2
+# asynchronous events
+EVENTS_ACCEPTED_GOAL = 2000.0
+EVENTS_DELAY_P50_GOAL_MS = 5.0
 X = "\u00d7"  # multiplication sign
 NA = "\u2013"  # en dash: not measured
 
@@ -99,6 +102,13 @@ def rotation_table(results: Results) -> str:
                   "p99 vs default"], rows)
 
 
+def events_table(results: Results) -> str:
+    rows = [[r.store, str(r.concurrency), _int(r.accepted_per_s), str(r.errors), str(r.delay_samples),
+             _ms(r.delay_p50_ms), _ms(r.delay_p99_ms)] for r in results.events]
+    return table(["store", "concurrency", "accepted/s", "errors", "samples", "accept→start p50 ms",
+                  "p99 ms"], rows)
+
+
 @dataclass
 class Target:
     name: str
@@ -158,6 +168,15 @@ def targets(results: Results) -> list[Target]:
                               f"≤ {URL_RATIO_GOAL:g}{X}",
                               f"{ratio:.2f}{X} ({_ms(via_url.p50_ms)} ms vs {_ms(native.p50_ms)} ms)",
                               ratio <= URL_RATIO_GOAL))
+    for row in results.events:
+        if row.store == "sqlite":
+            out.append(Target(f"accepted asynchronous events per second, concurrency {row.concurrency} "
+                              "(sqlite)", f"≥ {EVENTS_ACCEPTED_GOAL:,.0f}/s",
+                              f"{row.accepted_per_s:,.0f}/s", row.accepted_per_s >= EVENTS_ACCEPTED_GOAL
+                              and row.errors == 0))
+        out.append(Target(f"accept to start of delivery p50, idle warm function ({row.store})",
+                          f"≤ {EVENTS_DELAY_P50_GOAL_MS:g} ms", f"{_ms(row.delay_p50_ms)} ms",
+                          row.delay_p50_ms <= EVENTS_DELAY_P50_GOAL_MS))
     if "namespace" in results.sandboxes:
         out.extend(_issue4_targets(results, "namespace"))
     if "microvm" in results.sandboxes:
@@ -220,6 +239,8 @@ def tables(results: Results) -> str:
     if results.rotation:
         parts += ["", "Template rotation (namespace, Python cold starts in-process: create + first call)",
                   rotation_table(results)]
+    if results.events:
+        parts += ["", "Asynchronous events", events_table(results)]
     parts += ["", "Targets", targets_table(results)]
     if results.notes:
         parts += ["", "Notes", *(f"- {n}" for n in results.notes)]
@@ -388,6 +409,13 @@ def markdown(results: Results) -> str:
                   "HTTP), with the default limits and with the template replaced every few instances "
                   "(its replacement starts in the background during the next starts); compare the rows "
                   "with each other (`bench/rotation.py`).\n", rotation_table(results), ""]
+    if results.events:
+        parts += ["## Asynchronous events\n",
+                  "Accepted events per second at a concurrency (wrk, each answered 202 once its row is "
+                  "committed; the events are then delivered), and the time from an event's acceptance to "
+                  "the start of its delivery for an idle warm function (events sent one at a time, "
+                  "timestamps of the event's row and of its first attempt; `bench/events.py`).\n",
+                  events_table(results), ""]
     parts += ["## Where the time goes\n", *(p + "\n" for p in where_time_goes(results))]
     if results.notes:
         parts += ["## Notes from this run\n", *(f"- {n}" for n in results.notes), ""]

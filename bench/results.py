@@ -102,6 +102,20 @@ class RotationRow:
 
 
 @dataclass
+class EventRow:
+    """Asynchronous events on one store (``bench/events.py``)."""
+
+    store: str  # sqlite | postgresql
+    concurrency: int
+    requests: int
+    accepted_per_s: float
+    errors: int
+    delay_samples: int
+    delay_p50_ms: float  # accept (committed) to the start of the delivery, idle warm function
+    delay_p99_ms: float
+
+
+@dataclass
 class Results:
     machine: dict[str, str]
     command: str
@@ -111,6 +125,7 @@ class Results:
     cold: list[ColdRow] = field(default_factory=list)
     memory: list[MemoryRow] = field(default_factory=list)
     rotation: list[RotationRow] = field(default_factory=list)  # the first row: the default limits
+    events: list[EventRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     sandboxes: list[str] = field(default_factory=list)  # the ones measured
     profile: list[tuple[str, float]] = field(default_factory=list)  # (component, share of samples)

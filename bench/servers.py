@@ -103,11 +103,14 @@ class ServerProcess:
 class ImpulsServer(ServerProcess):
     """``impuls server --sandbox S`` with a fresh data directory."""
 
-    def __init__(self, sandbox: str, data_dir: Path, log_path: Path) -> None:
+    def __init__(self, sandbox: str, data_dir: Path, log_path: Path, database_url: str = "") -> None:
+        """``database_url``: a PostgreSQL store instead of the data directory's SQLite."""
         argv = [sys.executable, "-m", "impuls", "server", "--port", "{port}",
                 "--data-dir", str(data_dir), "--sandbox", sandbox]
-        super().__init__(f"impuls ({sandbox})", argv, log_path,
-                         env={**_clean_env(), "IMPULS_ADMIN_KEY": API_KEY})
+        env = {**_clean_env(), "IMPULS_ADMIN_KEY": API_KEY}
+        if database_url:
+            env["IMPULS_DATABASE_URL"] = database_url
+        super().__init__(f"impuls ({sandbox})", argv, log_path, env=env)
         self.sandbox = sandbox
 
     def start(self, timeout: float = 60.0) -> ImpulsServer:

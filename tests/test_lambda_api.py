@@ -895,8 +895,8 @@ def test_tags(lam: Any) -> None:
 
 def test_event_invoke_config(lam: Any) -> None:
     name = create_function(lam, python_zip(ECHO), wait=False)
-    failure = "arn:aws:sqs:us-east-1:000000000000:impuls-dead-letters"
-    success = "arn:aws:sns:us-east-1:000000000000:impuls-done"
+    failure = "arn:aws:impuls:::dead-letters"
+    success = "arn:aws:lambda:us-east-1:000000000000:function:impuls-done"
     put = lam.put_function_event_invoke_config(
         FunctionName=name, MaximumRetryAttempts=1, MaximumEventAgeInSeconds=3600,
         DestinationConfig={"OnFailure": {"Destination": failure}})

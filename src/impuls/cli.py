@@ -253,16 +253,24 @@ def get_function(client: Client, name: str, qualifier: str | None, as_json: bool
 @click.option("--local", is_flag=True, help="run unsandboxed (the server must allow it)")
 @click.option("--qualifier", "-q", default=None, help="a version number, an alias or $LATEST")
 @click.option("-v", "--verbose", is_flag=True, help="also print duration, cold start and logs")
+@click.option("--async", "is_async", is_flag=True,
+              help="queue the event (durably) and print its request id; see `impuls events`")
 @pass_client
 def invoke(client: Client, name: str, data: str | None, file: Path | None, local: bool,
-           qualifier: str | None, verbose: bool) -> None:
-    """Invoke function NAME and print what it returned."""
+           qualifier: str | None, verbose: bool, is_async: bool) -> None:
+    """Invoke function NAME and print what it returned (or, with --async, the request id)."""
     if data is not None and file is not None:
         fail("give either --data or --file, not both")
     event = file.read_bytes() if file is not None else (data or "{}").encode()
     params = {"local": "true"} if local else {}
     if qualifier:
         params["qualifier"] = qualifier
+    if is_async:
+        params["async"] = "true"
+        queued = client.call("POST", f"/api/v1/functions/{name}/invoke", ok=(202,), content=event,
+                             params=params, headers={"Content-Type": "application/json"})
+        click.echo(queued["request_id"])
+        return
     doc = client.call("POST", f"/api/v1/functions/{name}/invoke", ok=(200, 502, 504),
                       content=event, params=params, headers={"Content-Type": "application/json"})
     if verbose:
@@ -445,6 +453,70 @@ def alias_rm(client: Client, name: str, alias_name: str) -> None:
     console.print(f"deleted alias {name}:{alias_name}")
 
 
+@main.command()
+@click.argument("name")
+@click.argument("request_id", required=False)
+@click.option("--limit", type=int, default=50)
+@click.option("--json", "as_json", is_flag=True)
+@pass_client
+def events(client: Client, name: str, request_id: str | None, limit: int, as_json: bool) -> None:
+    """Asynchronous invocations of function NAME (or one of them, with its attempts)."""
+    if request_id:
+        doc = client.call("GET", f"/api/v1/functions/{name}/invocations/{request_id}")
+        if as_json:
+            click.echo(json.dumps(doc, indent=2))
+            return
+        console.print(f"{doc['request_id']}  {doc['state']}  attempts {doc['attempts']}  "
+                      f"duplicates {doc['duplicates']}", highlight=False)
+        for h in doc["history"]:
+            console.print(f"  {h['attempt']}  {h['started_at']}  {h['outcome']}  "
+                          f"{h['error_type'] or ''} {h['error'] or ''}", highlight=False, markup=False)
+        return
+    doc = client.call("GET", f"/api/v1/functions/{name}/events", params={"limit": limit})
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    table = Table("REQUEST ID", "STATE", "ATTEMPTS", "SOURCE", "CREATED", "ERROR")
+    for e in doc["events"]:
+        table.add_row(e["request_id"], e["state"], str(e["attempts"]), e["source"], e["created_at"],
+                      e["error_type"] or "")
+    console.print(table)
+    console.print(f"{doc['pending']} pending of {doc['total']}", highlight=False)
+
+
+@main.command("dead-letters")
+@click.argument("name")
+@click.option("--redrive", "redrive", default=None, help="queue dead letter ID's event again")
+@click.option("--all", "redrive_all", is_flag=True, help="queue every dead letter's event again")
+@click.option("--rm", "remove", default=None, help="delete dead letter ID")
+@click.option("--json", "as_json", is_flag=True)
+@pass_client
+def dead_letters(client: Client, name: str, redrive: str | None, redrive_all: bool, remove: str | None,
+                 as_json: bool) -> None:
+    """The dead letters of function NAME: events that failed or expired, to redrive or delete."""
+    base = f"/api/v1/functions/{name}/dead-letters"
+    if remove:
+        client.call("DELETE", f"{base}/{remove}")
+        console.print(f"deleted {remove}")
+        return
+    letters = client.call("GET", base)["dead_letters"]
+    chosen = [x for x in letters if redrive_all or x["id"] == redrive] if (redrive or redrive_all) else []
+    if redrive and not chosen:
+        fail(f"404: dead letter '{redrive}' not found")
+    for letter in chosen:
+        queued = client.call("POST", f"{base}/{letter['id']}/redrive", ok=(202,))
+        console.print(f"redriven {letter['id']} as {queued['request_id']}", highlight=False)
+    if chosen:
+        return
+    if as_json:
+        click.echo(json.dumps(letters, indent=2))
+        return
+    table = Table("ID", "REQUEST ID", "CONDITION", "CREATED")
+    for x in letters:
+        table.add_row(x["id"], x["request_id"], x["condition"], x["created_at"])
+    console.print(table)
+
+
 @main.group()
 def url() -> None:
     """Function URLs: a function as an HTTP endpoint."""
@@ -500,6 +572,72 @@ def url_rm(client: Client, name: str, qualifier: str) -> None:
     """Remove function NAME's URL (it answers 404 from then on)."""
     client.call("DELETE", f"/api/v1/functions/{name}/url", params={"qualifier": qualifier})
     console.print(f"removed the URL of {name} ({qualifier})")
+
+
+@main.group()
+def schedules() -> None:
+    """Schedules: fire a function on a timetable (rate(...), cron(...), five-field cron)."""
+
+
+def _print_schedule(schedule: dict[str, Any], as_json: bool, action: str) -> None:
+    if as_json:
+        click.echo(json.dumps(schedule, indent=2))
+        return
+    state = f"next {schedule['next_slot']}" if schedule["enabled"] else "disabled"
+    console.print(f"{action} schedule [bold]{schedule['function_name']}:{schedule['name']}[/bold] "
+                  f"{schedule['expression']} ({schedule['timezone']}, {state})", highlight=False)
+
+
+@schedules.command("add")
+@click.argument("name")
+@click.argument("schedule_name", metavar="SCHEDULE")
+@click.option("--expression", required=True,
+              help="rate(5 minutes), cron(0 12 * * ? *) (EventBridge) or '*/5 * * * *' (five fields)")
+@click.option("--timezone", default="UTC", show_default=True, help="an IANA time zone for cron expressions")
+@click.option("--payload", default=None, help="the event as JSON (default: EventBridge's scheduled event)")
+@click.option("--catch-up", type=click.Choice(["one", "none"]), default="one", show_default=True,
+              help="slots missed while the server was down: one event for the newest, or none")
+@click.option("--disabled", is_flag=True, help="create it disabled")
+@click.option("--json", "as_json", is_flag=True)
+@pass_client
+def schedules_add(client: Client, name: str, schedule_name: str, expression: str, timezone: str,
+                  payload: str | None, catch_up: str, disabled: bool, as_json: bool) -> None:
+    """Add SCHEDULE to function NAME."""
+    body: dict[str, Any] = {"name": schedule_name, "expression": expression, "timezone": timezone,
+                            "catch_up": catch_up, "enabled": not disabled}
+    if payload is not None:
+        try:
+            body["payload"] = json.loads(payload)
+        except ValueError as exc:
+            fail(f"--payload: not valid JSON ({exc})")
+    _print_schedule(client.call("POST", f"/api/v1/functions/{name}/schedules", json=body), as_json, "added")
+
+
+@schedules.command("ls")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@pass_client
+def schedules_ls(client: Client, name: str, as_json: bool) -> None:
+    """List function NAME's schedules."""
+    data = client.call("GET", f"/api/v1/functions/{name}/schedules")["schedules"]
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    table = Table("SCHEDULE", "EXPRESSION", "TIMEZONE", "ENABLED", "CATCH UP", "NEXT SLOT", "LAST SLOT")
+    for s in data:
+        table.add_row(s["name"], s["expression"], s["timezone"], "yes" if s["enabled"] else "no",
+                      s["catch_up"], s["next_slot"] or "-", s["last_slot"] or "-")
+    console.print(table)
+
+
+@schedules.command("rm")
+@click.argument("name")
+@click.argument("schedule_name", metavar="SCHEDULE")
+@pass_client
+def schedules_rm(client: Client, name: str, schedule_name: str) -> None:
+    """Delete SCHEDULE of function NAME."""
+    client.call("DELETE", f"/api/v1/functions/{name}/schedules/{schedule_name}")
+    console.print(f"deleted schedule {name}:{schedule_name}")
 
 
 @main.group()

@@ -40,6 +40,17 @@ class Settings:
     #: the secret AWS-style credentials are derived from; nodes of a cluster share it
     #: (default: ``<data dir>/server-secret``, made at first start)
     server_secret: str = ""
+    #: asynchronous events: retries after a function error wait base and 2 * base seconds
+    event_retry_base_seconds: float = 60.0
+    #: throttled or failed-to-start deliveries wait 1 s, doubling up to this, until the event's age runs out
+    event_backoff_max_seconds: float = 300.0
+    #: the smallest maximum_event_age_seconds a function may set (Lambda: 60)
+    event_min_age_seconds: int = 60
+    #: a delivery's lease outlives the function's timeout by this much; a node that dies
+    #: holding it leaves the event to another node afterwards
+    event_lease_margin_seconds: float = 30.0
+    #: asynchronous deliveries running at once on this node
+    async_concurrency: int = 64
     #: a wildcard DNS name pointing at the server: ``<name>.<url_domain>`` serves function
     #: ``name``'s URL at ``/`` (function URLs are always at ``/fn/<name>/`` too)
     url_domain: str = ""

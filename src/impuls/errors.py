@@ -48,6 +48,14 @@ class FunctionExists(AlreadyExists):
     kind = "function"
 
 
+class EventNotFound(NotFound):
+    kind = "asynchronous invocation"
+
+
+class DeadLetterNotFound(NotFound):
+    kind = "dead letter"
+
+
 class KeyNotFound(NotFound):
     kind = "key"
 
@@ -96,6 +104,24 @@ class UrlConfigNotFound(NotFound):
 
 class UrlConfigExists(AlreadyExists):
     kind = "function URL config"
+
+
+class ScheduleNotFound(NotFound):
+    """A function has no schedule of that name."""
+
+    kind = "schedule"
+
+    def __init__(self, function: str, schedule: str) -> None:
+        super().__init__(f"{function}:{schedule}")
+        self.function, self.schedule = function, schedule
+
+
+class ScheduleExists(AlreadyExists):
+    kind = "schedule"
+
+    def __init__(self, function: str, schedule: str) -> None:
+        super().__init__(f"{function}:{schedule}")
+        self.function, self.schedule = function, schedule
 
 
 class Conflict(ImpulsError):

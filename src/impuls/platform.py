@@ -7,7 +7,9 @@ drivers chosen); :meth:`start` and :meth:`stop` run inside the event loop.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import socket
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,9 @@ from impuls.auth.links import CodeLinks
 from impuls.config import Settings
 from impuls.engine.invoker import Invoker
 from impuls.engine.records import InvocationRecorder, LogHub
+from impuls.events.dispatcher import Dispatcher
+from impuls.events.scheduler import Scheduler
+from impuls.functions.models import DEFAULT_REGION
 from impuls.functions.packages import PackageBuilder
 from impuls.functions.registry import FunctionRegistry
 from impuls.runtimes import RuntimeRegistry, default_registry
@@ -30,6 +35,13 @@ from impuls.store.db import open_engine
 log = logging.getLogger("impuls")
 
 
+def node_id(settings: Settings) -> str:
+    """This server's name among the nodes sharing a store: the host and its data directory
+    (the same after a restart, so it takes back the events it had leased)."""
+    digest = hashlib.sha256(str(settings.data_dir.resolve()).encode()).hexdigest()[:10]
+    return f"{socket.gethostname()}:{digest}"
+
+
 class Platform:
     def __init__(self, settings: Settings, runtimes: RuntimeRegistry | None = None) -> None:
         self.settings = settings
@@ -38,7 +50,8 @@ class Platform:
         self.blobs = BlobStore(settings.data_dir / "blobs")
         packages = PackageBuilder(settings.data_dir / "packages", settings.data_dir / "build-cache")
         self.registry = FunctionRegistry(self.db, self.blobs, runtimes or default_registry(), packages,
-                                         max_reserved_concurrency=settings.max_concurrency)
+                                         max_reserved_concurrency=settings.max_concurrency,
+                                         min_event_age=settings.event_min_age_seconds)
         self.keys = KeyStore(self.db, load_server_secret(settings.data_dir, settings.server_secret),
                              settings.admin_key)
         self.code_links = CodeLinks(self.keys.mac)
@@ -54,6 +67,9 @@ class Platform:
         self.recorder = InvocationRecorder(
             self.db, timedelta(days=settings.invocation_retention_days))
         self.invoker = Invoker(settings, self.registry, self.driver, local, self.recorder, self.hub)
+        self.events = Dispatcher(self.registry, self.invoker, settings, node_id(settings))
+        self.scheduler = Scheduler(self.db, node_id(settings), settings.account_id, DEFAULT_REGION)
+        self.scheduler.on_fired = self.events.wake
 
     @property
     def admin_key_file(self) -> Path:
@@ -61,6 +77,8 @@ class Platform:
 
     async def start(self) -> None:
         await self.invoker.start()
+        await self.events.start()
+        await self.scheduler.start()
         resumed = self.registry.resume_builds()  # after the engine listens: it hears their end
         if resumed:
             log.info("resumed %d background builds left unfinished", resumed)
@@ -71,6 +89,8 @@ class Platform:
             log.warning("local=true is allowed: callers may run code unsandboxed (unsafe)")
 
     async def stop(self) -> None:
+        await self.scheduler.close()
+        await self.events.close()
         self.registry.close()
         await self.invoker.close()
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 from sqlalchemy import column, create_engine, insert, table, text
 
 from impuls.auth import audit
@@ -126,7 +127,7 @@ def test_event_configs_put_update_get_list_delete(store: Heard) -> None:
     put = store.registry.put_event_config("fn", "$LATEST", {"maximum_retry_attempts": 0}, ALICE)
     assert (put.qualifier, put.maximum_retry_attempts, put.maximum_event_age_seconds) == ("$LATEST", 0, 21600)
     assert put.on_success is None and put.on_failure is None
-    dest = "arn:aws:sqs:us-east-1:000000000000:failures"
+    dest = "arn:aws:lambda:us-east-1:000000000000:function:failures"
     merged = store.registry.put_event_config("fn", "$LATEST", {"on_failure": dest}, ALICE, replace=False)
     assert merged.maximum_retry_attempts == 0 and merged.on_failure == dest  # kept, added
     replaced = store.registry.put_event_config("fn", "$LATEST", {"maximum_event_age_seconds": 60}, ALICE)
@@ -266,7 +267,8 @@ def test_migration_0004_makes_existing_functions_active(tmp_path: Path) -> None:
             revision=4, created_at=now, updated_at=now))
     migrate(engine)
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0004"
+        head = ScriptDirectory.from_config(cfg).get_current_head()
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == head
     registry = FunctionRegistry(engine, blobs, default_registry(),
                                 PackageBuilder(tmp_path / "p", tmp_path / "c"))
     fn = registry.get("old")

@@ -14,7 +14,7 @@ from starlette import types
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from impuls import __version__
-from impuls.api import code, functions, invocations, keys, url_configs
+from impuls.api import code, events, functions, invocations, keys, schedules, url_configs
 from impuls.api.auth import AuthGate
 from impuls.api.deps import platform_of, principal_of
 from impuls.api.errors import error_response, status_of
@@ -92,6 +92,8 @@ def create_app(platform: Platform) -> Doors:
     app.include_router(keys.router)
     app.include_router(code.router)
     app.include_router(url_configs.router)
+    app.include_router(events.router)
+    app.include_router(schedules.router)
     native = AuthGate(InvokeFastPath(app, platform), platform.keys if platform.settings.auth else None)
     return Doors(native, LambdaDoor(platform), UrlDoor(platform))
 

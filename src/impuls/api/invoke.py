@@ -24,7 +24,8 @@ from impuls.api.errors import OUTCOME_STATUS, error_body, status_of
 from impuls.auth.principal import Principal, Scope
 from impuls.engine.invoker import MAX_EVENT_BYTES
 from impuls.engine.results import InvocationResult
-from impuls.errors import ImpulsError, InvalidInput
+from impuls.errors import ImpulsError, InvalidInput, PayloadTooLarge
+from impuls.events.dispatcher import MAX_EVENT_BYTES as ASYNC_EVENT_BYTES
 
 if TYPE_CHECKING:
     from impuls.platform import Platform
@@ -63,6 +64,10 @@ class InvokeFastPath:
                 payload = b"{}"
             else:
                 parse_json(payload, "event")
+            if query.get("async", ["false"])[-1].lower() in TRUE:
+                request_id = await self._accept(name, qualifier, payload)
+                await _reply(send, 202, json.dumps({"request_id": request_id}).encode())
+                return
             local = query.get("local", ["false"])[-1].lower() in TRUE
             result = await self.platform.invoker.invoke(name, payload, qualifier=qualifier, local=local)
         except ImpulsError as exc:
@@ -77,6 +82,15 @@ class InvokeFastPath:
             return
         http_status, status_code = OUTCOME_STATUS[result.outcome]
         await _reply(send, http_status, envelope(result, status_code))
+
+
+    async def _accept(self, name: str, qualifier: str | None, payload: bytes) -> str:
+        """``?async=true``: refuse now what would fail later, else queue durably (202)."""
+        if len(payload) > ASYNC_EVENT_BYTES:
+            raise PayloadTooLarge(f"an asynchronous event of {len(payload)} bytes exceeds the "
+                                  f"{ASYNC_EVENT_BYTES} byte limit")
+        await self.platform.invoker.check(name, qualifier)
+        return await self.platform.events.accept(name, qualifier, payload, "api")
 
 
 def _qualifier(in_path: str, in_query: str) -> str | None:

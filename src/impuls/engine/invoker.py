@@ -39,7 +39,7 @@ from impuls.errors import (
     Throttled,
 )
 from impuls.functions.aliases import Route
-from impuls.functions.base import ALIAS_PREFIX, URL_PREFIX
+from impuls.functions.base import ALIAS_PREFIX, NOT_ENGINE
 from impuls.functions.models import ACTIVE, DEFAULT_ACCOUNT, DEFAULT_REGION, LATEST, Function, function_arn
 from impuls.functions.registry import FunctionRegistry
 from impuls.runtimes import Runtime
@@ -139,8 +139,8 @@ class Invoker:
         the pools of a changed or deleted version: $LATEST's on a $LATEST change (the other
         versions are only re-read, for the function-wide reserved concurrency), a version's
         when it is deleted, every pool of the function when it is deleted."""
-        if qualifier is not None and qualifier.startswith(URL_PREFIX):
-            return  # a URL configuration: nothing the engine keeps
+        if qualifier is not None and qualifier.startswith(NOT_ENGINE):
+            return  # a URL or event-invoke configuration: nothing the engine keeps
         self._generation[name] = self._generation.get(name, 0) + 1
         if qualifier is not None and qualifier.startswith(ALIAS_PREFIX):
             self._routes.pop((name, qualifier[len(ALIAS_PREFIX):]), None)
@@ -244,7 +244,8 @@ class Invoker:
 
     async def invoke(self, name: str, payload: bytes, qualifier: str | None = None, local: bool = False,
                      client_context: str | None = None, region: str = DEFAULT_REGION,
-                     account: str = DEFAULT_ACCOUNT, stream: StreamSink | None = None) -> InvocationResult:
+                     account: str = DEFAULT_ACCOUNT, stream: StreamSink | None = None,
+                     request_id: str | None = None) -> InvocationResult:
         """Run function ``name`` on ``payload`` (JSON bytes); see the API docs for outcomes.
 
         ``qualifier``: None or "$LATEST", a version number, or an alias (which picks its
@@ -263,17 +264,19 @@ class Invoker:
         closed before this returns or raises: with the result's error when the invocation
         failed (a timeout or crash mid-stream ends the stream so), never opened when the
         runtime answered the usual way (the result is then sent whole, as without a stream).
+
+        ``request_id`` (an asynchronous event's, the same on every retry) replaces a new one.
         """
         try:
             return await self._invoke(name, payload, qualifier, local, client_context, region, account,
-                                      stream)
+                                      stream, request_id)
         finally:
             if stream is not None:  # a no-op when _run closed it; else the call never ran
                 stream.close(ABORTED, "the invocation ended without a result")
 
     async def _invoke(self, name: str, payload: bytes, qualifier: str | None, local: bool,
                       client_context: str | None, region: str, account: str,
-                      stream: StreamSink | None) -> InvocationResult:
+                      stream: StreamSink | None, request_id: str | None) -> InvocationResult:
         if self._closing:
             raise ShuttingDown("the server is shutting down")
         if len(payload) > MAX_EVENT_BYTES:
@@ -285,11 +288,23 @@ class Invoker:
         self._inflight += 1
         try:
             arn = function_arn(name, qualifier or None, region, account)
-            return await self._run(target, qualifier, driver, payload, context, arn, stream)
+            return await self._run(target, qualifier, driver, payload, context, arn, stream,
+                                   request_id or str(uuid.uuid4()))
         finally:
             self._inflight -= 1
             if not self._inflight:
                 self._idle_event.set()
+
+    async def check(self, name: str, qualifier: str | None = None) -> Function:
+        """The function version a call would run, if ``invoke`` would not refuse it before
+        running anything (not found, not ready, inactive) -- throttling apart: an asynchronous
+        event is accepted and delivered once its function can run."""
+        if self._closing:
+            raise ShuttingDown("the server is shutting down")
+        target = await self._target(name, qualifier)
+        if target.fn.status != "active":
+            raise FunctionInactive(name)
+        return target.fn
 
     @staticmethod
     def _check(target: FunctionVersion, driver: SandboxDriver) -> None:
@@ -310,9 +325,8 @@ class Invoker:
         return self.local_driver
 
     async def _run(self, target: FunctionVersion, qualifier: str | None, driver: SandboxDriver,
-                   payload: bytes, context: str | None, arn: str,
-                   stream: StreamSink | None) -> InvocationResult:
-        request_id = str(uuid.uuid4())
+                   payload: bytes, context: str | None, arn: str, stream: StreamSink | None,
+                   request_id: str) -> InvocationResult:
         started = datetime.now(UTC)
         t0 = time.perf_counter()
         name = target.fn.name

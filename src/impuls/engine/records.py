@@ -109,6 +109,7 @@ class InvocationRecorder:
         records = []
         for row in rows:
             m = dict(row._mapping)
+            del m["id"]
             ts = m["started_at"]
             m["started_at"] = ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
             records.append(InvocationRecord(**m))

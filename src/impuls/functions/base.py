@@ -28,10 +28,14 @@ log = logging.getLogger("impuls.registry")
 
 #: ``(name, qualifier)``: qualifier "$LATEST" when $LATEST changed, a version number when
 #: that version was deleted, "alias:<name>" when an alias changed, "url:<qualifier>" when a
-#: URL configuration changed, None when the whole function was deleted
+#: URL configuration changed, "event-config:<qualifier>" when an event-invoke config changed,
+#: None when the whole function was deleted
 ChangeListener = Callable[[str, str | None], None]
 ALIAS_PREFIX = "alias:"
 URL_PREFIX = "url:"
+EVENT_CONFIG_PREFIX = "event-config:"
+#: changes of settings the engine does not keep (the doors and the event dispatcher do)
+NOT_ENGINE = (URL_PREFIX, EVENT_CONFIG_PREFIX)
 
 
 def new_revision_id() -> str:
@@ -97,6 +101,9 @@ class RegistryBase:
     Every change is one transaction, taken under ``_write_lock`` (which also orders blob
     writes against blob collection) and, on PostgreSQL, with the function's row locked.
     """
+
+    #: the smallest maximum_event_age_seconds an event config may set (a server setting)
+    min_event_age = 60
 
     def __init__(self, db: Engine, blobs: BlobStore, runtimes: RuntimeRegistry,
                  packages: PackageBuilder) -> None:

@@ -14,15 +14,17 @@ from sqlalchemy import Row, delete, insert, select, update
 from impuls.auth import audit
 from impuls.auth.audit import Actor
 from impuls.errors import EventConfigNotFound, InvalidInput
-from impuls.functions.base import RegistryBase, now, utc
+from impuls.functions.base import EVENT_CONFIG_PREFIX, RegistryBase, now, utc
 from impuls.functions.models import rfc3339
 from impuls.store.schema import event_invoke_configs
 
 DEFAULTS: dict[str, Any] = {"maximum_retry_attempts": 2, "maximum_event_age_seconds": 21600,
                             "on_success": None, "on_failure": None}
-#: Lambda's pattern of a destination ARN (an SQS queue, SNS topic, bus or function)
-DESTINATION_RE = re.compile(
-    r"^arn:(aws[a-zA-Z0-9-]*):([a-zA-Z0-9\-])+:([a-z]{2}(-gov)?-[a-z]+-\d{1})?:(\d{12})?:(.*)$")
+#: a destination: a function (invoked asynchronously with the destination record) ...
+FUNCTION_ARN_RE = re.compile(r"^arn:aws[a-zA-Z0-9-]*:lambda:[a-z0-9-]*:\d{12}:function:"
+                             r"(?P<name>[A-Za-z0-9_-]{1,64})(?::(?P<qualifier>\$LATEST|[A-Za-z0-9_-]+))?$")
+#: ... or Impuls' dead-letter list of the function whose event failed
+DEAD_LETTERS = "arn:aws:impuls:::dead-letters"
 MAX_DESTINATION = 350
 
 
@@ -52,15 +54,16 @@ def _row_to_config(row: Row[Any]) -> EventInvokeConfig:
                              utc(m["updated_at"]))
 
 
-def check_event_fields(fields: Any) -> dict[str, Any]:
-    """The given fields, checked (InvalidInput names the field)."""
+def check_event_fields(fields: Any, min_age: int = 60) -> dict[str, Any]:
+    """The given fields, checked (InvalidInput names the field).  Destinations are a
+    function's ARN or Impuls' dead-letter list (:data:`DEAD_LETTERS`)."""
     if not isinstance(fields, dict):
         raise InvalidInput("body: must be an object")
     for key in fields:
         if key not in DEFAULTS:
             raise InvalidInput(f"{key}: unknown field")
     out = dict(fields)
-    for key, low, high in (("maximum_retry_attempts", 0, 2), ("maximum_event_age_seconds", 60, 21600)):
+    for key, low, high in (("maximum_retry_attempts", 0, 2), ("maximum_event_age_seconds", min_age, 21600)):
         value = out.get(key, low)
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise InvalidInput(f"{key}: a whole number from {low} to {high}")
@@ -69,9 +72,9 @@ def check_event_fields(fields: Any) -> dict[str, Any]:
         if value == "":
             out[key] = None
         elif value is not None and (not isinstance(value, str) or len(value) > MAX_DESTINATION
-                                    or not DESTINATION_RE.match(value)):
-            raise InvalidInput(f"{key}: a destination ARN (arn:aws:sqs|sns|lambda|events:...) of at most "
-                               f"{MAX_DESTINATION} characters")
+                                    or not (FUNCTION_ARN_RE.match(value) or value == DEAD_LETTERS)):
+            raise InvalidInput(f"{key}: a function's ARN (arn:aws:lambda:<region>:<account>:function:"
+                               f"<name>[:<qualifier>]) or Impuls' dead-letter list ({DEAD_LETTERS})")
     return out
 
 
@@ -83,7 +86,7 @@ class EventConfigsMixin(RegistryBase):
         their defaults (2 retries, 21600 s, no destinations).  ``replace=False`` (Update):
         fields not given keep their values, and the configuration must exist
         (EventConfigNotFound).  Audited as ``event_config.put``."""
-        given = check_event_fields(fields)
+        given = check_event_fields(fields, self.min_event_age)
         with self._write_lock, self.db.begin() as conn:
             self._function_row(conn, name, lock=True)
             qualifier = self._check_qualifier(conn, name, qualifier)
@@ -101,6 +104,7 @@ class EventConfigsMixin(RegistryBase):
                 conn.execute(update(event_invoke_configs).where(*where).values(**values))
             audit.record(conn, actor, "event_config.put", f"{name}:{qualifier}",
                          {k: values[k] for k in DEFAULTS})
+        self._changed(name, EVENT_CONFIG_PREFIX + qualifier)
         return self.get_event_config(name, qualifier)
 
     def get_event_config(self, name: str, qualifier: str) -> EventInvokeConfig:
@@ -124,6 +128,7 @@ class EventConfigsMixin(RegistryBase):
             if not deleted:
                 raise EventConfigNotFound(f"{name}:{qualifier}")
             audit.record(conn, actor, "event_config.delete", f"{name}:{qualifier}")
+        self._changed(name, EVENT_CONFIG_PREFIX + qualifier)
 
     def list_event_configs(self, name: str) -> list[EventInvokeConfig]:
         """Every event-invoke configuration of the function, by qualifier."""

@@ -66,7 +66,14 @@ from impuls.functions.urls import UrlConfigsMixin
 from impuls.functions.versions import VersionsMixin
 from impuls.runtimes import Runtime, RuntimeRegistry
 from impuls.store.blobs import BlobStore
-from impuls.store.schema import aliases, event_invoke_configs, function_urls, function_versions, functions
+from impuls.store.schema import (
+    aliases,
+    event_invoke_configs,
+    function_urls,
+    function_versions,
+    functions,
+    schedules,
+)
 
 __all__ = ["ChangeListener", "FunctionRegistry"]
 
@@ -105,14 +112,16 @@ class FunctionRegistry(VersionsMixin, AliasesMixin, EventConfigsMixin, UrlConfig
     owns validation, code blobs and background builds.
 
     ``max_reserved_concurrency`` bounds :meth:`put_concurrency` (the server's cap on
-    instances); ``build_workers`` is the number of background build threads.
+    instances); ``build_workers`` is the number of background build threads;
+    ``min_event_age`` is the smallest ``maximum_event_age_seconds`` an event config may set.
     """
 
     def __init__(self, db: Engine, blobs: BlobStore, runtimes: RuntimeRegistry,
                  packages: PackageBuilder, max_reserved_concurrency: int = 1000,
-                 build_workers: int = 2) -> None:
+                 build_workers: int = 2, min_event_age: int = 60) -> None:
         super().__init__(db, blobs, runtimes, packages)
         self.max_reserved_concurrency = max_reserved_concurrency
+        self.min_event_age = min_event_age
         self._builds = BuildQueue(self._build_job, build_workers)
 
     # --- reads ---------------------------------------------------------------
@@ -321,7 +330,7 @@ class FunctionRegistry(VersionsMixin, AliasesMixin, EventConfigsMixin, UrlConfig
                 shas = {row.code_sha256, row.pending_code_sha256, *conn.execute(
                     select(function_versions.c.code_sha256)
                     .where(function_versions.c.function_name == name)).scalars()}
-                for table in (aliases, event_invoke_configs, function_urls, function_versions):
+                for table in (aliases, event_invoke_configs, function_urls, function_versions, schedules):
                     conn.execute(delete(table).where(table.c.function_name == name))
                 conn.execute(delete(functions).where(functions.c.name == name))
                 audit.record(conn, actor, "function.delete", name)

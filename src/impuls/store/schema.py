@@ -9,6 +9,7 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -113,7 +114,8 @@ function_urls = Table(
 invocations = Table(
     "invocations",
     metadata,
-    Column("request_id", String(36), primary_key=True),
+    Column("id", Integer, primary_key=True, autoincrement=True),  # 0007: retries share a request id
+    Column("request_id", String(36), nullable=False, index=True),
     Column("function_name", String(64), nullable=False),
     Column("function_id", String(36), nullable=False),
     Column("started_at", DateTime(timezone=True), nullable=False),
@@ -151,4 +153,72 @@ audit_log = Table(
     Column("action", String(32), nullable=False),
     Column("target", String(256), nullable=False),  # 0004: room for "function:alias"
     Column("detail", Text, nullable=False),  # JSON object
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("request_id", String(36), primary_key=True),  # the aws_request_id of every attempt
+    Column("function_name", String(64), nullable=False, index=True),
+    Column("qualifier", String(128), nullable=False),
+    Column("payload", LargeBinary, nullable=False),
+    Column("source", String(16), nullable=False),  # api | lambda | schedule | destination | redrive
+    Column("state", String(16), nullable=False),  # queued | running | retrying | succeeded | failed | expired
+    Column("attempts", Integer, nullable=False),  # deliveries that reached the function
+    Column("retries_used", Integer, nullable=False),  # of maximum_retry_attempts (function errors)
+    Column("duplicates", Integer, nullable=False),  # deliveries that may have run twice (a lost lease)
+    Column("backoff", Float, nullable=False),  # the last throttle/start-failure delay, seconds
+    Column("next_at", DateTime(timezone=True), nullable=False),  # not delivered before
+    Column("lease_owner", String(64), nullable=True),
+    Column("lease_until", DateTime(timezone=True), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("executed_version", String(16), nullable=True),
+    Column("last_error_type", String(128), nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("result", Text, nullable=True),  # the last result (truncated)
+    Index("ix_events_due", "state", "next_at"),
+)
+
+event_attempts = Table(
+    "event_attempts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("request_id", String(36), nullable=False, index=True),
+    Column("number", Integer, nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=False),
+    Column("outcome", String(16), nullable=False),  # an invocation outcome, or "throttled"
+    Column("error_type", String(128), nullable=True),
+    Column("error", Text, nullable=True),
+    Column("result", Text, nullable=True),
+    Column("node", String(64), nullable=False),
+)
+
+dead_letters = Table(
+    "dead_letters",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("function_name", String(64), nullable=False, index=True),
+    Column("request_id", String(36), nullable=False),
+    Column("condition", String(32), nullable=False),  # RetriesExhausted | EventAgeExceeded
+    Column("record", Text, nullable=False),  # the destination record (JSON)
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+schedules = Table(
+    "schedules",
+    metadata,
+    Column("function_name", String(64), primary_key=True),
+    Column("name", String(64), primary_key=True),
+    Column("expression", String(256), nullable=False),  # rate(...), cron(...) or five-field cron
+    Column("timezone", String(64), nullable=False),  # IANA name
+    Column("payload", Text, nullable=True),  # JSON; NULL: EventBridge's scheduled-event shape
+    Column("enabled", Boolean, nullable=False),
+    Column("catch_up", String(8), nullable=False),  # one | none
+    Column("created_at", DateTime(timezone=True), nullable=False),  # rate() slots count from here
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("last_slot", DateTime(timezone=True), nullable=True),  # the last slot fired
+    Column("next_slot", DateTime(timezone=True), nullable=True),  # NULL: disabled, or no slot left
+    Index("ix_schedules_due", "enabled", "next_slot"),
 )

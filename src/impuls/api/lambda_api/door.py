@@ -145,8 +145,9 @@ def _region_of(headers: list[tuple[str, str]]) -> str:
 
 async def _send(send: types.Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes,
                 content_type: bytes) -> None:
-    head = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
-            (b"x-amzn-requestid", _request_id().encode()), *headers]
+    head = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), *headers]
+    if not any(name == b"x-amzn-requestid" for name, _ in headers):
+        head.append((b"x-amzn-requestid", _request_id().encode()))
     await send({"type": "http.response.start", "status": status, "headers": head})
     await send({"type": "http.response.body", "body": body})
 

@@ -1,13 +1,12 @@
 """``Invoke``: RequestResponse, Event and DryRun, with Tail logs and the client context.
 
 A function error is never an HTTP error: it is a 200 with ``X-Amz-Function-Error:
-Unhandled`` and Lambda's error document as the payload.  Event invocations run in the
-background (no retries yet; see docs/lambda-api.md).
+Unhandled`` and Lambda's error document as the payload.  Event invocations are queued
+durably (:mod:`impuls.events`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
@@ -18,10 +17,10 @@ from impuls.auth.principal import Scope
 from impuls.engine.invoker import MAX_EVENT_BYTES
 from impuls.engine.results import InvocationResult, Outcome
 from impuls.errors import InvalidInput, PayloadTooLarge, SandboxStartFailed
+from impuls.events.dispatcher import MAX_EVENT_BYTES as ASYNC_EVENT_BYTES
 
 log = logging.getLogger("impuls.api.lambda")
 TAIL_BYTES = 4096
-_background: set[asyncio.Task[InvocationResult]] = set()
 
 
 class InvalidRequestContent(InvalidInput):
@@ -46,13 +45,12 @@ async def invoke(call: Call) -> Reply:
     if kind == "DryRun":
         await call.run(call.platform.registry.get, ref.name, ref.qualifier)
         return Reply(204)
-    if kind == "Event":
-        task = asyncio.get_running_loop().create_task(
-            invoker.invoke(ref.name, payload, qualifier=ref.qualifier, client_context=context,
-                           region=call.region, account=call.account))
-        _background.add(task)
-        task.add_done_callback(_finished)
-        return Reply(202)
+    if kind == "Event":  # queued durably, delivered with Lambda's retry rules
+        if len(payload) > ASYNC_EVENT_BYTES:
+            raise PayloadTooLarge(f"An asynchronous event must be smaller than {ASYNC_EVENT_BYTES} bytes")
+        await invoker.check(ref.name, ref.qualifier)
+        request_id = await call.platform.events.accept(ref.name, ref.qualifier, payload, "lambda")
+        return Reply(202, headers=[(b"x-amzn-requestid", request_id.encode())])
     result = await invoker.invoke(ref.name, payload, qualifier=ref.qualifier, client_context=context,
                                   region=call.region, account=call.account)
     return _reply(result, call.headers.get("x-amz-log-type") == "Tail")
@@ -86,7 +84,3 @@ def _reply(result: InvocationResult, tail: bool) -> Reply:
     return Reply(200, json.dumps(document).encode(), headers)
 
 
-def _finished(task: asyncio.Task[InvocationResult]) -> None:
-    _background.discard(task)
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("an Event invocation failed before it ran: %s", task.exception())
