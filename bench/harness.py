@@ -19,13 +19,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import events, lambda_api, profiling, report, rotation
+from bench import console, events, lambda_api, otlp, profiling, report, rotation
 from bench.loadgen import Client, LoadGenError, burst, lua_script, run_wrk, scratch_dir, wrk_path, wrk_version
 from bench.results import (
     FLOOR,
     FLOOR_FASTAPI,
     IMPULS,
     IMPULS_LAMBDA,
+    IMPULS_TRACED,
     IMPULS_URL,
     SPAWN,
     ColdRow,
@@ -137,12 +138,13 @@ class Runner:
             return f"HTTP {status}: {str(doc)[:300]}"
         return None
 
-    def warm(self, server: ServerProcess, path: str, system: str, sandbox: str, runtime: str) -> None:
+    def warm(self, server: ServerProcess, path: str, system: str, sandbox: str, runtime: str,
+             levels: tuple[int, ...] = ()) -> None:
         problem = self.check(server, path)
         if problem is not None:
             self.note(f"{server.label} {runtime}: skipped, a test call failed: {problem}")
             return
-        for level in self.plan.concurrency:
+        for level in levels or self.plan.concurrency:
             if self.out_of_time(f"{server.label} {runtime} concurrency {level}"):
                 return
             for _ in range(self.plan.prewarm_rounds):
@@ -310,6 +312,34 @@ class Runner:
                 return
             self.row(server, server.url + path, IMPULS_URL, sandbox, PYTHON.label, level, self.script)
 
+    def traced(self, sandbox: str) -> None:
+        """The warm Python rows at the lowest and highest concurrency again, on a server with
+        tracing on (IMPULS_OTLP_ENDPOINT: a no-op OTLP/HTTP sink in this process, ``bench/otlp.py``),
+        to set beside the same function's rows with tracing off."""
+        levels = tuple(sorted({min(self.plan.concurrency), max(self.plan.concurrency)}))
+        with otlp.sink() as sink:
+            server = ImpulsServer(sandbox, self.work / f"data-traced-{sandbox}",
+                                  self.work / f"impuls-traced-{sandbox}.log", otlp_endpoint=sink.endpoint)
+            try:
+                server.start()
+            except ServerRefused as exc:
+                self.note(f"tracing on ({sandbox}): skipped, the server refused to start: {exc}")
+                return
+            log(f"measuring impuls with tracing on, sandbox {sandbox} (server pid {server.pid})")
+            self.deadline = time.monotonic() + self.plan.sandbox_budget_s
+            try:
+                path = server.create(f"bench-{PYTHON.label}", PYTHON, self.plan.max_concurrency)
+                self.warm(server, path, IMPULS_TRACED, sandbox, PYTHON.label, levels)
+            except (OSError, RuntimeError, http.client.HTTPException) as exc:
+                self.note(f"tracing on ({sandbox}): rows stopped: {exc}")
+            finally:
+                self.deadline = float("inf")
+                server.stop()
+            dropped = server.log_path.read_text(errors="replace").count("dropping Span")
+            self.note(f"tracing on ({sandbox}): the no-op sink took {sink.posts:,} exports "
+                      f"({sink.bytes / 1e6:,.1f} MB of spans)"
+                      + (f"; the exporter dropped spans {dropped} times (queue full)" if dropped else ""))
+
     def out_of_time(self, what: str) -> bool:
         if time.monotonic() < self.deadline:
             return False
@@ -416,6 +446,22 @@ class Runner:
             log(f"events ({store}): {row.accepted_per_s:,.0f} accepted/s at c={level}, accept to start "
                 f"p50 {row.delay_p50_ms:.1f} ms, p99 {row.delay_p99_ms:.1f} ms")
 
+    def console(self, sandbox: str) -> None:
+        """The console row: the function list's first paint with 1,000 functions (``bench/console.py``)."""
+        reason = console.unavailable()
+        if reason:
+            self.note(f"console row: skipped: {reason}")
+            return
+        self.wait_quiet()
+        try:
+            row = console.measure(sandbox, self.work, 5 if self.plan.quick else 21)
+        except (OSError, RuntimeError, ServerRefused) as exc:
+            self.note(f"console row: stopped: {exc}")
+            return
+        self.results.console.append(row)
+        log(f"console: the function list with {row.functions:,} functions paints first in "
+            f"{row.first_paint_p50_ms:.0f} ms (p50 of {row.loads})")
+
     def note(self, text: str) -> None:
         log(text)
         self.results.notes.append(text)
@@ -482,6 +528,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "for slow sandboxes such as microVMs without KVM (default 150; --quick 60)")
     parser.add_argument("--no-baselines", action="store_true", help="skip the floor and spawn-per-call rows")
     parser.add_argument("--no-events", action="store_true", help="skip the asynchronous-event rows")
+    parser.add_argument("--no-console", action="store_true",
+                        help="skip the web console's row (first paint of the function list in Chromium)")
+    parser.add_argument("--no-tracing", action="store_true",
+                        help="skip the rows with tracing on (OTLP export to a no-op sink)")
     parser.add_argument("--postgres-url", default=os.environ.get("IMPULS_BENCH_POSTGRES_URL", ""),
                         help="also measure the asynchronous-event rows on this PostgreSQL database "
                         "(IMPULS_BENCH_POSTGRES_URL)")
@@ -517,10 +567,14 @@ def main(argv: list[str] | None = None) -> int:
                 runner.baselines()
             for sandbox in sandboxes:
                 runner.impuls(sandbox)
+                if not args.no_tracing and results.sandboxes == [sandbox]:  # the first one measured
+                    runner.traced(sandbox)
                 if sandbox == "namespace" and sandbox in results.sandboxes:
                     runner.rotation()
             if results.sandboxes and not args.no_events:
                 runner.events(results.sandboxes[0], args.postgres_url)
+            if results.sandboxes and not args.no_console:
+                runner.console(results.sandboxes[0])
     except LoadGenError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2

@@ -5,7 +5,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from bench.results import FLOOR, FLOOR_FASTAPI, IMPULS, IMPULS_LAMBDA, IMPULS_URL, SPAWN, Results
+from bench.results import (
+    FLOOR,
+    FLOOR_FASTAPI,
+    IMPULS,
+    IMPULS_LAMBDA,
+    IMPULS_TRACED,
+    IMPULS_URL,
+    SPAWN,
+    Results,
+)
 
 FLOOR_RATIO_GOAL = 2.0
 SPAWN_SPEEDUP_GOAL = 20.0
@@ -26,6 +35,8 @@ URL_RATIO_GOAL = 1.2
 # asynchronous events
 EVENTS_ACCEPTED_GOAL = 2000.0
 EVENTS_DELAY_P50_GOAL_MS = 5.0
+# the web console: the function list's first paint with 1,000 functions
+CONSOLE_FIRST_PAINT_GOAL_MS = 300.0
 X = "\u00d7"  # multiplication sign
 NA = "\u2013"  # en dash: not measured
 
@@ -109,6 +120,27 @@ def events_table(results: Results) -> str:
                   "p99 ms"], rows)
 
 
+def console_table(results: Results) -> str:
+    rows = [[f"{r.functions:,}", str(r.loads), _ms(r.first_paint_p50_ms), _ms(r.first_paint_p99_ms)]
+            for r in results.console]
+    return table(["functions", "loads", "first paint p50 ms", "p99 ms"], rows, {0, 1, 2, 3})
+
+
+def tracing_table(results: Results) -> str:
+    """Each traced row beside the row of the same function, sandbox and concurrency with tracing off."""
+    rows = []
+    for on in (r for r in results.warm if r.system == IMPULS_TRACED):
+        off = results.find_warm(IMPULS, on.runtime, on.concurrency, on.sandbox)
+        if off is None:
+            continue
+        rows.append([on.sandbox, on.runtime, str(on.concurrency), _ms(off.p50_ms), _ms(on.p50_ms),
+                     f"{on.p50_ms - off.p50_ms:+.3f}", _ms(off.p99_ms), _ms(on.p99_ms), _int(off.rps),
+                     _int(on.rps), _int(off.cpu_server_us), _int(on.cpu_server_us)])
+    return table(["sandbox", "runtime", "concurrency", "p50 ms off", "p50 ms on", "p50 Δ ms", "p99 ms off",
+                  "p99 ms on", "inv/s off", "inv/s on", "server CPU µs/inv off", "on"], rows,
+                 set(range(2, 12)))
+
+
 @dataclass
 class Target:
     name: str
@@ -177,6 +209,10 @@ def targets(results: Results) -> list[Target]:
         out.append(Target(f"accept to start of delivery p50, idle warm function ({row.store})",
                           f"≤ {EVENTS_DELAY_P50_GOAL_MS:g} ms", f"{_ms(row.delay_p50_ms)} ms",
                           row.delay_p50_ms <= EVENTS_DELAY_P50_GOAL_MS))
+    for paint in results.console:
+        out.append(Target(f"console function list first paint, {paint.functions:,} functions",
+                          f"≤ {CONSOLE_FIRST_PAINT_GOAL_MS:g} ms", f"{paint.first_paint_p50_ms:.0f} ms (p50)",
+                          paint.first_paint_p50_ms <= CONSOLE_FIRST_PAINT_GOAL_MS))
     if "namespace" in results.sandboxes:
         out.extend(_issue4_targets(results, "namespace"))
     if "microvm" in results.sandboxes:
@@ -241,6 +277,10 @@ def tables(results: Results) -> str:
                   rotation_table(results)]
     if results.events:
         parts += ["", "Asynchronous events", events_table(results)]
+    if results.console:
+        parts += ["", "Web console", console_table(results)]
+    if any(r.system == IMPULS_TRACED for r in results.warm):
+        parts += ["", "Tracing off and on (OTLP/HTTP export to a no-op sink)", tracing_table(results)]
     parts += ["", "Targets", targets_table(results)]
     if results.notes:
         parts += ["", "Notes", *(f"- {n}" for n in results.notes)]
@@ -416,6 +456,22 @@ def markdown(results: Results) -> str:
                   "the start of its delivery for an idle warm function (events sent one at a time, "
                   "timestamps of the event's row and of its first attempt; `bench/events.py`).\n",
                   events_table(results), ""]
+    if results.console:
+        parts += ["## Web console\n",
+                  "The first contentful paint of `/console/functions` with 1,000 functions in the "
+                  "registry, each with 30 calls in the last hour (counts, p50/p99 and a sparkline per "
+                  "row), in Debian's Chromium driven by Playwright, after one load that warms the "
+                  "browser's cache "
+                  "(`bench/console.py`).\n", console_table(results), ""]
+    if any(r.system == IMPULS_TRACED for r in results.warm):
+        parts += ["## Tracing\n",
+                  "The warm Python rows with tracing off (the default: no `IMPULS_OTLP_ENDPOINT`, the "
+                  "rows above) beside the same function on a second server with tracing on, exporting "
+                  "over OTLP/HTTP to a no-op sink in the harness's process (its CPU counts as other "
+                  "load). Off, each call only checks that there is no tracer; on, each warm call makes "
+                  "two spans (`invoke <function>`, `runtime call`) that a BatchSpanProcessor encodes and "
+                  "exports from a background thread of the server, whose CPU is in the server column.\n",
+                  tracing_table(results), ""]
     parts += ["## Where the time goes\n", *(p + "\n" for p in where_time_goes(results))]
     if results.notes:
         parts += ["## Notes from this run\n", *(f"- {n}" for n in results.notes), ""]

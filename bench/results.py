@@ -11,6 +11,10 @@ IMPULS = "impuls"
 IMPULS_LAMBDA = "impuls Lambda API"
 #: the same function served through its function URL
 IMPULS_URL = "impuls function URL"
+#: the same function on a server with tracing on, exporting over OTLP/HTTP to a no-op sink
+IMPULS_TRACED = "impuls traced"
+#: the systems whose rows are told apart by sandbox
+PER_SANDBOX = (IMPULS, IMPULS_LAMBDA, IMPULS_URL, IMPULS_TRACED)
 FLOOR = "floor"
 FLOOR_FASTAPI = "floor + FastAPI"
 SPAWN = "spawn-per-call"
@@ -116,6 +120,16 @@ class EventRow:
 
 
 @dataclass
+class ConsoleRow:
+    """The web console's function list in Chromium (``bench/console.py``)."""
+
+    functions: int  # in the registry, each with calls in the last hour
+    loads: int
+    first_paint_p50_ms: float
+    first_paint_p99_ms: float
+
+
+@dataclass
 class Results:
     machine: dict[str, str]
     command: str
@@ -126,6 +140,7 @@ class Results:
     memory: list[MemoryRow] = field(default_factory=list)
     rotation: list[RotationRow] = field(default_factory=list)  # the first row: the default limits
     events: list[EventRow] = field(default_factory=list)
+    console: list[ConsoleRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     sandboxes: list[str] = field(default_factory=list)  # the ones measured
     profile: list[tuple[str, float]] = field(default_factory=list)  # (component, share of samples)
@@ -135,7 +150,7 @@ class Results:
     def find_warm(self, system: str, runtime: str, concurrency: int, sandbox: str = "-") -> WarmRow | None:
         for row in self.warm:
             if (row.system, row.runtime, row.concurrency) == (system, runtime, concurrency) and (
-                    system not in (IMPULS, IMPULS_LAMBDA, IMPULS_URL) or row.sandbox == sandbox):
+                    system not in PER_SANDBOX or row.sandbox == sandbox):
                 return row
         return None
 

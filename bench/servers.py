@@ -103,14 +103,19 @@ class ServerProcess:
 class ImpulsServer(ServerProcess):
     """``impuls server --sandbox S`` with a fresh data directory."""
 
-    def __init__(self, sandbox: str, data_dir: Path, log_path: Path, database_url: str = "") -> None:
-        """``database_url``: a PostgreSQL store instead of the data directory's SQLite."""
+    def __init__(self, sandbox: str, data_dir: Path, log_path: Path, database_url: str = "",
+                 otlp_endpoint: str = "") -> None:
+        """``database_url``: a PostgreSQL store instead of the data directory's SQLite;
+        ``otlp_endpoint``: tracing on, exporting there."""
         argv = [sys.executable, "-m", "impuls", "server", "--port", "{port}",
                 "--data-dir", str(data_dir), "--sandbox", sandbox]
         env = {**_clean_env(), "IMPULS_ADMIN_KEY": API_KEY}
+        env = {k: v for k, v in env.items() if not k.startswith("OTEL_")}  # the SDK's defaults
         if database_url:
             env["IMPULS_DATABASE_URL"] = database_url
-        super().__init__(f"impuls ({sandbox})", argv, log_path, env=env)
+        if otlp_endpoint:
+            env["IMPULS_OTLP_ENDPOINT"] = otlp_endpoint
+        super().__init__(f"impuls {'traced ' if otlp_endpoint else ''}({sandbox})", argv, log_path, env=env)
         self.sandbox = sandbox
 
     def start(self, timeout: float = 60.0) -> ImpulsServer:

@@ -19,7 +19,7 @@ from tests.helpers import ROOT
 pytestmark = [
     pytest.mark.skipif(shutil.which("wrk") is None,
                        reason="wrk is not installed (scripts/setup installs it)"),
-    pytest.mark.timeout(60),  # quick: the --quick run takes about 20 s
+    pytest.mark.timeout(300),  # quick: the --quick run takes about a minute
 ]
 
 LEVELS = (1, 8, 32)
@@ -41,6 +41,7 @@ def test_quick_run_produces_every_row(tmp_path: Path) -> None:
     expected += [("impuls", "process", rt, c) for rt in ("python", "node", "go") for c in LEVELS]
     expected += [(door, "process", "python", c) for door in ("impuls Lambda API", "impuls function URL")
                  for c in LEVELS]
+    expected += [("impuls traced", "process", "python", c) for c in (min(LEVELS), max(LEVELS))]
     for key in expected:
         assert key in warm, f"missing warm row {key}; have {sorted(warm)}\n{log}"
         row = warm[key]
@@ -59,17 +60,21 @@ def test_quick_run_produces_every_row(tmp_path: Path) -> None:
     assert results["sandboxes"] == ["process"]
     assert [(e["store"], e["errors"]) for e in results["events"]] == [("sqlite", 0)], log
     assert results["events"][0]["accepted_per_s"] > 0 and results["events"][0]["delay_p50_ms"] >= 0
+    assert [(c["functions"], c["loads"]) for c in results["console"]] == [(1000, 5)], log
+    assert results["console"][0]["first_paint_p50_ms"] > 0
 
     # the printed table and the page hold every system and a verdict for every target
     for text in (out.stdout, report.read_text()):
         for system in ("impuls (process)", *BASELINES):
             assert system in text, log
         assert "not measured" not in text, text
-        assert text.count("**met**") + text.count("**missed**") == 7, text
+        assert text.count("**met**") + text.count("**missed**") == 8, text
         assert "SigV4-signed Lambda Invoke p50 vs native invoke" in text
         assert "function URL p50 vs native invoke" in text
+        assert "impuls traced (process)" in text and "p50 ms on" in text
+        assert "console function list first paint, 1,000 functions" in text
     page = report.read_text()
     for heading in ("## Machine and command", "## Targets", "## Warm invocations", "## Cold starts",
-                    "## Where the time goes", "## How it measures"):
+                    "## Tracing", "## Web console", "## Where the time goes", "## How it measures"):
         assert heading in page
     assert "git commit" in page and "--quick" in page

@@ -106,9 +106,15 @@ def main(ctx: click.Context, url: str, api_key: str | None, ca_cert: Path | None
               help="serve HTTPS with this certificate (PEM; IMPULS_TLS_CERT)")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="the certificate's private key (PEM; IMPULS_TLS_KEY)")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default=None,
+              help="the server's own logs: text lines or one JSON object per line "
+                   "(IMPULS_LOG_FORMAT, default text)")
+@click.option("--metrics-public", is_flag=True, default=None,
+              help="serve GET /metrics without a key (IMPULS_METRICS_PUBLIC=1; default: a key "
+                   "with read scope)")
 def server(host: str | None, port: int | None, data_dir: Path | None, sandbox: str | None,
            allow_local: bool | None, no_auth: bool | None, tls_cert: Path | None,
-           tls_key: Path | None) -> None:
+           tls_key: Path | None, log_format: str | None, metrics_public: bool | None) -> None:
     """Run the Impuls HTTP API server."""
     from impuls import config
     from impuls.server import serve
@@ -117,7 +123,8 @@ def server(host: str | None, port: int | None, data_dir: Path | None, sandbox: s
         settings = config.load({"host": host, "port": port, "data_dir": data_dir,
                                 "sandbox": sandbox, "allow_local": allow_local or None,
                                 "auth": False if no_auth else None, "tls_cert": tls_cert,
-                                "tls_key": tls_key})
+                                "tls_key": tls_key, "log_format": log_format,
+                                "metrics_public": metrics_public or None})
         serve(settings)
     except ImpulsError as exc:
         fail(exc.message)

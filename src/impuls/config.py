@@ -15,6 +15,7 @@ from typing import Any
 from impuls.errors import ConfigError
 
 SANDBOX_KINDS = ("auto", "process", "namespace", "microvm")
+LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,10 @@ class Settings:
     shutdown_grace: float = 30.0
     invocation_retention_days: float = 7.0
     log_level: str = "info"
+    #: the server's own logs: ``text`` (one line each) or ``json`` (one JSON object per line)
+    log_format: str = "text"
+    #: ``GET /metrics`` without a key (else it needs a key with ``read`` scope on every function)
+    metrics_public: bool = False
     #: every /api/v1 request needs a key; off (``--no-auth``) only on a loopback address
     auth: bool = True
     #: an admin key taken as given (automation); without it the first start writes one
@@ -70,6 +75,9 @@ class Settings:
     #: replaced after this many instances or seconds
     template_max_forks: int = 1000
     template_max_age: float = 600.0
+    #: an OpenTelemetry collector's OTLP/HTTP endpoint (e.g. ``http://127.0.0.1:4318``): spans go to
+    #: ``<endpoint>/v1/traces``; empty (the default): no tracing at all
+    otlp_endpoint: str = ""
 
     @property
     def db_url(self) -> str:
@@ -140,6 +148,8 @@ def load(overrides: dict[str, Any] | None = None, environ: dict[str, str] | None
         raise ConfigError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
     if settings.microvm_accel not in ("auto", "kvm", "tcg"):
         raise ConfigError(f"microvm accel must be auto, kvm or tcg, not {settings.microvm_accel!r}")
+    if settings.log_format not in LOG_FORMATS:
+        raise ConfigError(f"log format must be text or json, not {settings.log_format!r}")
     if settings.idle_timeout <= 0:
         raise ConfigError("idle timeout must be positive")
     return settings

@@ -7,30 +7,38 @@ drivers chosen); :meth:`start` and :meth:`stop` run inside the event loop.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import socket
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine as DBEngine
 
+from impuls import __version__
 from impuls.auth.keys import KeyStore, load_server_secret
 from impuls.auth.links import CodeLinks
 from impuls.config import Settings
 from impuls.engine.invoker import Invoker
 from impuls.engine.records import InvocationRecorder, LogHub
+from impuls.engine.results import InvocationResult
+from impuls.errors import Throttled
 from impuls.events.dispatcher import Dispatcher
 from impuls.events.scheduler import Scheduler
+from impuls.functions.builds import CountedPackageBuilder
 from impuls.functions.models import DEFAULT_REGION
-from impuls.functions.packages import PackageBuilder
 from impuls.functions.registry import FunctionRegistry
+from impuls.metrics import Metrics
 from impuls.runtimes import RuntimeRegistry, default_registry
 from impuls.sandbox import make_driver
 from impuls.sandbox.process import ProcessDriver
 from impuls.store.blobs import BlobStore
 from impuls.store.db import open_engine
+from impuls.tracing import Tracer
+from impuls.tracing import start as start_tracing
 
 log = logging.getLogger("impuls")
 
@@ -42,13 +50,31 @@ def node_id(settings: Settings) -> str:
     return f"{socket.gethostname()}:{digest}"
 
 
+class MeteredInvoker(Invoker):
+    """The engine, with the one count the invocation records cannot give the metrics: calls
+    refused as throttled (reserved concurrency 0, a full or timed-out wait queue) never reach
+    an instance, so no record is made.  Every door's 429 and every throttled asynchronous
+    delivery passes here."""
+
+    on_throttled: Callable[[str], None] = staticmethod(lambda name: None)
+
+    async def invoke(self, name: str, *args: Any, **kwargs: Any) -> InvocationResult:
+        try:
+            return await super().invoke(name, *args, **kwargs)
+        except Throttled:
+            self.on_throttled(name)
+            raise
+
+
 class Platform:
     def __init__(self, settings: Settings, runtimes: RuntimeRegistry | None = None) -> None:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.db: DBEngine = open_engine(settings.db_url)
         self.blobs = BlobStore(settings.data_dir / "blobs")
-        packages = PackageBuilder(settings.data_dir / "packages", settings.data_dir / "build-cache")
+        self.metrics = Metrics()
+        packages = CountedPackageBuilder(settings.data_dir / "packages", settings.data_dir / "build-cache",
+                                         self.metrics.built)
         self.registry = FunctionRegistry(self.db, self.blobs, runtimes or default_registry(), packages,
                                          max_reserved_concurrency=settings.max_concurrency,
                                          min_event_age=settings.event_min_age_seconds)
@@ -63,13 +89,21 @@ class Platform:
         if settings.allow_local:
             local = self.driver if isinstance(self.driver, ProcessDriver) else ProcessDriver(
                 settings.data_dir / "sandbox" / "process")
+        #: spans, exported over OTLP (None: IMPULS_OTLP_ENDPOINT is not set, no tracing at all)
+        self.tracer: Tracer | None = start_tracing(settings, node_id(settings), self.driver.name)
         self.hub = LogHub()
         self.recorder = InvocationRecorder(
             self.db, timedelta(days=settings.invocation_retention_days))
-        self.invoker = Invoker(settings, self.registry, self.driver, local, self.recorder, self.hub)
-        self.events = Dispatcher(self.registry, self.invoker, settings, node_id(settings))
+        self.recorder.listen(self.metrics.record)
+        self.invoker = MeteredInvoker(settings, self.registry, self.driver, local, self.recorder, self.hub,
+                                      tracer=self.tracer)
+        self.invoker.on_throttled = self.metrics.throttled
+        self.events = Dispatcher(self.registry, self.invoker, settings, node_id(settings), tracer=self.tracer)
         self.scheduler = Scheduler(self.db, node_id(settings), settings.account_id, DEFAULT_REGION)
         self.scheduler.on_fired = self.events.wake
+        self.metrics.watch(self.invoker, self.events, self.db, {
+            "version": __version__, "sandbox": self.driver.name, "store": settings.store_kind})
+        self.registry.on_change(self.metrics.function_changed)
 
     @property
     def admin_key_file(self) -> Path:
@@ -93,6 +127,8 @@ class Platform:
         await self.events.close()
         self.registry.close()
         await self.invoker.close()
+        if self.tracer is not None:  # the spans of the last calls, before the server exits
+            await asyncio.to_thread(self.tracer.shutdown)
 
     def describe(self) -> dict[str, Any]:
         """What /health and the start-up line report."""

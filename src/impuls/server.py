@@ -2,24 +2,60 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from datetime import UTC, datetime
+from typing import Any
 
 import uvicorn
+from uvicorn.config import LOGGING_CONFIG
 
 from impuls.api.app import create_app
 from impuls.config import Settings
+from impuls.console.app import create_console
 from impuls.platform import Platform
 
 log = logging.getLogger("impuls")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``time`` (RFC 3339, UTC), ``level``, ``logger``, ``message``,
+    and ``exception`` (the traceback) when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            doc["exception"] = record.exc_text
+        if record.stack_info:
+            doc["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(doc, default=str)
+
+
+def configure_logging(settings: Settings) -> None:
+    """The server's own logs on stderr: text lines, or with ``log_format`` json one JSON object
+    per line (uvicorn's and Python's warnings included)."""
+    if settings.log_format == "json":
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter())
+        logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
+        logging.captureWarnings(True)
+    else:
+        logging.basicConfig(level=settings.log_level.upper(), format=TEXT_FORMAT)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def serve(settings: Settings) -> None:
     """Open the platform and serve until SIGINT/SIGTERM."""
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    configure_logging(settings)
     platform = Platform(settings)
     if settings.auth:
         made = platform.keys.bootstrap(platform.admin_key_file)
@@ -30,10 +66,12 @@ def serve(settings: Settings) -> None:
     else:
         log.warning("authentication is OFF (--no-auth): anyone who reaches %s:%d may deploy and "
                     "run code; for local development only", settings.host, settings.port)
-    app = create_app(platform)
+    app = create_app(platform, create_console(platform))
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
         log_level="warning", access_log=False, lifespan="on",
+        # json: uvicorn's loggers reach the root logger's JSON handler instead of its own text ones
+        log_config=None if settings.log_format == "json" else LOGGING_CONFIG,
         timeout_graceful_shutdown=int(settings.shutdown_grace),
         ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key,
     )

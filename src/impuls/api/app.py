@@ -14,7 +14,7 @@ from starlette import types
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from impuls import __version__
-from impuls.api import code, events, functions, invocations, keys, schedules, url_configs
+from impuls.api import code, events, functions, invocations, keys, metrics, schedules, url_configs
 from impuls.api.auth import AuthGate
 from impuls.api.deps import platform_of, principal_of
 from impuls.api.errors import error_response, status_of
@@ -58,8 +58,10 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal server error")
 
 
-def create_app(platform: Platform) -> Doors:
-    """The ASGI application: invocations on the fast path, everything else through FastAPI."""
+def create_app(platform: Platform, console: types.ASGIApp | None = None) -> types.ASGIApp:
+    """The ASGI application: invocations on the fast path, everything else through FastAPI;
+    ``console`` (the web console, :mod:`impuls.console`, which uses this door's error table)
+    is mounted at ``/console``."""
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await platform.start()
@@ -94,8 +96,12 @@ def create_app(platform: Platform) -> Doors:
     app.include_router(url_configs.router)
     app.include_router(events.router)
     app.include_router(schedules.router)
+    if console is not None:
+        app.mount("/console", console)
+    app.include_router(metrics.router)
     native = AuthGate(InvokeFastPath(app, platform), platform.keys if platform.settings.auth else None)
-    return Doors(native, LambdaDoor(platform), UrlDoor(platform))
+    doors = Doors(native, LambdaDoor(platform), UrlDoor(platform))
+    return metrics.HttpMetrics(doors, platform.metrics, doors.url_door.target)
 
 
 class Doors:

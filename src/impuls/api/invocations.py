@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response, StreamingResponse
@@ -13,6 +13,9 @@ from starlette.concurrency import run_in_threadpool
 
 from impuls.api.deps import authorize, platform_of
 from impuls.auth.principal import Scope
+
+if TYPE_CHECKING:
+    from impuls.engine.records import LogHub
 
 router = APIRouter(prefix="/api/v1/functions/{name}")
 KEEPALIVE_SECONDS = 15.0
@@ -41,7 +44,15 @@ async def logs(request: Request, name: str, follow: bool = False,
         records, _ = await run_in_threadpool(p.recorder.query, name, limit, 0)
         return {"logs": [{"request_id": r.request_id, "started_at": r.to_api()["started_at"],
                           "logs": r.logs, "truncated": r.logs_truncated} for r in reversed(records)]}
-    queue = p.hub.subscribe(name)
+    return follow_logs(p.hub, name)
+
+
+def follow_logs(hub: LogHub, name: str,
+                still_live: Callable[[], Awaitable[bool]] | None = None) -> StreamingResponse:
+    """A server-sent event stream of ``name``'s output as it is written: ``data: {"request_id",
+    "text"}`` per piece, ``: keep-alive`` every 15 s; it ends when ``still_live`` (asked at each
+    keep-alive) says no, or when the client goes."""
+    queue = hub.subscribe(name)
 
     async def events() -> AsyncIterator[bytes]:
         try:
@@ -50,11 +61,13 @@ async def logs(request: Request, name: str, follow: bool = False,
                 try:
                     event = await asyncio.wait_for(queue.get(), KEEPALIVE_SECONDS)
                 except TimeoutError:
+                    if still_live is not None and not await still_live():
+                        return
                     yield b": keep-alive\n\n"
                     continue
                 yield b"data: " + json.dumps(event).encode() + b"\n\n"
         finally:
-            p.hub.unsubscribe(name, queue)
+            hub.unsubscribe(name, queue)
 
     return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})

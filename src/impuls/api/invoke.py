@@ -26,6 +26,7 @@ from impuls.engine.invoker import MAX_EVENT_BYTES
 from impuls.engine.results import InvocationResult
 from impuls.errors import ImpulsError, InvalidInput, PayloadTooLarge
 from impuls.events.dispatcher import MAX_EVENT_BYTES as ASYNC_EVENT_BYTES
+from impuls.tracing import parent_of_asgi
 
 if TYPE_CHECKING:
     from impuls.platform import Platform
@@ -64,12 +65,16 @@ class InvokeFastPath:
                 payload = b"{}"
             else:
                 parse_json(payload, "event")
+            traceparent = tracestate = None
+            if self.platform.tracer is not None:  # the caller's trace, continued
+                traceparent, tracestate = parent_of_asgi(scope["headers"])
             if query.get("async", ["false"])[-1].lower() in TRUE:
-                request_id = await self._accept(name, qualifier, payload)
+                request_id = await self._accept(name, qualifier, payload, traceparent, tracestate)
                 await _reply(send, 202, json.dumps({"request_id": request_id}).encode())
                 return
             local = query.get("local", ["false"])[-1].lower() in TRUE
-            result = await self.platform.invoker.invoke(name, payload, qualifier=qualifier, local=local)
+            result = await self.platform.invoker.invoke(name, payload, qualifier=qualifier, local=local,
+                                                        traceparent=traceparent, tracestate=tracestate)
         except ImpulsError as exc:
             status = status_of(exc)
             if status >= 500:
@@ -84,13 +89,14 @@ class InvokeFastPath:
         await _reply(send, http_status, envelope(result, status_code))
 
 
-    async def _accept(self, name: str, qualifier: str | None, payload: bytes) -> str:
+    async def _accept(self, name: str, qualifier: str | None, payload: bytes, traceparent: str | None,
+                      tracestate: str | None) -> str:
         """``?async=true``: refuse now what would fail later, else queue durably (202)."""
         if len(payload) > ASYNC_EVENT_BYTES:
             raise PayloadTooLarge(f"an asynchronous event of {len(payload)} bytes exceeds the "
                                   f"{ASYNC_EVENT_BYTES} byte limit")
         await self.platform.invoker.check(name, qualifier)
-        return await self.platform.events.accept(name, qualifier, payload, "api")
+        return await self.platform.events.accept(name, qualifier, payload, "api", traceparent, tracestate)
 
 
 def _qualifier(in_path: str, in_query: str) -> str | None:

@@ -105,6 +105,7 @@ class KeyStore:
         self._env_admin_hash = _hash(env_admin_key) if env_admin_key else ""
         self._cache: dict[str, tuple[Principal, float]] = {}
         self._credential_cache: dict[str, tuple[tuple[Principal, str], float]] = {}
+        self._valid_cache: dict[Principal, float] = {}
         self._lock = threading.Lock()
 
     # --- making and revoking ---------------------------------------------------
@@ -147,6 +148,7 @@ class KeyStore:
         with self._lock:
             self._cache.clear()
             self._credential_cache.clear()
+            self._valid_cache.clear()
         return {"name": name, "revoked_at": _rfc3339(now)}
 
     def list(self) -> list[dict[str, Any]]:
@@ -206,6 +208,24 @@ class KeyStore:
         if hit is not None and hit[1] > time.monotonic():
             return hit[0]
         return None
+
+    def still_valid(self, principal: Principal) -> bool:
+        """Whether the key ``principal`` came from is still valid (not revoked), for those who
+        keep the principal instead of the key (the console's sessions).  A yes is cached like a
+        lookup; a revoke on this node empties the cache at once."""
+        hit = self._valid_cache.get(principal)
+        if hit is not None and hit > time.monotonic():
+            return True
+        if principal == Principal(ENV_ADMIN, Scope.ADMIN) and self._env_admin_hash:
+            return True
+        with self.db.connect() as conn:
+            row = conn.execute(select(api_keys).where(api_keys.c.name == principal.name)).first()
+        valid = (row is not None and row.revoked_at is None and row.scope == principal.scope.label
+                 and row.functions == principal.functions)
+        if valid:
+            with self._lock:
+                self._valid_cache[principal] = time.monotonic() + CACHE_SECONDS
+        return valid
 
     def secret_access_key(self, access_key_id: str) -> str:
         return base64.b64encode(self.mac(b"aws-secret:" + access_key_id.encode())).decode()[:40]

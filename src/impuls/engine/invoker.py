@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from impuls.config import Settings
 from impuls.engine.pool import Capacity, Clock, Pool, PoolRetired
@@ -46,6 +46,9 @@ from impuls.runtimes import Runtime
 from impuls.sandbox.base import InstanceSpec, SandboxDriver
 from impuls.sandbox.runtime_api import Invocation, StreamSink
 
+if TYPE_CHECKING:
+    from impuls.tracing import Trace, Tracer
+
 log = logging.getLogger("impuls.engine")
 _T = TypeVar("_T")
 MAX_EVENT_BYTES = 6 * 1024 * 1024
@@ -67,7 +70,8 @@ class FunctionVersion:
 class Invoker:
     def __init__(self, settings: Settings, registry: FunctionRegistry, driver: SandboxDriver,
                  local_driver: SandboxDriver | None, recorder: InvocationRecorder, hub: LogHub,
-                 clock: Clock = time.monotonic, draw: Callable[[], float] = random.random) -> None:
+                 clock: Clock = time.monotonic, draw: Callable[[], float] = random.random,
+                 tracer: Tracer | None = None) -> None:
         self.settings = settings
         self.registry = registry
         self.driver = driver
@@ -77,6 +81,8 @@ class Invoker:
         self.clock = clock
         #: uniform in [0, 1): picks an alias's version for each call
         self.draw = draw
+        #: spans of invocations (None: tracing is off, and nothing else is done for it)
+        self.tracer = tracer
         self.capacity = Capacity(settings.max_concurrency)
         self.capacity.evict = self._evict_one_idle
         self._routes: dict[tuple[str, str], Route] = {}  # (function, alias)
@@ -245,7 +251,8 @@ class Invoker:
     async def invoke(self, name: str, payload: bytes, qualifier: str | None = None, local: bool = False,
                      client_context: str | None = None, region: str = DEFAULT_REGION,
                      account: str = DEFAULT_ACCOUNT, stream: StreamSink | None = None,
-                     request_id: str | None = None) -> InvocationResult:
+                     request_id: str | None = None, traceparent: str | None = None,
+                     tracestate: str | None = None) -> InvocationResult:
         """Run function ``name`` on ``payload`` (JSON bytes); see the API docs for outcomes.
 
         ``qualifier``: None or "$LATEST", a version number, or an alias (which picks its
@@ -266,17 +273,29 @@ class Invoker:
         runtime answered the usual way (the result is then sent whole, as without a stream).
 
         ``request_id`` (an asynchronous event's, the same on every retry) replaces a new one.
+
+        ``traceparent``/``tracestate`` (W3C trace context, the caller's): with tracing on, the
+        invocation's span is their child (else it starts a trace); ignored with tracing off.
         """
+        request_id = request_id or str(uuid.uuid4())
         try:
-            return await self._invoke(name, payload, qualifier, local, client_context, region, account,
-                                      stream, request_id)
+            if self.tracer is None:
+                return await self._invoke(name, payload, qualifier, local, client_context, region, account,
+                                          stream, request_id, None)
+            trace = self.tracer.invocation(name, request_id, traceparent, tracestate)
+            try:
+                return await self._invoke(name, payload, qualifier, local, client_context, region, account,
+                                          stream, request_id, trace)
+            except BaseException as exc:  # refused (not found, throttled, ...) or cancelled
+                trace.fail(exc)
+                raise
         finally:
             if stream is not None:  # a no-op when _run closed it; else the call never ran
                 stream.close(ABORTED, "the invocation ended without a result")
 
     async def _invoke(self, name: str, payload: bytes, qualifier: str | None, local: bool,
                       client_context: str | None, region: str, account: str,
-                      stream: StreamSink | None, request_id: str | None) -> InvocationResult:
+                      stream: StreamSink | None, request_id: str, trace: Trace | None) -> InvocationResult:
         if self._closing:
             raise ShuttingDown("the server is shutting down")
         if len(payload) > MAX_EVENT_BYTES:
@@ -288,8 +307,8 @@ class Invoker:
         self._inflight += 1
         try:
             arn = function_arn(name, qualifier or None, region, account)
-            return await self._run(target, qualifier, driver, payload, context, arn, stream,
-                                   request_id or str(uuid.uuid4()))
+            return await self._run(target, qualifier, driver, payload, context, arn, stream, request_id,
+                                   trace)
         finally:
             self._inflight -= 1
             if not self._inflight:
@@ -326,7 +345,7 @@ class Invoker:
 
     async def _run(self, target: FunctionVersion, qualifier: str | None, driver: SandboxDriver,
                    payload: bytes, context: str | None, arn: str, stream: StreamSink | None,
-                   request_id: str) -> InvocationResult:
+                   request_id: str, trace: Trace | None) -> InvocationResult:
         started = datetime.now(UTC)
         t0 = time.perf_counter()
         name = target.fn.name
@@ -339,14 +358,14 @@ class Invoker:
         try:
             for _attempt in range(5):
                 timeout = float(target.fn.timeout_sec)
-                invocation = Invocation(
+                invocation = Invocation(  # traced: the pool sets trace_id to the runtime call's
                     request_id=request_id, payload=payload,
                     deadline_ms=int((time.time() + timeout) * 1000),
-                    function_arn=arn, trace_id=_trace_id(request_id),
+                    function_arn=arn, trace_id=_trace_id(request_id) if trace is None else "",
                     client_context=context, stream=stream,
                 )
                 try:
-                    result = await self._pool(target, driver).run(invocation, timeout, listener)
+                    result = await self._pool(target, driver).run(invocation, timeout, listener, trace)
                     break
                 except PoolRetired:
                     target = await self._target(name, qualifier)
@@ -367,6 +386,10 @@ class Invoker:
             cold_start=result.cold_start, sandbox=driver.name, logs=result.logs,
             logs_truncated=result.logs_truncated, note=result.note,
         ))
+        if trace is not None:
+            trace.finish({"faas.version": target.fn.version, "faas.coldstart": result.cold_start,
+                          "impuls.outcome": result.outcome.value, "impuls.sandbox": driver.name},
+                         result.error_type, result.error_message)
         return result
 
 

@@ -14,14 +14,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 import uuid
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from impuls.engine.results import InvocationResult
 from impuls.errors import InitFailed, SandboxError, Throttled
 from impuls.sandbox.base import Instance, InstanceSpec, SandboxDriver
 from impuls.sandbox.runtime_api import Invocation
+
+if TYPE_CHECKING:
+    from impuls.tracing import Trace
 
 log = logging.getLogger("impuls.pool")
 Clock = Callable[[], float]
@@ -75,12 +79,17 @@ class Pool:
         return self.size - len(self.idle)
 
     async def run(self, invocation: Invocation, timeout: float,
-                  on_output: Callable[[bytes], None] | None = None) -> InvocationResult:
+                  on_output: Callable[[bytes], None] | None = None,
+                  trace: Trace | None = None) -> InvocationResult:
         """Serve ``invocation`` on an instance of this pool (see module doc); a sandbox
-        condition is raised with the instance's output in its ``logs``."""
-        instance, cold = await self._acquire()
+        condition is raised with the instance's output in its ``logs``.  With a ``trace``, the
+        wait, a cold start and the runtime call are its child spans, and the runtime gets the
+        runtime call's trace header."""
+        instance, cold = await self._acquire(trace)
         healthy = False
         instance.output.listener = on_output
+        if trace is not None:
+            invocation.trace_id = trace.start_call(instance.spec.instance_id)
         try:
             reply = await instance.invoke(invocation, timeout)
             healthy = True
@@ -89,14 +98,18 @@ class Pool:
                                                instance.note if cold else "")
         except SandboxError as exc:
             exc.logs, _ = instance.output.take()
+            if trace is not None:
+                trace.end_call(exc.error_type, exc.message)
             raise
         finally:
             instance.output.listener = None
             self._release(instance, healthy)
+            if trace is not None:
+                trace.end_call()
 
     # --- acquiring -------------------------------------------------------------
 
-    async def _acquire(self) -> tuple[Instance, bool]:
+    async def _acquire(self, trace: Trace | None = None) -> tuple[Instance, bool]:
         while True:
             if self.retired:
                 raise PoolRetired
@@ -109,15 +122,16 @@ class Pool:
                     return instance, False
                 self._discard(instance)
             if self.size < self.max_concurrency and self.capacity.take():
-                return await self._start(), True
-            handed = await self._wait()
+                return await self._start(trace), True
+            handed = await (self._wait() if trace is None else self._traced_wait(trace))
             if handed is not None:
                 return handed, False
 
-    async def _start(self) -> Instance:
+    async def _start(self, trace: Trace | None = None) -> Instance:
         self.size += 1
         try:
-            instance = await self.driver.create(self._spec(uuid.uuid4().hex[:16]))
+            spec = self._spec(uuid.uuid4().hex[:16])
+            instance = await (self.driver.create(spec) if trace is None else self._traced_create(spec, trace))
         except BaseException as exc:
             self.size -= 1
             self.capacity.give()
@@ -149,6 +163,34 @@ class Pool:
                 f"(max_concurrency {self.max_concurrency})"
             )
         return waiter.result()
+
+    async def _traced_wait(self, trace: Trace) -> Instance | None:
+        """``_wait``, as the span ``queue wait``."""
+        start, ahead = time.time_ns(), len(self.waiters)
+        attributes = {"impuls.queue.ahead": ahead, "impuls.pool.busy": self.busy}
+        try:
+            handed = await self._wait()
+        except Throttled as exc:
+            trace.add("queue wait", start, attributes, "Throttled", exc.message)
+            raise
+        trace.add("queue wait", start, attributes)
+        return handed
+
+    async def _traced_create(self, spec: InstanceSpec, trace: Trace) -> Instance:
+        """``driver.create``, as the span ``instance start``."""
+        start = time.time_ns()
+        attributes: dict[str, Any] = {"impuls.instance_id": spec.instance_id,
+                                      "impuls.sandbox": self.driver.name}
+        try:
+            instance = await self.driver.create(spec)
+        except BaseException as exc:
+            trace.add("instance start", start, attributes,
+                      getattr(exc, "error_type", None) or type(exc).__name__, str(exc))
+            raise
+        if instance.note:
+            attributes["impuls.note"] = instance.note
+        trace.add("instance start", start, attributes)
+        return instance
 
     def _wake(self, instance: Instance | None) -> bool:
         """Hand ``instance`` (or, with None, a free slot) to the oldest waiter."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -14,6 +15,8 @@ from sqlalchemy import Engine, delete, func, insert, select
 from impuls.store.schema import invocations
 
 log = logging.getLogger("impuls.records")
+#: sees each record as it is added (on the event loop, on the invocation's path: keep it cheap)
+RecordListener = Callable[["InvocationRecord"], None]
 FLUSH_INTERVAL = 0.25
 PRUNE_INTERVAL = 600.0
 
@@ -44,7 +47,8 @@ class InvocationRecorder:
 
     ``add`` never blocks the event loop; ``flush`` writes what is queued (the
     read endpoints call it so a record is visible right after its call).
-    Records older than ``retention`` are pruned periodically.
+    Records older than ``retention`` are pruned periodically.  ``listen`` adds a callback
+    that sees each record as it is added (the metrics count invocations so).
     """
 
     def __init__(self, db: Engine, retention: timedelta) -> None:
@@ -53,12 +57,21 @@ class InvocationRecorder:
         self._pending: list[dict[str, Any]] = []
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._listeners: list[RecordListener] = []
+
+    def listen(self, listener: RecordListener) -> None:
+        self._listeners.append(listener)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def add(self, record: InvocationRecord) -> None:
         self._pending.append(dict(vars(record)))  # a shallow copy: asdict deep-copies
+        for listener in self._listeners:
+            try:
+                listener(record)
+            except Exception:  # a listener's fault never fails the call that was recorded
+                log.exception("an invocation record listener failed")
 
     async def flush(self) -> None:
         async with self._lock:

@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from impuls.config import Settings
     from impuls.engine.invoker import Invoker
     from impuls.functions.registry import FunctionRegistry
+    from impuls.tracing import Tracer
 
 log = logging.getLogger("impuls.events")
 
@@ -88,13 +89,15 @@ class Policy:
 
 class Dispatcher:
     def __init__(self, registry: FunctionRegistry, invoker: Invoker, settings: Settings, node: str,
-                 clock: Clock = utcnow) -> None:
+                 clock: Clock = utcnow, tracer: Tracer | None = None) -> None:
         self.registry = registry
         self.db = registry.db
         self.invoker = invoker
         self.settings = settings
         self.node = node
         self.clock = clock
+        #: spans of accepts and deliveries (None: tracing is off)
+        self.tracer = tracer
         self.lease = timedelta(seconds=settings.event_lease_margin_seconds)
         self._ready: asyncio.Queue[Event] = asyncio.Queue()
         self._held: set[str] = set()  # leased here: waiting or running
@@ -157,19 +160,35 @@ class Dispatcher:
 
     # --- accepting -----------------------------------------------------------------------
 
-    async def accept(self, name: str, qualifier: str | None, payload: bytes, source: str) -> str:
+    async def accept(self, name: str, qualifier: str | None, payload: bytes, source: str,
+                     traceparent: str | None = None, tracestate: str | None = None) -> str:
         """Queue an event for ``name[:qualifier]`` and return its request id once it is
-        committed.  The caller has checked the function (``Invoker.check``) and the size."""
+        committed.  The caller has checked the function (``Invoker.check``) and the size.
+        With tracing on, the accept is a span (the child of the caller's ``traceparent``),
+        kept with the event as the parent of its deliveries."""
         if self._closing:
             raise ShuttingDown("the server is shutting down")
         assert self._loop is not None, "start() first"
         now = self.clock()
         local = len(self._held) < 2 * self.settings.async_concurrency  # else another poll takes it
+        trace = None if self.tracer is None else self.tracer.start(
+            f"accept {name}", "producer", traceparent, tracestate,
+            {"faas.name": name, "impuls.qualifier": qualifier or "$LATEST", "impuls.event.source": source})
         values = store.event_values(name, qualifier or "$LATEST", payload, source, now,
-                                    lease=(self.node, now + self.lease) if local else None)
+                                    lease=(self.node, now + self.lease) if local else None,
+                                    traceparent=None if trace is None else trace.traceparent)
         batch = Batch()
         batch.insert(events, values)
-        await self.writer.submit(batch)
+        if trace is None:
+            await self.writer.submit(batch)
+        else:
+            trace.set("faas.invocation_id", values["request_id"])
+            try:
+                await self.writer.submit(batch)
+            except BaseException as exc:
+                trace.fail(exc)
+                raise
+            trace.finish({"impuls.outcome": "accepted"})
         if local:
             self._held.add(values["request_id"])
             self._ready.put_nowait(Event.from_values(values))
@@ -231,19 +250,38 @@ class Dispatcher:
                 self._held.discard(event.request_id)
 
     async def _deliver(self, event: Event) -> None:
+        if self.tracer is None:
+            await self._attempt(event, None)
+            return
+        trace = self.tracer.start(f"deliver {event.function_name}", "consumer", event.traceparent, None, {
+            "faas.name": event.function_name, "faas.invocation_id": event.request_id,
+            "impuls.qualifier": event.qualifier, "impuls.event.source": event.source,
+            "impuls.event.attempt": event.attempts + 1, "impuls.event.duplicates": event.duplicates,
+            "impuls.event.age_ms": (self.clock() - event.created_at).total_seconds() * 1000})
+        try:
+            outcome = await self._attempt(event, trace.traceparent)
+        except BaseException as exc:
+            trace.fail(exc)
+            raise
+        trace.finish({"impuls.outcome": outcome},
+                     None if outcome in ("success", "throttled", "not_started") else outcome)
+
+    async def _attempt(self, event: Event, traceparent: str | None) -> str:
+        """One delivery of ``event``; how it ended: an invocation outcome, ``expired``,
+        ``throttled``/``not_started`` (to be retried) or ``refused``."""
         policy = await self._policy(event.function_name, event.qualifier)
         now = self.clock()
         if now - event.created_at > timedelta(seconds=policy.maximum_event_age_seconds):
             await self._write(self._end, event, now, policy, "EventAgeExceeded")
-            return
+            return "expired"
         try:
             fn = await self.invoker.check(event.function_name, event.qualifier)
         except _SYSTEM as exc:
             await self._write(self._system_retry, event, now, policy, exc)
-            return
+            return _system_outcome(exc)
         except ImpulsError as exc:  # gone, not ready, inactive: no point retrying
             await self._write(self._refused, event, now, policy, exc)
-            return
+            return "refused"
         async with self._gate(event.function_name, fn.concurrency_limit):
             started = self.clock()
             until = started + timedelta(seconds=fn.timeout_sec) + self.lease
@@ -252,17 +290,19 @@ class Dispatcher:
             marked = asyncio.ensure_future(self._write(store.running, event, self.node, started, until))
             try:
                 result = await self.invoker.invoke(event.function_name, event.payload,
-                                                   qualifier=event.qualifier, request_id=event.request_id)
+                                                   qualifier=event.qualifier, request_id=event.request_id,
+                                                   traceparent=traceparent)
             except _SYSTEM as exc:
                 await marked
                 await self._write(self._system_retry, event, started, policy, exc)
-                return
+                return _system_outcome(exc)
             except ImpulsError as exc:
                 await marked
                 await self._write(self._refused, event, started, policy, exc)
-                return
+                return "refused"
             await marked
         await self._write(self._outcome, event, started, policy, result)
+        return result.outcome.value
 
     async def _write(self, step: Callable[..., None], *args: Any) -> None:
         """``step(batch, *args)``, committed with whatever else is being written."""
@@ -315,7 +355,7 @@ class Dispatcher:
         retry or counting an attempt, unless the event's age runs out first."""
         now = self.clock()
         delay = min(self.settings.event_backoff_max_seconds, max(BACKOFF_FIRST, event.backoff * 2))
-        outcome = "throttled" if isinstance(exc, Throttled) else "not_started"
+        outcome = _system_outcome(exc)
         store.record_attempt(batch, event, event.attempts, started, now, outcome, self.node,
                              type(exc).__name__, exc.message)
         if now + timedelta(seconds=delay) - event.created_at > timedelta(
@@ -392,6 +432,10 @@ class Dispatcher:
                                                       "on_success", "on_failure")})
         return Policy(config.maximum_retry_attempts, config.maximum_event_age_seconds,
                       config.on_success, config.on_failure)
+
+
+def _system_outcome(exc: ImpulsError) -> str:
+    return "throttled" if isinstance(exc, Throttled) else "not_started"
 
 
 def destination_record(event: Event, invocations: int, condition: str, result: InvocationResult | None,

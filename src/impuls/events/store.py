@@ -47,6 +47,8 @@ class Event:
     created_at: datetime
     #: the last throttle/start-failure backoff, seconds (0: none yet)
     backoff: float
+    #: the W3C traceparent of the span that accepted it (tracing on), the parent of its deliveries
+    traceparent: str | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> Event:
@@ -56,17 +58,19 @@ class Event:
     def from_values(cls, m: Any) -> Event:
         return cls(m["request_id"], m["function_name"], m["qualifier"], bytes(m["payload"]), m["source"],
                    m["state"], m["attempts"], m["retries_used"], m["duplicates"], _utc(m["next_at"]),
-                   _utc(m["created_at"]), float(m["backoff"]))
+                   _utc(m["created_at"]), float(m["backoff"]), m.get("traceparent"))
 
 
 def event_values(function_name: str, qualifier: str, payload: bytes, source: str, now: datetime,
-                 request_id: str | None = None, lease: tuple[str, datetime] | None = None) -> dict[str, Any]:
-    """A new event's row (leased to ``lease`` = (node, until) when its node delivers it at once)."""
+                 request_id: str | None = None, lease: tuple[str, datetime] | None = None,
+                 traceparent: str | None = None) -> dict[str, Any]:
+    """A new event's row (leased to ``lease`` = (node, until) when its node delivers it at once;
+    ``traceparent``: the span that accepted it, with tracing on)."""
     return {"request_id": request_id or str(uuid.uuid4()), "function_name": function_name,
             "qualifier": qualifier, "payload": payload, "source": source, "state": QUEUED, "attempts": 0,
             "retries_used": 0, "duplicates": 0, "backoff": 0.0, "next_at": now,
             "lease_owner": lease[0] if lease else None, "lease_until": lease[1] if lease else None,
-            "created_at": now, "updated_at": now}
+            "created_at": now, "updated_at": now, "traceparent": traceparent}
 
 
 def insert_event(conn: Connection, function_name: str, qualifier: str, payload: bytes, source: str,
@@ -244,3 +248,28 @@ def delete_dead_letter(db: Engine, function_name: str, letter: str) -> None:
             dead_letters.c.id == letter, dead_letters.c.function_name == function_name)).rowcount
     if not gone:
         raise DeadLetterNotFound(letter)
+
+
+@dataclass(frozen=True)
+class QueueSummary:
+    """What the metrics read of the queue at a scrape."""
+
+    #: events not finished, by state (queued, running, retrying; a state without any is absent)
+    pending: dict[str, int]
+    #: when the oldest event not finished was accepted (None: there is none)
+    oldest: datetime | None
+    #: dead letters kept, by function
+    dead_letters: dict[str, int]
+
+
+def queue_summary(db: Engine) -> QueueSummary:
+    """The queue at a glance, for the metrics: two grouped counts and a minimum."""
+    with db.connect() as conn:
+        pending = conn.execute(select(events.c.state, func.count(), func.min(events.c.created_at))
+                               .where(events.c.state.in_(PENDING_STATES))
+                               .group_by(events.c.state)).all()
+        letters = conn.execute(select(dead_letters.c.function_name, func.count())
+                               .group_by(dead_letters.c.function_name)).all()
+    oldest = min((_utc(row[2]) for row in pending if row[2] is not None), default=None)
+    return QueueSummary({row[0]: int(row[1]) for row in pending}, oldest,
+                        {row[0]: int(row[1]) for row in letters})

@@ -4,6 +4,10 @@ A job is a function id; the registry's job function reads the function's row and
 whatever build it is waiting for (a create left Pending, an update left InProgress).  Jobs
 carry no state of their own, so a job lost to a crash or to :meth:`BuildQueue.close` is
 simply submitted again when the server starts (the row still says what is missing).
+
+:class:`CountedPackageBuilder` is a package builder that tells a listener how each build it
+runs ends (the metrics count builds by result): the native API's builds (before it answers),
+these background ones and the rebuild of a package missing at an instance's start alike.
 """
 
 from __future__ import annotations
@@ -12,6 +16,11 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from pathlib import Path
+
+from impuls.functions.models import Code
+from impuls.functions.packages import Package, PackageBuilder
+from impuls.runtimes import Runtime
 
 log = logging.getLogger("impuls.builds")
 
@@ -90,3 +99,31 @@ class BuildQueue:
             self._unfinished -= 1
             if self._unfinished == 0:
                 self._idle.notify_all()
+
+
+#: how a build ended: ``success`` or ``failure`` (called on the building thread)
+BuildListener = Callable[[str], None]
+
+
+class CountedPackageBuilder(PackageBuilder):
+    """A :class:`PackageBuilder` that calls ``listener`` with the result of every build it runs
+    (a package found built is no build)."""
+
+    def __init__(self, root: Path, cache: Path, listener: BuildListener) -> None:
+        super().__init__(root, cache)
+        self.listener = listener
+
+    def _build(self, key: str, runtime: Runtime, handler: str, code: Code) -> Package:
+        try:
+            package = super()._build(key, runtime, handler, code)
+        except BaseException:
+            self._tell("failure")
+            raise
+        self._tell("success")
+        return package
+
+    def _tell(self, result: str) -> None:
+        try:
+            self.listener(result)
+        except Exception:  # a listener's fault never fails a build
+            log.exception("a build listener failed")

@@ -29,8 +29,9 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import Engine, Row, delete, func, insert, or_, select, update
+from sqlalchemy import Engine, Row, and_, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql import ColumnElement
 
 from impuls.auth import audit
 from impuls.auth.audit import Actor
@@ -141,14 +142,17 @@ class FunctionRegistry(VersionsMixin, AliasesMixin, EventConfigsMixin, UrlConfig
                 return row_to_function(fn_row)
             return version_to_function(fn_row, self._version_row(conn, name, target))
 
-    def list(self, limit: int = 100, offset: int = 0, pattern: str = "*") -> tuple[list[Function], int]:
+    def list(self, limit: int = 100, offset: int = 0, pattern: str = "*",
+             search: str = "") -> tuple[list[Function], int]:
         """A page of the functions ($LATEST) whose names match ``pattern`` (``*`` and ``?``
-        wildcards), in name order, and their total count."""
+        wildcards) and contain ``search`` (any case), in name order, and their total count."""
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidInput(f"limit: must be between 1 and {MAX_PAGE}")
         if offset < 0:
             raise InvalidInput("offset: must be 0 or more")
-        matching = functions.c.name.like(_like(pattern), escape="\\")
+        matching: ColumnElement[bool] = functions.c.name.like(_like(pattern), escape="\\")
+        if search:
+            matching = and_(matching, func.lower(functions.c.name).contains(search.lower(), autoescape=True))
         with self.db.connect() as conn:
             rows = conn.execute(
                 select(functions).where(matching).order_by(functions.c.name).limit(limit).offset(offset)

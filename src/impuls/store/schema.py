@@ -177,6 +177,7 @@ events = Table(
     Column("last_error_type", String(128), nullable=True),
     Column("last_error", Text, nullable=True),
     Column("result", Text, nullable=True),  # the last result (truncated)
+    Column("traceparent", String(64), nullable=True),  # 0008: the accepting span (tracing on)
     Index("ix_events_due", "state", "next_at"),
 )
 

@@ -18,6 +18,7 @@ from impuls.engine.invoker import MAX_EVENT_BYTES
 from impuls.engine.results import InvocationResult, Outcome
 from impuls.errors import InvalidInput, PayloadTooLarge, SandboxStartFailed
 from impuls.events.dispatcher import MAX_EVENT_BYTES as ASYNC_EVENT_BYTES
+from impuls.tracing import parent_headers
 
 log = logging.getLogger("impuls.api.lambda")
 TAIL_BYTES = 4096
@@ -45,14 +46,19 @@ async def invoke(call: Call) -> Reply:
     if kind == "DryRun":
         await call.run(call.platform.registry.get, ref.name, ref.qualifier)
         return Reply(204)
+    traceparent = tracestate = None
+    if call.platform.tracer is not None:  # the caller's trace (traceparent, or X-Amzn-Trace-Id), continued
+        traceparent, tracestate = parent_headers(call.headers)
     if kind == "Event":  # queued durably, delivered with Lambda's retry rules
         if len(payload) > ASYNC_EVENT_BYTES:
             raise PayloadTooLarge(f"An asynchronous event must be smaller than {ASYNC_EVENT_BYTES} bytes")
         await invoker.check(ref.name, ref.qualifier)
-        request_id = await call.platform.events.accept(ref.name, ref.qualifier, payload, "lambda")
+        request_id = await call.platform.events.accept(ref.name, ref.qualifier, payload, "lambda",
+                                                       traceparent, tracestate)
         return Reply(202, headers=[(b"x-amzn-requestid", request_id.encode())])
     result = await invoker.invoke(ref.name, payload, qualifier=ref.qualifier, client_context=context,
-                                  region=call.region, account=call.account)
+                                  region=call.region, account=call.account, traceparent=traceparent,
+                                  tracestate=tracestate)
     return _reply(result, call.headers.get("x-amz-log-type") == "Tail")
 
 

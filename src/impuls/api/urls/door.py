@@ -47,6 +47,7 @@ from impuls.errors import (
 from impuls.functions.base import URL_PREFIX
 from impuls.functions.urls import UrlConfig
 from impuls.sandbox.runtime_api import ResponseStream
+from impuls.tracing import parent_headers
 
 if TYPE_CHECKING:
     from impuls.platform import Platform
@@ -127,13 +128,17 @@ class UrlDoor:
             await _send(send, HttpResponse(200, cors.preflight(config.cors, header_map)))
             return
         allowed = cors.response_headers(config.cors, header_map.get("origin", ""))
+        parent: tuple[str | None, str | None] = (None, None)
+        if self.platform.tracer is not None:  # the caller's trace, continued
+            parent = parent_headers(header_map)
         try:
             payload = await self._event(scope, receive, target, config, headers)
             if config.invoke_mode == "RESPONSE_STREAM":
-                await self._stream(send, target, payload, allowed)
+                await self._stream(send, target, payload, allowed, parent)
                 return
-            response = from_result(await self.platform.invoker.invoke(target.name, payload,
-                                                                      qualifier=target.qualifier))
+            response = from_result(await self.platform.invoker.invoke(
+                target.name, payload, qualifier=target.qualifier, traceparent=parent[0],
+                tracestate=parent[1]))
         except ImpulsError as exc:
             response = _failure(exc)
         response.headers += allowed
@@ -163,13 +168,14 @@ class UrlDoor:
         return payload
 
     async def _stream(self, send: types.Send, target: Target, payload: bytes,
-                      extra: list[tuple[str, str]]) -> None:
+                      extra: list[tuple[str, str]], parent: tuple[str | None, str | None]) -> None:
         """RESPONSE_STREAM: the body goes to the client as the function writes it; the status
         and headers come from the stream's HTTP prelude (else 200 and its content type).  A
         function that answers without streaming is answered whole, as BUFFERED."""
         stream = ResponseStream()
         call = asyncio.get_running_loop().create_task(
-            self.platform.invoker.invoke(target.name, payload, qualifier=target.qualifier, stream=stream))
+            self.platform.invoker.invoke(target.name, payload, qualifier=target.qualifier, stream=stream,
+                                         traceparent=parent[0], tracestate=parent[1]))
         try:
             if not await stream.started():
                 response = from_result(await call)

@@ -103,6 +103,11 @@ func main() {
 		payload, _ := io.ReadAll(resp.Body)
 		resp.Body.Close()
 		id := resp.Header.Get("Lambda-Runtime-Aws-Request-Id")
+		if trace := resp.Header.Get("Lambda-Runtime-Trace-Id"); trace != "" {
+			os.Setenv("_X_AMZN_TRACE_ID", trace) // as Lambda's Go runtime does, per invocation
+		} else {
+			os.Unsetenv("_X_AMZN_TRACE_ID")
+		}
 		deadline := time.Now().Add(15 * time.Minute)
 		if ms, err := strconv.ParseInt(resp.Header.Get("Lambda-Runtime-Deadline-Ms"), 10, 64); err == nil {
 			deadline = time.UnixMilli(ms)
