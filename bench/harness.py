@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import console, events, lambda_api, otlp, profiling, report, rotation
+from bench import console, density, events, lambda_api, otlp, profiling, report, rotation
 from bench.loadgen import Client, LoadGenError, burst, lua_script, run_wrk, scratch_dir, wrk_path, wrk_version
 from bench.results import (
     FLOOR,
@@ -462,6 +462,21 @@ class Runner:
         log(f"console: the function list with {row.functions:,} functions paints first in "
             f"{row.first_paint_p50_ms:.0f} ms (p50 of {row.loads})")
 
+    def density(self) -> None:
+        """The density row (``bench/density.py``): 1,000 idle warm instances of 100 functions in the
+        namespace sandbox (``--quick``: 100 of 10)."""
+        functions, per_function = (10, 10) if self.plan.quick else (100, 10)
+        self.wait_quiet()
+        try:
+            row = density.measure(self.work, functions, per_function)
+        except (OSError, RuntimeError, http.client.HTTPException, ServerRefused) as exc:
+            self.note(f"density row: stopped: {exc}")
+            return
+        self.results.density.append(row)
+        log(f"density: {row.instances:,} instances of {row.functions} functions in {row.reach_s:.1f} s, "
+            f"PSS {row.pss_per_instance_mib:.1f} MiB each, server RSS {row.server_rss_mib:.0f} MiB; "
+            f"warm round: {row.cold_in_warm} cold of {row.warm_calls}, {row.errors} errors")
+
     def note(self, text: str) -> None:
         log(text)
         self.results.notes.append(text)
@@ -528,6 +543,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "for slow sandboxes such as microVMs without KVM (default 150; --quick 60)")
     parser.add_argument("--no-baselines", action="store_true", help="skip the floor and spawn-per-call rows")
     parser.add_argument("--no-events", action="store_true", help="skip the asynchronous-event rows")
+    parser.add_argument("--no-density", action="store_true",
+                        help="skip the density row (1,000 idle warm namespace instances of 100 functions)")
     parser.add_argument("--no-console", action="store_true",
                         help="skip the web console's row (first paint of the function list in Chromium)")
     parser.add_argument("--no-tracing", action="store_true",
@@ -571,6 +588,8 @@ def main(argv: list[str] | None = None) -> int:
                     runner.traced(sandbox)
                 if sandbox == "namespace" and sandbox in results.sandboxes:
                     runner.rotation()
+                    if not args.no_density:
+                        runner.density()
             if results.sandboxes and not args.no_events:
                 runner.events(results.sandboxes[0], args.postgres_url)
             if results.sandboxes and not args.no_console:

@@ -35,6 +35,8 @@ URL_RATIO_GOAL = 1.2
 # asynchronous events
 EVENTS_ACCEPTED_GOAL = 2000.0
 EVENTS_DELAY_P50_GOAL_MS = 5.0
+# density: idle warm namespace instances
+DENSITY_PSS_GOAL_MIB = 5.0
 # the web console: the function list's first paint with 1,000 functions
 CONSOLE_FIRST_PAINT_GOAL_MS = 300.0
 X = "\u00d7"  # multiplication sign
@@ -118,6 +120,15 @@ def events_table(results: Results) -> str:
              _ms(r.delay_p50_ms), _ms(r.delay_p99_ms)] for r in results.events]
     return table(["store", "concurrency", "accepted/s", "errors", "samples", "accept→start p50 ms",
                   "p99 ms"], rows)
+
+
+def density_table(results: Results) -> str:
+    rows = [[f"{r.functions}{X}{r.per_function}", _int(r.instances), _int(r.idle), f"{r.reach_s:.1f}",
+             f"{r.pss_per_instance_mib:.2f}", _int(r.server_rss_mib), _int(r.server_pss_mib),
+             f"{r.warm_calls - r.cold_in_warm:,} of {r.warm_calls:,}", str(r.errors)]
+            for r in results.density]
+    return table([f"functions{X}instances", "instances", "idle", "reached in s", "PSS/instance MiB",
+                  "server RSS MiB", "server PSS MiB", "warm round: warm", "errors"], rows)
 
 
 def console_table(results: Results) -> str:
@@ -209,6 +220,14 @@ def targets(results: Results) -> list[Target]:
         out.append(Target(f"accept to start of delivery p50, idle warm function ({row.store})",
                           f"≤ {EVENTS_DELAY_P50_GOAL_MS:g} ms", f"{_ms(row.delay_p50_ms)} ms",
                           row.delay_p50_ms <= EVENTS_DELAY_P50_GOAL_MS))
+    for dense in results.density:
+        out.append(Target(f"{dense.target:,} idle warm instances of {dense.functions} functions, each then "
+                          "answering warm (namespace)", "all live, no cold start, no error",
+                          f"{dense.instances:,} live; {dense.cold_in_warm} cold, {dense.errors} errors",
+                          dense.instances >= dense.target and dense.cold_in_warm == 0 and dense.errors == 0))
+        out.append(Target(f"PSS per idle instance at {dense.target:,} instances (namespace)",
+                          f"≤ {DENSITY_PSS_GOAL_MIB:g} MiB", f"{dense.pss_per_instance_mib:.2f} MiB",
+                          dense.pss_per_instance_mib <= DENSITY_PSS_GOAL_MIB))
     for paint in results.console:
         out.append(Target(f"console function list first paint, {paint.functions:,} functions",
                           f"≤ {CONSOLE_FIRST_PAINT_GOAL_MS:g} ms", f"{paint.first_paint_p50_ms:.0f} ms (p50)",
@@ -277,6 +296,8 @@ def tables(results: Results) -> str:
                   rotation_table(results)]
     if results.events:
         parts += ["", "Asynchronous events", events_table(results)]
+    if results.density:
+        parts += ["", "Density", density_table(results)]
     if results.console:
         parts += ["", "Web console", console_table(results)]
     if any(r.system == IMPULS_TRACED for r in results.warm):
@@ -456,6 +477,13 @@ def markdown(results: Results) -> str:
                   "the start of its delivery for an idle warm function (events sent one at a time, "
                   "timestamps of the event's row and of its first attempt; `bench/events.py`).\n",
                   events_table(results), ""]
+    if results.density:
+        parts += ["## Density\n",
+                  f"Functions{X}instances each: every function is sent as many calls at once as it may have "
+                  "instances, each holding its instance for 1 s, so each call needs an instance of its own; "
+                  "then the same again, when every call must find an idle warm instance. PSS per instance "
+                  "from `/proc/PID/smaps_rollup` of each instance's processes; the server's own RSS and PSS "
+                  "after the first round (`bench/density.py`).\n", density_table(results), ""]
     if results.console:
         parts += ["## Web console\n",
                   "The first contentful paint of `/console/functions` with 1,000 functions in the "

@@ -130,6 +130,26 @@ class ConsoleRow:
 
 
 @dataclass
+class DensityRow:
+    """Many idle warm instances of many functions on one server (``bench/density.py``)."""
+
+    functions: int
+    per_function: int
+    target: int  # functions * per_function
+    instances: int  # live on the server after the first round
+    idle: int
+    reach_s: float  # from the first call until every call of the first round answered
+    pss_per_instance_mib: float  # mean over the instances measured
+    measured_instances: int
+    server_pss_mib: float  # the server process itself
+    server_rss_mib: float
+    server_fds: int  # open file descriptors of the server process
+    errors: int  # calls of either round that did not succeed
+    warm_calls: int  # the second round
+    cold_in_warm: int  # of those, calls that started an instance
+
+
+@dataclass
 class Results:
     machine: dict[str, str]
     command: str
@@ -141,6 +161,7 @@ class Results:
     rotation: list[RotationRow] = field(default_factory=list)  # the first row: the default limits
     events: list[EventRow] = field(default_factory=list)
     console: list[ConsoleRow] = field(default_factory=list)
+    density: list[DensityRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     sandboxes: list[str] = field(default_factory=list)  # the ones measured
     profile: list[tuple[str, float]] = field(default_factory=list)  # (component, share of samples)

@@ -68,8 +68,11 @@ class Server:
     """
 
     def __init__(self, data_dir: Path, env: Mapping[str, str] | None = None,
-                 args: list[str] | None = None, https: bool = False) -> None:
+                 args: list[str] | None = None, https: bool = False,
+                 wrapper: list[str] | None = None) -> None:
+        """``wrapper``: a command that execs the server (e.g. ``prlimit ... --``)."""
         self.data_dir = data_dir
+        self.wrapper = wrapper or []
         self.port = free_port()
         self.url = f"{'https' if https else 'http'}://127.0.0.1:{self.port}"
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("IMPULS_")}
@@ -84,7 +87,7 @@ class Server:
     def start(self, timeout: float = 30) -> Server:
         self.log_file = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "impuls", "server", "--port", str(self.port),
+            [*self.wrapper, sys.executable, "-m", "impuls", "server", "--port", str(self.port),
              "--data-dir", str(self.data_dir), *self.args],
             env=self.env, stdout=self.log_file, stderr=subprocess.STDOUT, cwd=self.data_dir.parent,
         )

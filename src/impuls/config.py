@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from impuls.errors import ConfigError
 
 SANDBOX_KINDS = ("auto", "process", "namespace", "microvm")
+#: the default server-wide instance cap: one instance per this much of the host's memory (an
+#: idle warm Python instance takes ~3.5 MiB PSS in the namespace sandbox; the rest is room for
+#: what functions hold), and never fewer than MIN_INSTANCES
+MIB_PER_INSTANCE = 16
+MIN_INSTANCES = 64
 LOG_FORMATS = ("text", "json")
 
 
@@ -27,7 +32,9 @@ class Settings:
     sandbox: str = "auto"
     allow_local: bool = False
     idle_timeout: float = 300.0
-    max_concurrency: int = 1000
+    #: live instances on this server (all functions, all sandboxes); default: follows the host's
+    #: memory (:func:`default_max_concurrency`)
+    max_concurrency: int = field(default_factory=lambda: default_max_concurrency())
     queue_size: int = 100
     queue_timeout: float = 10.0
     shutdown_grace: float = 30.0
@@ -97,6 +104,18 @@ class Settings:
     @property
     def store_kind(self) -> str:
         return self.db_url.split(":", 1)[0].split("+", 1)[0]
+
+
+def default_max_concurrency(meminfo: Path = Path("/proc/meminfo")) -> int:
+    """One instance per :data:`MIB_PER_INSTANCE` MiB of the host's memory (24 GiB: 1,536), at
+    least :data:`MIN_INSTANCES` (also when the memory cannot be read)."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return max(MIN_INSTANCES, int(line.split()[1]) // 1024 // MIB_PER_INSTANCE)
+    except (OSError, ValueError, IndexError):
+        pass
+    return MIN_INSTANCES
 
 
 _BOOL_TRUE = {"1", "true", "yes", "on"}

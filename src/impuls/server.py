@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,6 +18,10 @@ from impuls.platform import Platform
 
 log = logging.getLogger("impuls")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: what the server holds open per live instance (sockets, pipes, pidfds: ~6 measured) and for
+#: itself (the store, clients), for :func:`raise_open_files`
+FILES_PER_INSTANCE = 8
+FILES_OF_ITS_OWN = 1024
 
 
 class JsonFormatter(logging.Formatter):
@@ -53,9 +58,26 @@ def configure_logging(settings: Settings) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
+def raise_open_files(max_instances: int) -> None:
+    """Raise this process's soft limit on open files to its hard limit: a usual soft limit of
+    1,024 runs out at about 150 live instances.  Functions keep their own limit of 1,024
+    (``sandbox.base.INSTANCE_OPEN_FILES``).  Warn when even the hard limit is short of what
+    ``max_instances`` need."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    need = FILES_OF_ITS_OWN + FILES_PER_INSTANCE * max_instances
+    if hard != resource.RLIM_INFINITY and hard < need:
+        log.warning("the limit on open files (%d) is below what %d live instances need (~%d): "
+                    "starts beyond ~%d instances may fail; raise it (ulimit -Hn, LimitNOFILE=) or "
+                    "lower IMPULS_MAX_CONCURRENCY", hard, max_instances, need,
+                    max(0, (hard - FILES_OF_ITS_OWN) // FILES_PER_INSTANCE))
+
+
 def serve(settings: Settings) -> None:
     """Open the platform and serve until SIGINT/SIGTERM."""
     configure_logging(settings)
+    raise_open_files(settings.max_concurrency)
     platform = Platform(settings)
     if settings.auth:
         made = platform.keys.bootstrap(platform.admin_key_file)

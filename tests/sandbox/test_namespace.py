@@ -63,7 +63,7 @@ def launcher(request: pytest.FixtureRequest) -> str:
 
 
 PROBE = r'''
-import errno, json, os, socket
+import errno, json, os, resource, socket
 def attempt(fn):
     try:
         fn()
@@ -96,6 +96,7 @@ def handler(event, context):
         "cgroup": open("/proc/self/cgroup").read().split("\n")[0],
         "task": sorted(os.listdir("/var/task")),
         "init_memory": attempt(lambda: open("/proc/1/mem", "rb")),
+        "open_files": resource.getrlimit(resource.RLIMIT_NOFILE),
     }
 '''
 
@@ -120,6 +121,7 @@ def test_isolation_seen_from_inside(launcher: str, make_spec: SpecFactory, world
         assert seen["write_task"] == seen["write_usr"] == "EROFS"
         assert seen["write_tmp"] == "ok" and filled["fill"] == "ENOSPC"  # /tmp capped at 8 MB
         assert seen["task"] == ["handler.py"]
+        assert seen["open_files"] == [1024, 1024]  # Lambda's, whatever the server's limit is
         if launcher == "template":  # the template's pid 1 is not dumpable
             assert seen["init_memory"] == "EACCES"
 

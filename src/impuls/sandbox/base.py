@@ -36,6 +36,8 @@ from impuls.runtimes import Runtime
 from impuls.sandbox.runtime_api import Invocation, RuntimeAPI, RuntimeReply
 
 LOG_RECORD_LIMIT = 64 * 1024
+#: open files a function's processes may have (Lambda's limit), whatever the server's own limit
+INSTANCE_OPEN_FILES = 1024
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 

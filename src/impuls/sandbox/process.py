@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from impuls.errors import SandboxStartFailed
-from impuls.sandbox.base import Instance, InstanceSpec, SandboxDriver, WatchedInstance
+from impuls.sandbox.base import INSTANCE_OPEN_FILES, Instance, InstanceSpec, SandboxDriver, WatchedInstance
 from impuls.sandbox.runtime_api import RuntimeAPI
 from impuls.sandbox.watch import PidFile, ProcessWatch, kill_tree
 
 log = logging.getLogger("impuls.sandbox.process")
 
 INIT_TIMEOUT = 30.0
-NOFILE = 1024
 
 
 class ProcessInstance(WatchedInstance):
@@ -52,7 +51,7 @@ def _limit(pid: int, memory_mb: int) -> None:
     data = (memory_mb + 64) * 1024 * 1024
     with contextlib.suppress(OSError, ValueError):
         resource.prlimit(pid, resource.RLIMIT_DATA, (data, data))
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (INSTANCE_OPEN_FILES, INSTANCE_OPEN_FILES))
         resource.prlimit(pid, resource.RLIMIT_CORE, (0, 0))
 
 

@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 from impuls.errors import SandboxStartFailed
-from impuls.sandbox.base import InstanceSpec
+from impuls.sandbox.base import INSTANCE_OPEN_FILES, InstanceSpec
 from impuls.sandbox.namespace import bwrap, cgroups, seccomp
 from impuls.sandbox.namespace.launch import (
     PIDS_MAX,
@@ -26,6 +26,8 @@ from impuls.sandbox.namespace.launch import (
     sandbox_env,
 )
 from impuls.sandbox.watch import ProcessWatch
+
+PRLIMIT = "/usr/bin/prlimit"
 
 
 class BwrapRuntime(ProcessWatch):
@@ -129,6 +131,9 @@ class BwrapLauncher:
             args_r, args_w = os.pipe()
             out_r, out_w = os.pipe()
             argv, payload = command.argv_with_args_fd(args_r)
+            # the function's limit on open files, not the server's (util-linux's prlimit execs
+            # bwrap: the server may not set a limit of a process of another user)
+            argv = [PRLIMIT, f"--nofile={INSTANCE_OPEN_FILES}:{INSTANCE_OPEN_FILES}", "--", *argv]
             proc = subprocess.Popen(
                 argv, pass_fds=[args_r, seccomp_fd, *fds.values()], user=self.uid,
                 group=self.gid, extra_groups=[], stdin=subprocess.DEVNULL, stdout=out_w,

@@ -12,6 +12,7 @@ import gc
 import importlib
 import json
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -37,6 +38,9 @@ MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 AT_FDCWD, MOVE_MOUNT_F_EMPTY_PATH, SYS_MOVE_MOUNT = -100, 4, 429
 PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_SECCOMP = 4, 24, 22
 PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT = 38, 47
+#: open files of a function's processes (impuls.sandbox.base.INSTANCE_OPEN_FILES: this file runs
+#: in the sandbox, where impuls is not importable)
+INSTANCE_OPEN_FILES = 1024
 PR_CAP_AMBIENT_CLEAR_ALL, SECCOMP_MODE_FILTER = 4, 2
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 SIOCSIFFLAGS, IFF_UP, IFF_LOOPBACK, IFF_RUNNING = 0x8914, 0x1, 0x8, 0x40
@@ -306,6 +310,7 @@ class Zygote:
         header = _CapHeader(LINUX_CAPABILITY_VERSION_3, 0)
         data = (_CapData * 2)()
         _check(_libc.capset(ctypes.byref(header), ctypes.byref(data)), "capset")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (INSTANCE_OPEN_FILES, INSTANCE_OPEN_FILES))
         _prctl(PR_SET_NO_NEW_PRIVS, 1, what="no_new_privs")
         _prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(self.fprog), what="seccomp")
 
