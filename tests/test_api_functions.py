@@ -225,3 +225,45 @@ def test_identical_code_stored_once_and_collected(fresh_server: Server) -> None:
     assert (blobs / sha[:2] / sha).exists()  # still referenced by b
     server.request("PATCH", f"/api/v1/functions/{b['name']}", json={"code": PY + "#"})
     assert not (blobs / sha[:2] / sha).exists()  # nobody references it any more
+
+
+HUGE = "10769225378565851394867200"
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("GET", f"/api/v1/functions?offset={HUGE}", 400),
+    ("GET", "/api/v1/functions?offset=-1", 400),
+    ("GET", "/api/v1/functions/{name}/invocations?offset=" + HUGE, 400),
+    ("GET", "/api/v1/functions/{name}/events?offset=" + HUGE, 400),
+    ("GET", "/api/v1/audit?offset=" + HUGE, 400),
+    ("GET", "/api/v1/functions/{name}?qualifier=" + HUGE, 404),
+    ("GET", "/api/v1/functions/{name}?qualifier=2147483648", 404),
+    ("POST", "/api/v1/functions/{name}/invoke?qualifier=" + HUGE, 404),
+    ("DELETE", "/api/v1/functions/{name}?qualifier=" + HUGE, 404),
+])
+def test_numbers_out_of_range_are_refused_not_500(server: Server, method: str, path: str,
+                                                  status: int) -> None:
+    """Every number a request carries is bounded before it reaches the database."""
+    name = server.deploy(runtime="python3.11", handler="handler.handler",
+                         code="def handler(event, context):\n    return 1\n")["name"]
+    r = server.request(method, path.format(name=name))
+    assert r.status_code == status, r.text
+    assert r.json()["message"], r.text
+
+
+def test_openapi_document_is_valid_and_complete(server: Server) -> None:
+    """/openapi.json is a valid OpenAPI document: one operation id per operation, and the
+    invoke route (served in front of FastAPI) described with its replies."""
+    from openapi_spec_validator import validate
+
+    r = server.request("GET", "/openapi.json")
+    assert r.status_code == 200, r.text
+    schema = r.json()
+    validate(schema)
+    ids = [op["operationId"] for item in schema["paths"].values() for op in item.values()]
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
+    function = schema["paths"]["/api/v1/functions/{name}"]
+    assert {"get", "put", "patch", "delete"} <= set(function)
+    invoke = schema["paths"]["/api/v1/functions/{name}/invoke"]["post"]
+    assert {"200", "202", "404", "429", "504"} <= set(invoke["responses"])
+    assert "InvokeReply" in schema["components"]["schemas"]

@@ -7,6 +7,8 @@ an instance that failed; the engine turns them into invocation outcomes.
 
 from __future__ import annotations
 
+import errno
+
 
 class ImpulsError(Exception):
     """Base of every error Impuls raises on purpose; ``message`` is meant for the user."""
@@ -195,6 +197,15 @@ class Throttled(ImpulsError):
 
 class ShuttingDown(ImpulsError):
     """The server is draining and takes no new work."""
+
+
+class StorageFull(ImpulsError):
+    """The disk that holds the data directory has no space left; nothing was changed."""
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says a disk is full (ENOSPC) or a quota is exhausted (EDQUOT)."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class FunctionChanging(ImpulsError):

@@ -9,12 +9,13 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette import types
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from impuls import __version__
-from impuls.api import code, events, functions, invocations, keys, metrics, schedules, url_configs
+from impuls.api import code, events, functions, invocations, invoke, keys, metrics, schedules, url_configs
 from impuls.api.auth import AuthGate
 from impuls.api.deps import platform_of, principal_of
 from impuls.api.errors import error_response, status_of
@@ -98,10 +99,23 @@ def create_app(platform: Platform, console: types.ASGIApp | None = None) -> type
     app.include_router(schedules.router)
     if console is not None:
         app.mount("/console", console)
+    _document_invoke(app)
     app.include_router(metrics.router)
     native = AuthGate(InvokeFastPath(app, platform), platform.keys if platform.settings.auth else None)
     doors = Doors(native, LambdaDoor(platform), UrlDoor(platform))
     return metrics.HttpMetrics(doors, platform.metrics, doors.url_door.target)
+
+
+def _document_invoke(app: FastAPI) -> None:
+    """Add the invoke route, which the fast path serves in front of FastAPI, to /openapi.json."""
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            schema["paths"]["/api/v1/functions/{name}/invoke"] = invoke.openapi_operation(schema)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 class Doors:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
+from pydantic import BaseModel
 from starlette.responses import JSONResponse
 
 from impuls.engine.results import Outcome
@@ -26,6 +27,7 @@ from impuls.errors import (
     PayloadTooLarge,
     PreconditionFailed,
     ShuttingDown,
+    StorageFull,
     Throttled,
     Unauthenticated,
     UnsupportedMediaType,
@@ -47,6 +49,7 @@ ERROR_STATUS: dict[type[ImpulsError], int] = {
     Throttled: 429,
     FunctionChanging: 503,
     ShuttingDown: 503,
+    StorageFull: 507,
 }
 
 #: invocation outcome → (HTTP status, the envelope's ``status_code``)
@@ -66,6 +69,13 @@ def status_of(exc: ImpulsError) -> int:
         if status is not None:
             return status
     return 500
+
+
+class ErrorReply(BaseModel):
+    """The one error shape of /api/v1: ``{"error": true, "message": "..."}``."""
+
+    error: bool
+    message: str
 
 
 def error_body(message: str) -> bytes:

@@ -15,6 +15,7 @@ from impuls.api.deps import actor_of, authorize, platform_of
 from impuls.auth.principal import Scope
 from impuls.errors import InvalidInput
 from impuls.events import store
+from impuls.store.db import MAX_INT
 
 router = APIRouter(prefix="/api/v1/functions/{name}")
 MAX_BODY = 64 * 1024
@@ -32,7 +33,7 @@ async def event(request: Request, name: str, request_id: str) -> dict[str, Any]:
 
 @router.get("/events")
 async def events(request: Request, name: str, limit: int = Query(50, ge=1, le=1000),
-                 offset: int = Query(0, ge=0, le=2**31)) -> dict[str, Any]:
+                 offset: int = Query(0, ge=0, le=MAX_INT)) -> dict[str, Any]:
     authorize(request, Scope.READ, name)
     p = platform_of(request)
     await run_in_threadpool(p.registry.get, name)

@@ -16,6 +16,7 @@ from impuls.auth.principal import Scope
 from impuls.errors import InvalidInput
 from impuls.functions.models import MAX_ZIP_BYTES, Function
 from impuls.platform import Platform
+from impuls.store.db import MAX_INT
 
 # base64 of the largest zip, plus room for the other fields
 MAX_FUNCTION_BODY = (MAX_ZIP_BYTES * 4) // 3 + 1024 * 1024
@@ -44,7 +45,7 @@ async def create_function(request: Request) -> JSONResponse:
 async def list_functions(
     request: Request,
     limit: int = Query(100, ge=1, le=1000),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=MAX_INT),
 ) -> dict[str, Any]:
     who = authorize(request, Scope.READ)
     p = platform_of(request)
@@ -67,7 +68,8 @@ async def get_function(request: Request, name: str, qualifier: str | None = Quer
     return await run_in_threadpool(_full, p, fn)
 
 
-@router.api_route("/{name}", methods=["PUT", "PATCH"])
+@router.put("/{name}")
+@router.patch("/{name}")
 async def update_function(request: Request, name: str) -> dict[str, Any]:
     who = authorize(request, Scope.DEPLOY, name)
     p = platform_of(request)

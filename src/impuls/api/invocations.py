@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from impuls.api.deps import authorize, platform_of
 from impuls.auth.principal import Scope
+from impuls.store.db import MAX_INT
 
 if TYPE_CHECKING:
     from impuls.engine.records import LogHub
@@ -23,7 +24,7 @@ KEEPALIVE_SECONDS = 15.0
 
 @router.get("/invocations")
 async def invocations(request: Request, name: str, limit: int = Query(50, ge=1, le=1000),
-                      offset: int = Query(0, ge=0)) -> dict[str, Any]:
+                      offset: int = Query(0, ge=0, le=MAX_INT)) -> dict[str, Any]:
     authorize(request, Scope.READ, name)
     p = platform_of(request)
     await run_in_threadpool(p.registry.get, name)

@@ -16,11 +16,12 @@ import re
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote
 
+from pydantic import BaseModel
 from starlette import types
 
 from impuls.api.auth import PRINCIPAL
 from impuls.api.body import parse_json, read_body
-from impuls.api.errors import OUTCOME_STATUS, error_body, status_of
+from impuls.api.errors import OUTCOME_STATUS, ErrorReply, error_body, status_of
 from impuls.auth.principal import Principal, Scope
 from impuls.engine.invoker import MAX_EVENT_BYTES
 from impuls.engine.results import InvocationResult
@@ -97,6 +98,66 @@ class InvokeFastPath:
                                   f"{ASYNC_EVENT_BYTES} byte limit")
         await self.platform.invoker.check(name, qualifier)
         return await self.platform.events.accept(name, qualifier, payload, "api", traceparent, tracestate)
+
+
+class InvokeReply(BaseModel):
+    """The native invoke reply (see ``envelope``): ``body`` when the handler returned, else
+    ``error``, ``error_type`` and ``stack``."""
+
+    status_code: int
+    body: Any = None
+    error: str | None = None
+    error_type: str | None = None
+    stack: list[str] | None = None
+    duration_ms: float
+    logs: str
+    request_id: str
+    cold_start: bool
+    executed_version: str
+
+
+class Accepted(BaseModel):
+    """``?async=true``: the event is stored and will be delivered."""
+
+    request_id: str
+
+
+def openapi_operation(schema: dict[str, Any]) -> dict[str, Any]:
+    """The invoke route's OpenAPI path item (the route is served here, in front of FastAPI,
+    so FastAPI does not see it); adds the reply models to ``schema``'s components."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in (InvokeReply, Accepted, ErrorReply):
+        components[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
+
+    def query(name: str, description: str, kind: str = "string") -> dict[str, Any]:
+        return {"name": name, "in": "query", "required": False, "description": description,
+                "schema": {"type": kind}}
+
+    def reply(ref: str, description: str) -> dict[str, Any]:
+        return {"description": description, "content": {"application/json": {"schema": {"$ref": ref}}}}
+
+    failures = {"400": "the event is not JSON, or the qualifiers disagree", "401": "no valid key",
+                "403": "the key may not invoke it, the function is inactive, or local calls are refused",
+                "404": "no such function, version or alias", "409": "the function is Pending or Failed",
+                "413": "the event is over 6 MB (1 MB with async=true)", "429": "too many calls",
+                "502": "the runtime died during the call, or the sandbox could not start",
+                "503": "the server is shutting down", "504": "the call timed out"}
+    responses = {"200": reply("#/components/schemas/InvokeReply", "the call ran (status_code says "
+                              "whether the handler succeeded)"),
+                 "202": reply("#/components/schemas/Accepted", "async=true: the event is stored")}
+    error = "#/components/schemas/ErrorReply"
+    responses.update({status: reply(error, text) for status, text in failures.items()})
+    return {"post": {
+        "operationId": "invoke_function", "summary": "Invoke a function",
+        "description": "The body is the event (any JSON value; empty means {}). See docs/api.md, Invoking.",
+        "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+                        "description": "the function, optionally name:qualifier"},
+                       query("qualifier", "$LATEST, a version number or an alias"),
+                       query("async", "true: queue the event and answer 202", "boolean"),
+                       query("local", "true: run unsandboxed on the host (needs --allow-local)", "boolean")],
+        "requestBody": {"required": False, "content": {"application/json": {"schema": {}}}},
+        "responses": responses,
+    }}
 
 
 def _qualifier(in_path: str, in_query: str) -> str | None:

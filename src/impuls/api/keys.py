@@ -13,6 +13,7 @@ from impuls.api.deps import actor_of, authorize, platform_of
 from impuls.auth import audit
 from impuls.auth.principal import Scope
 from impuls.errors import InvalidInput
+from impuls.store.db import MAX_INT
 
 router = APIRouter(prefix="/api/v1")
 MAX_KEY_BODY = 4096
@@ -48,7 +49,7 @@ async def revoke_key(request: Request, name: str) -> dict[str, Any]:
 
 @router.get("/audit")
 async def audit_log(request: Request, limit: int = Query(100, ge=1, le=1000),
-                    offset: int = Query(0, ge=0, le=2**31)) -> dict[str, Any]:
+                    offset: int = Query(0, ge=0, le=MAX_INT)) -> dict[str, Any]:
     authorize(request, Scope.ADMIN)
     entries, total = await run_in_threadpool(audit.query, platform_of(request).db, limit, offset)
     return {"entries": entries, "count": len(entries), "total": total}

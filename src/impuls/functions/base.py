@@ -22,6 +22,7 @@ from impuls.functions.models import LATEST, Function
 from impuls.functions.packages import PackageBuilder
 from impuls.runtimes import RuntimeRegistry
 from impuls.store.blobs import BlobStore
+from impuls.store.db import MAX_INT
 from impuls.store.schema import aliases, function_versions, functions
 
 log = logging.getLogger("impuls.registry")
@@ -53,6 +54,11 @@ def now() -> datetime:
 
 def is_version_number(qualifier: str) -> bool:
     return qualifier.isascii() and qualifier.isdigit()
+
+
+def existing_version_number(qualifier: str) -> bool:
+    """A version number small enough to be stored (a larger one names no version)."""
+    return is_version_number(qualifier) and int(qualifier) <= MAX_INT
 
 
 def row_to_function(row: Row[Any]) -> Function:
@@ -141,7 +147,7 @@ class RegistryBase:
     @staticmethod
     def _version_row(conn: Connection, name: str, version: str) -> Row[Any]:
         row = None
-        if is_version_number(version):
+        if existing_version_number(version):
             row = conn.execute(select(function_versions).where(
                 function_versions.c.function_name == name,
                 function_versions.c.version == int(version))).first()

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from impuls.errors import InvalidInput
+from impuls.errors import InvalidInput, StorageFull, disk_full
 from impuls.functions.models import MAX_UNZIPPED_BYTES, Code, check_zip
 from impuls.runtimes import Runtime
 from impuls.runtimes.build_steps import BuildStepFailed
@@ -94,8 +94,8 @@ class PackageBuilder:
     def _build(self, key: str, runtime: Runtime, handler: str, code: Code) -> Package:
         started = time.monotonic()
         tmp = self.root / f".build-{key}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
         try:
+            tmp.mkdir()
             if code.kind == "source":
                 dest = tmp / runtime.code_filename(handler)
                 dest.parent.mkdir(parents=True, exist_ok=True)
@@ -107,6 +107,11 @@ class PackageBuilder:
             os.rename(tmp, self.root / key)
         except BuildStepFailed as exc:
             raise BuildFailed(exc.summary, exc.log[-LOG_LIMIT:]) from exc
+        except OSError as exc:
+            if disk_full(exc):
+                raise StorageFull(f"no space left on the disk of {self.root} to unpack the code: "
+                                  "free some space and try again") from exc
+            raise
         finally:
             if tmp.exists():
                 _remove(tmp)

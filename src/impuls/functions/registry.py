@@ -67,6 +67,7 @@ from impuls.functions.urls import UrlConfigsMixin
 from impuls.functions.versions import VersionsMixin
 from impuls.runtimes import Runtime, RuntimeRegistry
 from impuls.store.blobs import BlobStore
+from impuls.store.db import MAX_INT
 from impuls.store.schema import (
     aliases,
     event_invoke_configs,
@@ -148,8 +149,8 @@ class FunctionRegistry(VersionsMixin, AliasesMixin, EventConfigsMixin, UrlConfig
         wildcards) and contain ``search`` (any case), in name order, and their total count."""
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidInput(f"limit: must be between 1 and {MAX_PAGE}")
-        if offset < 0:
-            raise InvalidInput("offset: must be 0 or more")
+        if not 0 <= offset <= MAX_INT:
+            raise InvalidInput(f"offset: must be between 0 and {MAX_INT}")
         matching: ColumnElement[bool] = functions.c.name.like(_like(pattern), escape="\\")
         if search:
             matching = and_(matching, func.lower(functions.c.name).contains(search.lower(), autoescape=True))

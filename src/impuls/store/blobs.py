@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from impuls.errors import ImpulsError
+from impuls.errors import ImpulsError, StorageFull, disk_full
 
 
 class BlobMissing(ImpulsError):
@@ -32,13 +32,20 @@ class BlobStore:
         target = self.path(sha)
         if target.exists():
             return sha
-        target.parent.mkdir(exist_ok=True)
         tmp = target.with_name(f".{sha}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
+        try:
+            target.parent.mkdir(exist_ok=True)
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if disk_full(exc):
+                raise StorageFull(f"no space left on the disk of {self.root} to store the code "
+                                  f"({len(data)} bytes): free some space and try again") from exc
+            raise
         dir_fd = os.open(target.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)

@@ -13,6 +13,11 @@ from sqlalchemy.engine.url import make_url
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
+#: the largest paging offset and version number the API takes: beyond 64 bits the database
+#: driver overflows, and nothing real comes close to 31
+MAX_INT = 2**31 - 1
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")

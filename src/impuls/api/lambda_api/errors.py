@@ -21,6 +21,7 @@ from impuls.errors import (
     PayloadTooLarge,
     PreconditionFailed,
     ShuttingDown,
+    StorageFull,
     Throttled,
     Unauthenticated,
     UnsupportedMediaType,
@@ -40,6 +41,7 @@ ERROR_CODES: dict[type[ImpulsError], tuple[int, str]] = {
     UnsupportedMediaType: (415, "UnsupportedMediaTypeException"),
     Throttled: (429, "TooManyRequestsException"),
     ShuttingDown: (503, "ServiceException"),
+    StorageFull: (507, "ServiceException"),
 }
 SERVICE_ERROR = (500, "ServiceException")
 #: what a throttled caller is told to wait (seconds)

@@ -25,6 +25,7 @@ from impuls.engine import stats
 from impuls.errors import ImpulsError, InvalidInput
 from impuls.functions.models import Function
 from impuls.platform import Platform
+from impuls.store.db import MAX_INT
 
 PAGE_SIZE = 50
 #: the zip view shows this many entries, and the handler's file up to this size
@@ -44,8 +45,9 @@ SAMPLES = {
 
 
 def page_number(request: Request) -> int:
+    """The ``page`` asked for: 1 unless it is a number, at most the last a database can page to."""
     raw = request.query_params.get("page", "1")
-    return max(int(raw), 1) if raw.isdigit() else 1
+    return min(max(int(raw), 1), MAX_INT // PAGE_SIZE) if raw.isascii() and raw.isdigit() else 1
 
 
 def pages(total: int, size: int = PAGE_SIZE) -> int:
