@@ -86,3 +86,30 @@ def test_a_full_disk_refuses_changes_and_keeps_serving(small_disk: Path) -> None
         assert server.invoke("new-one", {"n": 3}).json()["body"] == {"n": 3}
     finally:
         server.stop()
+
+
+def test_a_locked_sqlite_store_answers_503_then_recovers(tmp_path: Path) -> None:
+    """Another process holds the SQLite store's write lock longer than the busy timeout: a
+    create answers 503 saying the database is unavailable, warm calls go on, and once the lock
+    is gone everything works without a restart."""
+    import sqlite3
+
+    server = Server(tmp_path / "data", args=["--sandbox", "process"]).start()
+    try:
+        server.deploy(name="steady", runtime="python3.11", handler="handler.handler", code=HANDLER)
+        assert server.invoke("steady", {"n": 0}).json()["body"] == {"n": 0}
+        holder = sqlite3.connect(tmp_path / "data" / "impuls.db", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # the write lock, held
+        try:
+            r = server.create(name="other", runtime="python3.11", handler="handler.handler", code=HANDLER)
+            assert r.status_code == 503, r.text
+            assert "database is unavailable" in r.json()["message"] and "locked" in r.json()["message"]
+            assert server.invoke("steady", {"n": 1}).json()["body"] == {"n": 1}
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        r = server.create(name="other", runtime="python3.11", handler="handler.handler", code=HANDLER)
+        assert r.status_code == 201, r.text
+        assert server.invoke("other", {"n": 2}).json()["body"] == {"n": 2}
+    finally:
+        server.stop()

@@ -199,6 +199,11 @@ class ShuttingDown(ImpulsError):
     """The server is draining and takes no new work."""
 
 
+class StoreUnavailable(ImpulsError):
+    """The database cannot be used now (SQLite locked beyond its busy timeout, PostgreSQL
+    stopped or unreachable); nothing was changed, a retry may succeed."""
+
+
 class StorageFull(ImpulsError):
     """The disk that holds the data directory has no space left; nothing was changed."""
 

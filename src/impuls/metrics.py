@@ -45,6 +45,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from impuls.engine.records import InvocationRecord
+from impuls.errors import StorageFull, StoreUnavailable
 from impuls.events import store
 
 if TYPE_CHECKING:
@@ -202,7 +203,10 @@ class Metrics:
 
     def _render(self) -> bytes:
         if self._scrape is not None:
-            self._scrape.queue = store.queue_summary(self._scrape.db)
+            try:
+                self._scrape.queue = store.queue_summary(self._scrape.db)
+            except (StoreUnavailable, StorageFull):  # the rest still counts (records pending, ...)
+                self._scrape.queue = None
         return generate_latest(self.registry)
 
 
@@ -234,7 +238,9 @@ class _Scraped(Collector):
             instances[(name, "busy")] = instances.get((name, "busy"), 0) + pool.size - idle
             instances[(name, "idle")] = instances.get((name, "idle"), 0) + idle
         stats = self.invoker.stats()
-        return _EngineSnapshot(instances, stats["inflight"], stats["queued"], self.dispatcher.duplicates)
+        recorder = self.invoker.recorder
+        return _EngineSnapshot(instances, stats["inflight"], stats["queued"], self.dispatcher.duplicates,
+                               (recorder.pending, recorder.dropped, recorder.rejected))
 
     def describe(self) -> Iterable[Metric]:
         return self._families(None, None)
@@ -258,12 +264,22 @@ class _Scraped(Collector):
                                    "asynchronous event not finished (0: none)")
         dead = GaugeMetricFamily("impuls_async_dead_letters", "Dead letters kept, by function",
                                  labels=["function"])
+        records_pending = GaugeMetricFamily("impuls_records_pending", "Invocation records waiting to be "
+                                            "written to the store (more while it is unavailable)")
+        records_dropped = CounterMetricFamily("impuls_records_dropped", "Invocation records dropped "
+                                              "because too many waited for an unavailable store")
+        records_rejected = CounterMetricFamily("impuls_records_rejected", "Invocation records the store "
+                                               "refused")
         if engine is not None:
             for (sandbox, state), count in sorted(engine.instances.items()):
                 instances.add_metric([sandbox, state], count)
             inflight.add_metric([], engine.inflight)
             waiting.add_metric([], engine.waiting)
             duplicates.add_metric([], engine.duplicates)
+            pending, dropped, rejected = engine.records
+            records_pending.add_metric([], pending)
+            records_dropped.add_metric([], dropped)
+            records_rejected.add_metric([], rejected)
         if queue is not None:
             for state in store.PENDING_STATES:
                 depth.add_metric([state], queue.pending.get(state, 0))
@@ -273,14 +289,17 @@ class _Scraped(Collector):
             oldest.add_metric([], age)
             for function, count in sorted(queue.dead_letters.items()):
                 dead.add_metric([function], count)
-        return [instances, inflight, waiting, duplicates, depth, oldest, dead]
+        return [instances, inflight, waiting, duplicates, depth, oldest, dead, records_pending,
+                records_dropped, records_rejected]
 
 
 class _EngineSnapshot:
-    __slots__ = ("duplicates", "inflight", "instances", "waiting")
+    __slots__ = ("duplicates", "inflight", "instances", "records", "waiting")
 
     def __init__(self, instances: dict[tuple[str, str], int], inflight: int, waiting: int,
-                 duplicates: int) -> None:
+                 duplicates: int, records: tuple[int, int, int]) -> None:
+        #: invocation records: pending, dropped, rejected
+        self.records = records
         self.instances = instances
         self.inflight = inflight
         self.waiting = waiting

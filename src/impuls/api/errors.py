@@ -28,6 +28,7 @@ from impuls.errors import (
     PreconditionFailed,
     ShuttingDown,
     StorageFull,
+    StoreUnavailable,
     Throttled,
     Unauthenticated,
     UnsupportedMediaType,
@@ -50,6 +51,7 @@ ERROR_STATUS: dict[type[ImpulsError], int] = {
     FunctionChanging: 503,
     ShuttingDown: 503,
     StorageFull: 507,
+    StoreUnavailable: 503,
 }
 
 #: invocation outcome → (HTTP status, the envelope's ``status_code``)

@@ -380,11 +380,13 @@ class Invoker:
                          result.error_message if failed else "")
         result.duration_ms = (time.perf_counter() - t0) * 1000
         result.executed_version = target.fn.version
-        self.recorder.add(InvocationRecord(
+        logs = result.logs if "\0" not in result.logs else result.logs.replace("\0", "\ufffd")
+        self.recorder.add(InvocationRecord(  # as the table takes them: no NUL, bounded strings
             request_id=request_id, function_name=name, function_id=target.fn.id, started_at=started,
-            duration_ms=result.duration_ms, outcome=result.outcome.value, error_type=result.error_type,
-            cold_start=result.cold_start, sandbox=driver.name, logs=result.logs,
-            logs_truncated=result.logs_truncated, note=result.note,
+            duration_ms=result.duration_ms, outcome=result.outcome.value,
+            error_type=None if result.error_type is None else result.error_type[:128],
+            cold_start=result.cold_start, sandbox=driver.name, logs=logs,
+            logs_truncated=result.logs_truncated, note=result.note[:256],
         ))
         if trace is not None:
             trace.finish({"faas.version": target.fn.version, "faas.coldstart": result.cold_start,

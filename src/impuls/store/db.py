@@ -8,7 +8,11 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.engine.url import make_url
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+from impuls.errors import StorageFull, StoreUnavailable
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -27,6 +31,24 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+#: PostgreSQL: give up on a server that does not answer, rather than wait for the network's timeout
+PG_CONNECT_ARGS = {"connect_timeout": 5, "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+                   "keepalives_count": 3}
+
+
+def _as_condition(context: ExceptionContext) -> None:
+    """A database that cannot be used now becomes StoreUnavailable (a full disk StorageFull),
+    so that every door answers it as a condition (503, 507) instead of a fault (500)."""
+    error = context.sqlalchemy_exception
+    if not (context.is_disconnect or isinstance(error, OperationalError | InterfaceError)):
+        return  # the statement's own fault (a constraint, a bad value): not ours to rename
+    original = context.original_exception
+    first = (str(original).strip().splitlines() or [""])[0][:200]
+    if "disk is full" in first or "No space left" in first or getattr(original, "sqlstate", "") == "53100":
+        raise StorageFull(f"the database's disk is full ({first}): free some space and try again") from error
+    raise StoreUnavailable(f"the database is unavailable ({first}): try again shortly") from error
+
+
 def open_engine(url: str) -> Engine:
     """An Engine for ``url`` with the store's settings; the schema is migrated to head."""
     parsed = make_url(url)
@@ -38,7 +60,8 @@ def open_engine(url: str) -> Engine:
     else:
         if parsed.drivername == "postgresql":
             url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
-        engine = create_engine(url, pool_pre_ping=True, pool_size=10)
+        engine = create_engine(url, pool_pre_ping=True, pool_size=10, connect_args=PG_CONNECT_ARGS)
+    event.listen(engine, "handle_error", _as_condition)
     migrate(engine)
     return engine
 

@@ -22,6 +22,7 @@ from impuls.errors import (
     PreconditionFailed,
     ShuttingDown,
     StorageFull,
+    StoreUnavailable,
     Throttled,
     Unauthenticated,
     UnsupportedMediaType,
@@ -42,6 +43,7 @@ ERROR_CODES: dict[type[ImpulsError], tuple[int, str]] = {
     Throttled: (429, "TooManyRequestsException"),
     ShuttingDown: (503, "ServiceException"),
     StorageFull: (507, "ServiceException"),
+    StoreUnavailable: (503, "ServiceException"),
 }
 SERVICE_ERROR = (500, "ServiceException")
 #: what a throttled caller is told to wait (seconds)
