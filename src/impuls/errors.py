@@ -244,6 +244,13 @@ class SandboxStartFailed(SandboxError):
     error_type = "Sandbox.StartFailed"
 
 
+class SandboxKilled(SandboxStartFailed):
+    """The sandbox or its runtime process was killed from outside while the instance
+    started (a signal it did not send itself, no init error reported, not out of memory):
+    a fault of the platform, not of the function.  The engine starts the instance again
+    on a new sandbox (a few times) and never replays it as an init failure."""
+
+
 class InitFailed(SandboxError):
     """The runtime started but the function's code failed to load.
 

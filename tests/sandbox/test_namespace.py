@@ -9,6 +9,7 @@ isolation as seen from inside, limits, destroy, crash recovery and template rota
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -685,3 +686,316 @@ def test_rotation_limits_are_driver_parameters(world_dir: Path) -> None:
     for bad in ({"template_max_forks": 0}, {"template_max_age": 0.0}):
         with pytest.raises(ConfigError):
             NamespaceDriver(world_dir / "c", default_registry(), **bad)  # type: ignore[arg-type]
+
+
+# --- sandboxes killed from outside --------------------------------------------------------------
+
+
+def cmdline(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def sigkill(pid: int, expect: bytes) -> bool:
+    """SIGKILL ``pid`` if its command line still holds ``expect`` (a process that exited
+    meanwhile, or a pid reused by another, is left alone); whether it was signalled."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return False
+    try:
+        if expect not in b"\0".join(cmdline(pid)):
+            return False
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(pidfd)
+
+
+def gone(pid: int) -> bool:
+    """``pid`` has exited (it may wait as a zombie for its parent)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def pid_depth(pid: int | str) -> int:
+    """How many pid namespaces ``pid`` is seen in (ours and those below it)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    return next((len(line.split()) - 1 for line in status.splitlines() if line.startswith("NSpid:")), 0)
+
+
+def template_processes(pids: Any) -> list[int]:
+    """Among ``pids``, the template processes: Python running zygote.py as bwrap's child,
+    in bwrap's pid namespace (a slot being built shows that command line a moment too: as
+    the template's child, then in a pid namespace of its own below the template's)."""
+    depth = pid_depth("self") + 1
+    return [pid for pid in pids if cmdline(pid)[1:2] == [b"/var/runtime/zygote.py"]
+            and pid_depth(pid) == depth and cmdline(parent_of(pid) or 0)[:1] == [b"/usr/bin/bwrap"]]
+
+
+def cgroup_members(name: str) -> list[int]:
+    """Live host pids in the cgroup ``name`` (an instance's: its id, or its slot's)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            lines = (entry / "cgroup").read_text().splitlines()
+        except OSError:
+            continue
+        if any(line.endswith(f"/{name}") for line in lines) and not gone(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+def starting_instance(driver: Any, instance_id: str) -> dict[str, int]:
+    """The processes of an instance that is starting: ``runtime`` (the interpreter) and
+    ``pid1`` (the template's pid 1 of the instance, or bwrap's), when they are there."""
+    name = driver._live.get(instance_id)
+    found: dict[str, int] = {}
+    for pid in cgroup_members(name) if name else []:
+        argv = cmdline(pid)
+        bwrap = [b"/usr/bin/bwrap"]
+        inner_bwrap = argv[:1] == bwrap and cmdline(parent_of(pid) or 0)[:1] == bwrap
+        if argv[:1] == [b"impuls-init"] or inner_bwrap:
+            found["pid1"] = pid
+        elif argv[:1] != [b"/usr/bin/bwrap"] and b"/var/runtime/bootstrap.py" in argv:
+            found["runtime"] = pid
+    return found
+
+
+#: a module that takes its time to load: long enough to be killed in the middle of it
+SLOW_START = "import time\ntime.sleep(20)\n\ndef handler(event, context):\n    return 'ok'\n"
+
+
+@pytest.mark.parametrize("victim", ["runtime", "pid1"])
+def test_a_runtime_killed_while_it_starts_is_no_init_failure(launcher: str, victim: str,
+                                                             make_spec: SpecFactory,
+                                                             world_dir: Path) -> None:
+    """SIGKILL from outside (no init error reported, not out of memory) is the sandbox's
+    death, SandboxKilled: the engine starts the instance again, and never replays it."""
+    from impuls.errors import SandboxKilled
+
+    spec = make_spec({"handler.py": SLOW_START})
+
+    async def scenario() -> None:
+        driver = make_namespace_driver(world_dir / "sandbox", launcher)
+        start = asyncio.create_task(driver.create(spec))
+        try:
+            await until(lambda: {"runtime", victim} <= starting_instance(driver, spec.instance_id).keys()
+                        or start.done(), "the runtime to be loading the function")
+            assert not start.done()
+            pid1 = b"impuls-init" if launcher == "template" else b"/usr/bin/bwrap"
+            expect = {"runtime": b"/var/runtime/bootstrap.py", "pid1": pid1}[victim]
+            assert sigkill(starting_instance(driver, spec.instance_id)[victim], expect)
+            with pytest.raises(SandboxKilled) as info:
+                await start
+            assert not isinstance(info.value, InitFailed)
+            assert info.value.error_type == "Sandbox.StartFailed" and "SIGKILL" in info.value.message
+            assert spec.instance_id not in driver._live  # nothing left behind
+            instance = await driver.create(replace(spec, code_dir=make_spec(
+                {"handler.py": "def handler(e, c):\n    return 'ok'\n"}).code_dir))
+            try:
+                assert json.loads((await call(instance, {})).body) == "ok"
+            finally:
+                await instance.destroy()
+        finally:
+            if not start.done():
+                start.cancel()
+            await asyncio.gather(start, return_exceptions=True)
+            await driver.close()
+
+    run(scenario())
+
+
+OWN_FAILURES = {
+    "raises": ("import nope_nope_nope\n", "Runtime.ImportModuleError"),
+    "exits": ("import os\nos._exit(3)\n", "Runtime.ExitError"),
+    # a fatal signal of its own (one that dumps no core)
+    "signals-itself": ("import os, signal\nos.kill(os.getpid(), signal.SIGUSR1)\n", "Runtime.ExitError"),
+    # the kernel's SIGKILL for the memory limit: still the function's own failure
+    "out-of-memory": ("chunks = [bytearray(1 << 20) for _ in range(1024)]\n", "Runtime.OutOfMemory"),
+}
+
+
+@pytest.mark.parametrize("failure", list(OWN_FAILURES))
+def test_a_function_that_fails_to_start_by_itself_is_an_init_failure(
+        launcher: str, failure: str, make_spec: SpecFactory, world_dir: Path) -> None:
+    from impuls.errors import SandboxKilled
+
+    code, error_type = OWN_FAILURES[failure]
+
+    async def scenario() -> None:
+        driver = make_namespace_driver(world_dir / "sandbox", launcher)
+        try:
+            with pytest.raises(InitFailed) as info:
+                await driver.create(make_spec({"handler.py": code + SLOW_START}, memory_mb=128))
+            assert not isinstance(info.value, SandboxKilled)
+            assert info.value.error_type == error_type, info.value.message
+        finally:
+            await driver.close()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("victim", ["template", "bwrap"])
+def test_cold_starts_survive_the_template_being_killed(victim: str, make_spec: SpecFactory,
+                                                       world_dir: Path) -> None:
+    """Starts under way when the template dies either finish or lose their sandbox
+    (SandboxKilled, which the engine starts again), never another failure; the starts
+    after it get a new template, transparently (no fall-back to one bwrap per instance)."""
+    from impuls.errors import SandboxKilled
+    from impuls.sandbox.namespace.driver import NamespaceInstance
+
+    spec = make_spec({"handler.py": "def handler(e, c):\n    return e\n"})
+
+    def fresh() -> Any:
+        return replace(spec, instance_id=uuid.uuid4().hex[:16])
+
+    async def scenario() -> None:
+        driver = make_namespace_driver(world_dir / "sandbox")
+        launcher = driver.launcher
+        await driver.start()
+        instances: list[Any] = []
+        try:
+            for pause in (0.0, 0.002, 0.01):  # a few interleavings of the starts and the death
+                template = launcher._template
+                if template is None or not template.alive:
+                    instances.append(await driver.create(fresh()))
+                    template = launcher._template
+                pid = (template_processes(template.cgroup.pids())[0] if victim == "template"
+                       else template.proc.pid)
+                racing = [asyncio.create_task(driver.create(fresh())) for _ in range(4)]
+                await asyncio.sleep(pause)
+                assert sigkill(pid, b"zygote.py")
+                for outcome in await asyncio.gather(*racing, return_exceptions=True):
+                    if isinstance(outcome, NamespaceInstance):
+                        instances.append(outcome)  # (it may have died with its template since)
+                    else:
+                        assert isinstance(outcome, SandboxKilled), repr(outcome)
+                await until(functools.partial(gone, pid), "the template to be gone")
+                after = await asyncio.gather(*(driver.create(fresh()) for _ in range(4)))
+                instances += after
+                for n, instance in enumerate(after):
+                    assert json.loads((await call(instance, {"n": n})).body) == {"n": n}
+                assert launcher._template is not template and launcher._template.alive
+            assert driver.launcher is launcher  # still forking from templates
+        finally:
+            await asyncio.gather(*(i.destroy() for i in instances))
+            await driver.close()
+
+    run(scenario())
+
+
+def test_a_killed_template_is_replaced_before_the_next_start(make_spec: SpecFactory,
+                                                            world_dir: Path) -> None:
+    """The launcher notices its template's death at once and starts a new one with a pool
+    of slots in the background, so that the next start need not."""
+    spec = make_spec({"handler.py": "def handler(e, c):\n    return 2\n"})
+
+    async def scenario() -> None:
+        driver = make_namespace_driver(world_dir / "sandbox")
+        launcher = driver.launcher
+        await driver.start()
+        old = launcher._template
+        try:
+            assert sigkill(template_processes(old.cgroup.pids())[0], b"zygote.py")
+            await until(lambda: launcher._template is not old and launcher._template is not None
+                        and launcher._template.alive and len(launcher._pool) == launcher.pool_size,
+                        "a new template with a full pool of slots")
+            assert all(slot.origin is launcher._template for slot in launcher._pool)
+            instance = await driver.create(spec)
+            try:
+                assert json.loads((await call(instance, {})).body) == 2
+            finally:
+                await instance.destroy()
+            await until(lambda: old.closed and old.cgroup.name not in cgroup_dirs(driver),
+                        "the dead template's clean-up")
+        finally:
+            await driver.close()
+
+    run(scenario())
+
+
+def test_killing_the_template_spares_the_instances_of_a_replaced_one(make_spec: SpecFactory,
+                                                                     world_dir: Path) -> None:
+    """A replaced template (kept for its instances) is another process: the current one's
+    death does not touch its instances."""
+    spec = make_spec({"handler.py": "def handler(e, c):\n    return e\n"})
+
+    def fresh() -> Any:
+        return replace(spec, instance_id=uuid.uuid4().hex[:16])
+
+    async def scenario() -> None:
+        driver = make_namespace_driver(world_dir / "sandbox", template_max_forks=1)
+        launcher = driver.launcher
+        await driver.start()
+        first = await driver.create(fresh())  # the template is replaced after this one
+        instances = [first]
+        try:
+            old = launcher._template
+            await until(lambda: launcher.rotations == 1, "the rotation")
+            current = launcher._template
+            assert current is not old and old.alive and old.retired
+            assert sigkill(template_processes(current.cgroup.pids())[0], b"zygote.py")
+            await until(lambda: not current.alive, "the template's death")
+            assert json.loads((await call(first, {"n": 1})).body) == {"n": 1}  # still warm
+            assert not first.exited.done() and old.alive
+            instances.append(await driver.create(fresh()))
+            assert json.loads((await call(instances[-1], {"n": 2})).body) == {"n": 2}
+        finally:
+            await asyncio.gather(*(i.destroy() for i in instances))
+            await driver.close()
+
+    run(scenario())
+
+
+def test_slots_whose_waiting_runtime_was_killed_are_not_assigned(make_spec: SpecFactory,
+                                                                 world_dir: Path) -> None:
+    """A slot's process waiting to become the runtime shows the template's command line, so
+    whatever kills the template by its name kills those too: such a slot is never handed a
+    function (it would fail as the sandbox), the next starts take good ones."""
+    spec = make_spec({"handler.py": "def handler(e, c):\n    return e\n"})
+
+    def fresh() -> Any:
+        return replace(spec, instance_id=uuid.uuid4().hex[:16])
+
+    async def scenario() -> None:
+        driver = make_namespace_driver(world_dir / "sandbox")
+        launcher = driver.launcher
+        await driver.start()
+        await until(lambda: len(launcher._pool) == launcher.pool_size, "a full pool of slots")
+        template = launcher._template
+        waiting = [pid for slot in launcher._pool for pid in cgroup_members(slot.cgroup.name)
+                   if cmdline(pid)[1:2] == [b"/var/runtime/zygote.py"]]
+        assert len(waiting) == launcher.pool_size
+        for pid in waiting:
+            assert sigkill(pid, b"zygote.py")
+        await until(lambda: all(gone(pid) for pid in waiting), "the slots' runtimes to be gone")
+        instances = []
+        try:
+            for n in range(launcher.pool_size + 1):
+                instances.append(await driver.create(fresh()))
+                assert json.loads((await call(instances[-1], {"n": n})).body) == {"n": n}
+            assert launcher._template is template  # the template itself was not touched
+        finally:
+            await asyncio.gather(*(i.destroy() for i in instances))
+            await driver.close()
+
+    run(scenario())

@@ -16,6 +16,7 @@ import pytest
 
 from impuls import config
 from impuls.engine.invoker import MAX_EVENT_BYTES, Invoker
+from impuls.engine.pool import START_ATTEMPTS
 from impuls.engine.records import InvocationRecorder, LogHub
 from impuls.engine.results import Outcome
 from impuls.errors import (
@@ -30,6 +31,7 @@ from impuls.errors import (
     OutOfMemory,
     PayloadTooLarge,
     RuntimeExited,
+    SandboxKilled,
     ShuttingDown,
     Throttled,
     VersionNotFound,
@@ -112,10 +114,15 @@ class ScriptedDriver(SandboxDriver):
         self.specs: list[InstanceSpec] = []
         self.instances: list[ScriptedInstance] = []
         self.init_error: InitFailed | None = None
+        #: how many of the next starts have their sandbox killed under them
+        self.killed = 0
         self.gate: asyncio.Event | None = None
 
     async def create(self, spec: InstanceSpec) -> Instance:
         self.specs.append(spec)
+        if self.killed:
+            self.killed -= 1
+            raise SandboxKilled("the runtime was killed by SIGKILL while it started", "importing...\n")
         if self.init_error is not None:
             raise self.init_error
         instance = ScriptedInstance(spec, delay=0.0)
@@ -238,6 +245,39 @@ def test_init_failure_is_replayed_during_the_back_off(world: World) -> None:
         w.clock.now += 1.5  # past the first back-off (1 s)
         assert (await w.invoke({})).outcome is Outcome.SUCCESS
         assert len(w.driver.specs) == 2
+
+    run(world, scenario)
+
+
+def test_a_start_killed_from_outside_is_made_again_within_the_call(world: World) -> None:
+    async def scenario(w: World) -> None:
+        w.create()
+        w.driver.killed = 1
+        result = await w.invoke({"n": 1})
+        assert result.outcome is Outcome.SUCCESS and result.cold_start
+        assert json.loads(result.payload)["echo"] == {"n": 1}
+        assert len(w.driver.specs) == 2 and w.driver.specs[0].instance_id != w.driver.specs[1].instance_id
+        await w.recorder.flush()
+        records, total = w.recorder.query("fn", 10, 0)
+        assert total == 1 and records[0].outcome == "success" and "killed" in records[0].note
+
+    run(world, scenario)
+
+
+def test_starts_killed_every_time_are_a_sandbox_failure_not_an_init_error(world: World) -> None:
+    async def scenario(w: World) -> None:
+        w.create()
+        w.driver.killed = START_ATTEMPTS
+        failed = await w.invoke({})
+        assert failed.outcome is Outcome.CRASH and failed.error_type == "Sandbox.StartFailed"
+        assert failed.logs == "importing...\n"
+        assert len(w.driver.specs) == START_ATTEMPTS
+        after = await w.invoke({})  # no back-off replays it: the next call starts an instance
+        assert after.outcome is Outcome.SUCCESS and after.cold_start
+        assert len(w.driver.specs) == START_ATTEMPTS + 1
+        await w.recorder.flush()
+        records, _ = w.recorder.query("fn", 10, 0)
+        assert sorted(r.outcome for r in records) == ["crash", "success"]
 
     run(world, scenario)
 

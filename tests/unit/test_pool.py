@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from impuls.engine.pool import Capacity, Pool, PoolRetired
-from impuls.errors import InitFailed, Throttled
+from impuls.engine.pool import START_ATTEMPTS, Capacity, Pool, PoolRetired
+from impuls.errors import InitFailed, SandboxKilled, Throttled
 from impuls.runtimes import default_registry
 from impuls.sandbox.base import Instance, InstanceSpec, SandboxDriver
 from impuls.sandbox.runtime_api import Invocation, RuntimeAPI, RuntimeReply
@@ -50,13 +50,20 @@ class FakeInstance(Instance):
 class FakeDriver(SandboxDriver):
     name = "fake"
 
-    def __init__(self, delay: float = 0.0, init_error: bool = False) -> None:
+    def __init__(self, delay: float = 0.0, init_error: bool = False, killed: int = 0) -> None:
         self.delay = delay
         self.init_error = init_error
+        #: how many of the next starts have their sandbox killed under them
+        self.killed = killed
         self.created = 0
+        self.ids: list[str] = []
 
     async def create(self, spec: InstanceSpec) -> Instance:
         self.created += 1
+        self.ids.append(spec.instance_id)
+        if self.killed:
+            self.killed -= 1
+            raise SandboxKilled("the runtime was killed by SIGKILL while it started", "half a log\n")
         if self.init_error:
             raise InitFailed("Runtime.ImportModuleError", "no module")
         return FakeInstance(spec, self.delay)
@@ -172,5 +179,52 @@ def test_server_wide_capacity_evicts_idle_elsewhere() -> None:
         assert capacity.used == 1 and len(a.idle) == 1
         await b.run(inv(), 1)
         assert capacity.used == 1 and not a.idle and len(b.idle) == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_start_whose_sandbox_was_killed_is_made_again_on_a_new_instance() -> None:
+    async def scenario() -> None:
+        clock, driver = FakeClock(), FakeDriver(killed=START_ATTEMPTS - 1)
+        p = pool(driver, clock)
+        result = await p.run(inv(), 1)
+        assert result.outcome.value == "success" and result.cold_start
+        assert driver.created == START_ATTEMPTS and len(set(driver.ids)) == START_ATTEMPTS  # new ones
+        assert "killed" in result.note
+        assert p.size == 1 and p.capacity.used == 1  # one instance: the lost starts left nothing
+        assert (await p.run(inv(), 1)).cold_start is False
+
+    asyncio.run(scenario())
+
+
+def test_starts_killed_every_time_fail_as_the_sandbox_and_are_never_replayed() -> None:
+    async def scenario() -> None:
+        clock, driver = FakeClock(), FakeDriver(killed=START_ATTEMPTS)
+        p = pool(driver, clock)
+        with pytest.raises(SandboxKilled) as info:
+            await p.run(inv(), 1)
+        assert not isinstance(info.value, InitFailed)
+        assert driver.created == START_ATTEMPTS  # bounded
+        assert p.size == 0 and p.capacity.used == 0
+        result = await p.run(inv(), 1)  # at once, no back-off: the function did not fail
+        assert result.outcome.value == "success" and driver.created == START_ATTEMPTS + 1
+
+    asyncio.run(scenario())
+
+
+def test_a_killed_start_neither_replays_nor_clears_a_real_init_failure() -> None:
+    async def scenario() -> None:
+        clock, driver = FakeClock(), FakeDriver(init_error=True)
+        p = pool(driver, clock)
+        with pytest.raises(InitFailed):
+            await p.run(inv(), 1)
+        clock.now += 1.5  # the back-off is over; this start is killed, then the code fails again
+        driver.killed = 1
+        with pytest.raises(InitFailed):
+            await p.run(inv(), 1)
+        assert driver.created == 3
+        with pytest.raises(InitFailed):  # replayed again, with a longer back-off
+            await p.run(inv(), 1)
+        assert driver.created == 3
 
     asyncio.run(scenario())

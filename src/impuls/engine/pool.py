@@ -7,6 +7,9 @@ and the server-wide :class:`Capacity` has room; otherwise it waits in a
 bounded queue and gets :class:`~impuls.errors.Throttled` when the queue
 is full or the wait times out.  A function whose init fails is not restarted
 in a tight loop: the failure is replayed to callers for a growing back-off.
+A start whose sandbox was killed from outside (:class:`~impuls.errors.SandboxKilled`)
+is no failure of the function: it is tried again at once on a new instance, up to
+``START_ATTEMPTS`` starts per call, and never replayed.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from impuls.engine.results import InvocationResult
-from impuls.errors import InitFailed, SandboxError, Throttled
+from impuls.errors import InitFailed, SandboxError, SandboxKilled, Throttled
 from impuls.sandbox.base import Instance, InstanceSpec, SandboxDriver
 from impuls.sandbox.runtime_api import Invocation
 
@@ -31,6 +34,9 @@ log = logging.getLogger("impuls.pool")
 Clock = Callable[[], float]
 INIT_BACKOFF_FIRST = 1.0
 INIT_BACKOFF_MAX = 60.0
+#: starts one call may make when the sandbox of its instance is killed while it starts
+#: (the first and up to two more); after that the call fails with the SandboxKilled
+START_ATTEMPTS = 3
 
 
 class PoolRetired(Exception):
@@ -130,8 +136,7 @@ class Pool:
     async def _start(self, trace: Trace | None = None) -> Instance:
         self.size += 1
         try:
-            spec = self._spec(uuid.uuid4().hex[:16])
-            instance = await (self.driver.create(spec) if trace is None else self._traced_create(spec, trace))
+            instance = await self._create(trace)
         except BaseException as exc:
             self.size -= 1
             self.capacity.give()
@@ -142,6 +147,29 @@ class Pool:
             raise
         self._init_failure, self._backoff = None, 0.0
         return instance
+
+    async def _create(self, trace: Trace | None) -> Instance:
+        """``driver.create`` of a new instance; when its sandbox was killed while it
+        started, again on another new instance (``START_ATTEMPTS`` in all).  Only the
+        last SandboxKilled is raised; a real init failure (InitFailed) ends it at once."""
+        for attempt in range(1, START_ATTEMPTS + 1):
+            spec = self._spec(uuid.uuid4().hex[:16])
+            try:
+                instance = await (self.driver.create(spec) if trace is None
+                                  else self._traced_create(spec, trace))
+            except SandboxKilled as exc:
+                if attempt == START_ATTEMPTS:
+                    log.warning("instance %s of %s: %s; giving up after %d starts", spec.instance_id,
+                                spec.function_name, exc.message, attempt)
+                    raise
+                log.warning("instance %s of %s: %s; starting another instance", spec.instance_id,
+                            spec.function_name, exc.message)
+                continue
+            if attempt > 1:
+                retried = f"start {attempt} of {START_ATTEMPTS}: the sandbox of each earlier one was killed"
+                instance.note = f"{instance.note}; {retried}" if instance.note else retried
+            return instance
+        raise AssertionError("unreachable")
 
     async def _wait(self) -> Instance | None:
         if len(self.waiters) >= self.queue_size:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import logging
 import os
+import select
 import signal
 import socket
 import struct
@@ -26,6 +28,13 @@ _SYS_OPEN_TREE = 428
 _OPEN_TREE_CLONE = 1
 _AT_FDCWD = -100
 _libc = ctypes.CDLL(None, use_errno=True)
+#: what sending to a slot whose processes are gone fails with
+_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ECONNREFUSED, errno.ENOTCONN})
+
+
+class SlotGone(LaunchFailed):
+    """The slot died (it, or its template, was killed) before it could take the function:
+    nothing of the function ran, and another slot may take it."""
 
 
 def detached_mount(path: Path) -> int:
@@ -64,6 +73,8 @@ class SlotControl:
         self._pump: OutputPump | None = None
         self._took_it = False
         self._pidfd = -1
+        #: a pidfd of the process waiting to become the runtime, until the assignment
+        self._waiting_pidfd = -1
         self._ctl: socket.socket | None = ctl
         ctl.setblocking(False)
         self.loop.add_reader(ctl.fileno(), self._on_control)
@@ -102,19 +113,33 @@ class SlotControl:
         self._close_control()
         if self._pump is not None:
             self._pump.close()
-        close_fds(self._pidfd)
-        self._pidfd = -1
+        close_fds(self._pidfd, self._waiting_pidfd)
+        self._pidfd = self._waiting_pidfd = -1
+
+    @property
+    def runtime_waiting(self) -> bool:
+        """The slot's process that is to run the function is still there.  It dies only
+        when killed (by the host, by a pattern that matches the template's command line,
+        which it still shows); a slot without it would fail once assigned.  True when
+        unknown."""
+        return self._waiting_pidfd < 0 or not _exited(self._waiting_pidfd)
 
     # --- assignment --------------------------------------------------------------------
 
     def send_assignment(self, request: bytes, fds: list[int], output_fd: int) -> None:
         """Send the assignment: JSON and three descriptors (code, socket, output pipe)."""
         if self._ctl is None or self.exited.done():
-            raise LaunchFailed(f"the sandbox slot is gone{': ' + self.error if self.error else ''}")
+            raise SlotGone(f"the sandbox slot is gone{': ' + self.error if self.error else ''}")
+        if not self.runtime_waiting:
+            raise SlotGone("the sandbox slot's runtime process was killed")
+        close_fds(self._waiting_pidfd)
+        self._waiting_pidfd = -1
         try:
             self._ctl.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                            struct.pack(f"{len(fds)}i", *fds))])
         except OSError as exc:
+            if exc.errno in _GONE:
+                raise SlotGone(f"the sandbox slot is gone: {exc}") from exc
             raise LaunchFailed(f"cannot hand the function to its sandbox: {exc}") from exc
         self._pump = OutputPump(self.loop, output_fd)
 
@@ -146,10 +171,13 @@ class SlotControl:
                 log.debug("slot %s: %s", self.cgroup.name, self.error)
 
     def _on_ready(self, pid: int | None) -> None:
-        # Keep a pidfd of the instance's pid 1: killing it ends the whole pid namespace at once.
+        # Keep a pidfd of the instance's pid 1: killing it ends the whole pid namespace at once;
+        # and one of its only child, the future runtime, to know that it is still there.
         if pid is not None and self._pidfd < 0:
             with contextlib.suppress(OSError):
                 self._pidfd = os.pidfd_open(pid)
+            if self._pidfd >= 0:
+                self._waiting_pidfd = _child_pidfd(pid)
         if not self.ready.done():
             self.ready.set_result(None)
 
@@ -183,6 +211,33 @@ class SlotControl:
             self.exited.set_result(self._status if self._status is not None else -9)
 
 
+def _exited(pidfd: int) -> bool:
+    """The process of ``pidfd`` has exited (checked now)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _child_pidfd(pid: int) -> int:
+    """A pidfd of the only child of ``pid`` (-1 if there is not exactly one)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(child) for child in f.read().split()]
+        if len(children) != 1:
+            return -1
+        pidfd = os.pidfd_open(children[0])
+    except (OSError, ValueError):
+        return -1
+    try:  # still its child (a pid is reused only once its process was reaped)
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            if str(children[0]) in f.read().split():
+                return pidfd
+    except OSError:
+        pass
+    os.close(pidfd)
+    return -1
+
+
 def _sender(ancdata: list[tuple[int, int, bytes]]) -> int | None:
     """The host pid in an ``SCM_CREDENTIALS`` message (the kernel translated it)."""
     return next((struct.unpack("3i", data[:_CREDS])[0] for level, kind, data in ancdata
@@ -204,7 +259,7 @@ class Slot:
     @property
     def usable(self) -> bool:
         return self.control.ready.done() and not self.control.ready.exception() and \
-            not self.control.exited.done()
+            not self.control.exited.done() and self.control.runtime_waiting
 
     def assign(self, request: bytes, code_dir: Path, socket_path: Path, memory_mb: int,
                cpu_weight: int) -> None:

@@ -10,14 +10,16 @@ import json
 import logging
 import math
 import os
+import select
 import socket
 import struct
 import subprocess
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
+from typing import Any
 
 from impuls.errors import SandboxStartFailed
 from impuls.runtimes import Runtime
@@ -36,7 +38,7 @@ from impuls.sandbox.namespace.launch import (
     sandbox_command,
     sandbox_env,
 )
-from impuls.sandbox.namespace.slots import Slot, SlotControl
+from impuls.sandbox.namespace.slots import Slot, SlotControl, SlotGone
 from impuls.sandbox.watch import OutputPump
 
 log = logging.getLogger("impuls.sandbox.namespace.template")
@@ -84,6 +86,14 @@ TEMPLATE_MAX_AGE = 600.0
 ROTATE_RETRY = 30.0
 #: The rotation timer never wakes up more often than this (seconds).
 TIMER_MIN = 0.01
+_CREDS = struct.calcsize("3i")
+#: Tries to build a slot, and to hand a function to one, before a start fails: a template
+#: or slot killed meanwhile is replaced by a new one (a template by a new template).
+BUILD_ATTEMPTS = 3
+#: How long a slot that failed waits for its template's death to show before the failure is
+#: taken for the slot's own (seconds): when the template's pid namespace is killed, a slot
+#: can die a moment before the template process.  Only failures wait.
+DEATH_GRACE = 0.25
 
 
 class TemplateError(LaunchFailed):
@@ -115,8 +125,16 @@ class TemplateProcess:
         #: template is stopped once none is left, as they live in its pid namespace
         self.users: set[SlotControl] = set()
         self.retired = False  # replaced: builds no more slots
+        #: done when the template process is gone (see ``alive``)
+        self._loop = asyncio.get_running_loop()
+        self.died: asyncio.Future[None] = self._loop.create_future()
+        #: called once when it dies, unless it was closed first
+        self.on_death: Callable[[TemplateProcess], None] | None = None
+        self._pidfd = -1  # of the template process (inside bwrap), from its "ready"
+        self._watched: list[int] = []  # descriptors the event loop watches for its death
         # A template (and all it forked) must not outlive its owner, closed or not.
-        self._finalizer = weakref.finalize(self, _stop_template, proc, control, cgroup)
+        self._fds: list[int] = []  # closed with it
+        self._finalizer = weakref.finalize(self, _stop_template, proc, control, cgroup, self._fds)
 
     @classmethod
     async def start(cls, host: cgroups.CgroupHost, runtimes: list[Runtime], interpreter: str,
@@ -126,6 +144,7 @@ class TemplateProcess:
         cgroup = host.create(name or f"template-{uuid.uuid4().hex[:8]}", TEMPLATE_MEMORY_MB,
                              TEMPLATE_PIDS_MAX, 100)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # who sends "ready"
         fds: dict[str, int] = {}
         args_r = args_w = out_r = out_w = -1
         proc: subprocess.Popen[bytes] | None = None
@@ -170,8 +189,9 @@ class TemplateProcess:
     async def _wait_ready(self) -> None:
         loop = asyncio.get_running_loop()
         self.control.setblocking(False)
+        sender: int | None = None
         try:
-            message = await asyncio.wait_for(loop.sock_recv(self.control, 64), START_TIMEOUT)
+            message, sender = await asyncio.wait_for(self._receive(), START_TIMEOUT)
         except (OSError, TimeoutError) as exc:
             message = f"no answer: {exc}".encode()
         # Requests are small and the template reads them at once: a send only
@@ -184,10 +204,81 @@ class TemplateProcess:
             raise TemplateUnavailable(
                 f"the template process did not start ({message!r}): {output.strip()}")
         self.logs.capture = _LogCapture()
+        # Its death shows at once on a pidfd of it (the kernel named its host pid: the
+        # credentials of "ready"), and on the control socket, whose other end only the
+        # template process holds (bwrap keeps no copy; a slot being forked closes its
+        # copy first thing): end-of-file, before any slot can be seen to fail of it.
+        if sender is not None:
+            with contextlib.suppress(OSError):
+                self._pidfd = os.pidfd_open(sender)
+                self._fds.append(self._pidfd)
+        for fd in (self.control.fileno(), self._pidfd):
+            if fd >= 0:
+                loop.add_reader(fd, self._check)
+                self._watched.append(fd)
+
+    async def _receive(self) -> tuple[bytes, int | None]:
+        """The template's first message, and the host pid of its sender."""
+        readable: asyncio.Future[None] = self._loop.create_future()
+
+        def wake() -> None:
+            if not readable.done():
+                readable.set_result(None)
+
+        self._loop.add_reader(self.control.fileno(), wake)
+        try:
+            await readable
+        finally:
+            self._loop.remove_reader(self.control.fileno())
+        message, ancdata, _, _ = self.control.recvmsg(64, socket.CMSG_SPACE(_CREDS))
+        sender = next((struct.unpack("3i", data[:_CREDS])[0] for level, kind, data in ancdata
+                       if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS), None)
+        return message, sender
+
+    def _check(self) -> None:
+        """The event loop saw news of the template: is it dead?"""
+        if not self.alive:
+            return  # alive saw to it
+        try:
+            data = self.control.recv(64, socket.MSG_DONTWAIT)  # nothing is expected: dropped
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # end-of-file
+            self._dead()
+
+    def _dead(self) -> None:
+        for fd in self._watched:
+            self._loop.remove_reader(fd)
+        self._watched.clear()
+        if self.died.done():
+            return
+        self.died.set_result(None)
+        if self.on_death is not None and not self.closed:
+            self.on_death(self)
 
     @property
     def alive(self) -> bool:
-        return not self.closed and self.proc.poll() is None
+        """Running: not closed, and neither the template process nor its bwrap gone.
+        Exact at once: it asks the kernel (the template's pidfd and control socket),
+        not only the event loop's news of them."""
+        if self.closed or self.died.done():
+            return False
+        if self.proc.poll() is not None or (self._pidfd >= 0 and _readable(self._pidfd)) or \
+                _hung_up(self.control):
+            self._dead()
+            return False
+        return True
+
+    async def confirm_dead(self, grace: float = DEATH_GRACE) -> bool:
+        """True when the template is dead, or dies within ``grace`` seconds: after one of
+        its slots failed, whether the template's death was the reason."""
+        if not self.alive:
+            return True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.died), grace)
+        return not self.alive
 
     def send(self, request: bytes, fds: list[int]) -> None:
         """Hand one instance request to the template; TemplateError if it is gone."""
@@ -202,15 +293,20 @@ class TemplateProcess:
         if self.closed:
             return
         self.closed = True
+        for fd in self._watched:
+            self._loop.remove_reader(fd)
+        self._watched.clear()
         self.logs.close()
         await asyncio.to_thread(self._finalizer)
 
 
 def _stop_template(proc: subprocess.Popen[bytes], control: socket.socket,
-                   cgroup: cgroups.Cgroup) -> None:
+                   cgroup: cgroups.Cgroup, fds: list[int]) -> None:
     """Stop the template (its pid namespace takes every slot and instance with it):
     end-of-file on its socket makes it exit, SIGKILL if it does not at once."""
     control.close()
+    close_fds(*fds)
+    fds.clear()
     try:
         proc.wait(STOP_GRACE)
     except subprocess.TimeoutExpired:
@@ -222,6 +318,21 @@ def _stop_template(proc: subprocess.Popen[bytes], control: socket.socket,
         cgroup.remove()
     except cgroups.CgroupError as exc:
         log.warning("template cgroup: %s (left for reap_orphans)", exc)
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """The other end of ``sock`` is closed (checked now, without reading)."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN | select.POLLRDHUP)
+    gone = select.POLLHUP | select.POLLRDHUP | select.POLLERR | select.POLLNVAL
+    return any(events & gone for _, events in poller.poll(0))
+
+
+def _readable(fd: int) -> bool:
+    """``fd`` is readable now (a pidfd: its process has exited)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _remove_slots(slots: Iterable[Slot]) -> None:
@@ -325,6 +436,7 @@ class TemplateLauncher:
         self._refill_after = 0.0
         self._closed = False
         self._starting: set[str] = set()  # cgroups of templates being started
+        self._ran = False  # a template ran on this host: one that fails later is no reason to give up
         self._rotation: asyncio.Task[None] | None = None
         self._retired: set[TemplateProcess] = set()  # replaced, kept for their instances
         self._stopping: set[asyncio.Task[None]] = set()
@@ -350,16 +462,26 @@ class TemplateLauncher:
         environment.  Raises ``LaunchFailed`` (never ``OSError``), leaving nothing
         behind."""
         request = self._request(spec)
-        slot = await self._take()
-        try:
-            slot.assign(request, spec.code_dir, socket_path, spec.memory_mb, cpu_weight(spec.memory_mb))
-        except BaseException:
-            await slot.discard()
-            raise
-        if isinstance(slot.origin, TemplateProcess):
-            slot.origin.forks += 1
-        self._maybe_rotate()
-        return Launched(slot.control, slot.cgroup)
+        for attempt in range(1, BUILD_ATTEMPTS + 1):
+            if self._closed:
+                raise LaunchFailed("the namespace sandbox is closed")
+            slot = await self._take()
+            try:
+                slot.assign(request, spec.code_dir, socket_path, spec.memory_mb, cpu_weight(spec.memory_mb))
+            except SlotGone as exc:  # killed (or its template was) since it was built
+                await slot.discard()
+                if attempt == BUILD_ATTEMPTS:
+                    raise
+                log.info("namespace sandbox: %s; taking another", exc)
+                continue
+            except BaseException:
+                await slot.discard()
+                raise
+            if isinstance(slot.origin, TemplateProcess):
+                slot.origin.forks += 1
+            self._maybe_rotate()
+            return Launched(slot.control, slot.cgroup)
+        raise AssertionError("unreachable")
 
     async def close(self) -> None:
         self._closed = True
@@ -413,17 +535,21 @@ class TemplateLauncher:
             self._pool.append(slot)
 
     async def _build_slot(self) -> Slot:
-        """A new empty instance from the current template (one retry with a new template)."""
-        for attempt in (1, 2):
-            template = await self._ensure()
+        """A new empty instance from the current template.  When the template died
+        meanwhile (its slots die with it), from a new template: ``BUILD_ATTEMPTS`` in all."""
+        for attempt in range(1, BUILD_ATTEMPTS + 1):
+            template: TemplateProcess | None = None
             try:
+                template = await self._ensure()
                 return await self._fork_slot(template)
-            except TemplateError:
-                if attempt == 1 and not template.alive:
-                    await template.close()  # gone: start a new one and try once more
-                    continue
+            except TemplateUnavailable:
                 raise
-        raise TemplateError("the template process keeps dying")
+            except SandboxStartFailed as exc:
+                if self._closed or attempt == BUILD_ATTEMPTS or (
+                        template is not None and not await template.confirm_dead()):
+                    raise
+                log.info("namespace sandbox: the template died (%s); starting a new one", exc)
+        raise AssertionError("unreachable")
 
     async def _fork_slot(self, template: TemplateProcess) -> Slot:
         """A new empty instance forked from ``template``; it counts as the template's
@@ -457,18 +583,49 @@ class TemplateLauncher:
 
     async def _ensure(self) -> TemplateProcess:
         """The running template; a new one if there is none or it died (its instances
-        and slots died with it: they live in its pid namespace)."""
+        and slots died with it: they live in its pid namespace).  Concurrent callers wait
+        for the one being started.  TemplateUnavailable only while no template ever ran:
+        later, a template that cannot start (killed while it started...) is a TemplateError,
+        and the launcher keeps starting templates rather than giving them up."""
         template = self._template
         if template is not None and template.alive:
             return template
         async with self._lock:
-            if self._template is not None and not self._template.alive:
-                await self._template.close()
+            if self._closed:
+                raise LaunchFailed("the namespace sandbox is closed")
+            dead = self._template
+            if dead is not None and not dead.alive:
                 self._template = None
+                self._drop_slots_of(dead)
+                self._stop(dead)  # in the background: the new one need not wait for it
             if self._template is None:
-                self._adopt(await self._start_template())
+                try:
+                    self._adopt(await self._start_template())
+                except TemplateUnavailable as exc:
+                    if not self._ran:
+                        raise
+                    raise TemplateError(exc.message) from exc
             assert self._template is not None
             return self._template
+
+    def _template_died(self, template: TemplateProcess) -> None:
+        """The current template process died, and with it every slot and instance forked
+        from it: forget its slots and start a new template in the background (refilling
+        the pool does), so that the next cold start finds one ready."""
+        if self._closed or template is not self._template:
+            return  # a replaced one is stopped as its last user goes (_released)
+        log.warning("namespace sandbox: the template process died (its instances with it); "
+                    "starting a new one")
+        self._drop_slots_of(template)
+        self._refill_after = 0.0
+        self._refill()
+
+    def _drop_slots_of(self, template: TemplateProcess) -> None:
+        """Discard the pool's slots of ``template`` (in the background)."""
+        stale = [slot for slot in self._pool if slot.origin is template]
+        for slot in stale:
+            self._pool.remove(slot)
+            self._background(slot.discard())
 
     async def _start_template(self) -> TemplateProcess:
         name = f"template-{uuid.uuid4().hex[:8]}"
@@ -482,7 +639,9 @@ class TemplateLauncher:
     def _adopt(self, template: TemplateProcess) -> None:
         """Make ``template`` the one instances are forked from; its age starts now."""
         template.born = self.clock()
+        template.on_death = self._template_died
         self._template = template
+        self._ran = True
         self._arm_timer()
 
     def _due(self, template: TemplateProcess) -> str | None:
@@ -546,6 +705,8 @@ class TemplateLauncher:
                     errors.append(exc)
             if errors and not slots:
                 raise errors[0]
+            if not new.alive:
+                raise TemplateError("the new template process died")
             async with self._lock:  # not while _ensure() starts a template
                 if self._closed:
                     return
@@ -590,7 +751,11 @@ class TemplateLauncher:
             self._stop(template)
 
     def _stop(self, template: TemplateProcess) -> None:
-        task = asyncio.get_running_loop().create_task(template.close())
+        self._background(template.close())
+
+    def _background(self, clean_up: Coroutine[Any, Any, None]) -> None:
+        """Run ``clean_up`` in the background (``close`` waits for it)."""
+        task = asyncio.get_running_loop().create_task(clean_up)
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
 

@@ -1,0 +1,212 @@
+"""Sandboxes killed from outside, through a real server on the namespace sandbox.
+
+A runtime SIGKILLed while its instance starts, or the template the namespace sandbox forks
+instances from, is a fault of the platform, not of the function: the call is served by a
+new instance (a new template), or fails as the sandbox (502 ``Sandbox.StartFailed``), and
+is never an init failure of the function replayed to later callers.  A real init failure
+(the module raises at import) still is one.  The driver-level cases are in
+``tests/sandbox/test_namespace.py``.
+
+Only processes of the server under test are signalled (found under its own process tree).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import re
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from impuls.engine.pool import START_ATTEMPTS
+from tests.helpers import Server, sandbox_unavailable
+from tests.sandbox.test_namespace import cmdline, gone, sigkill, template_processes
+
+pytestmark = pytest.mark.namespace
+
+#: a module that takes 2 s to load (time enough to kill its runtime in the middle of it)
+SLOW_START = "import time\ntime.sleep(2)\n\n\ndef handler(event, context):\n    return 'ok'\n"
+QUICK = "def handler(event, context):\n    return event\n"
+#: prints a token of its own start, then fails to load
+BROKEN = "import uuid\nprint('start', uuid.uuid4().hex, flush=True)\nimport nope_not_a_module\n"
+#: on the command line of the processes signalled here
+RUNTIME, TEMPLATE = b"/var/runtime/bootstrap.py", b"/var/runtime/zygote.py"
+
+
+@pytest.fixture
+def server(make_server: Callable[..., Server], request: pytest.FixtureRequest) -> Iterator[Server]:
+    reason = sandbox_unavailable("namespace", request)
+    if reason:
+        pytest.skip(f"namespace sandbox unavailable: {reason}")
+    yield make_server(args=["--sandbox", "namespace"])
+
+
+def descendants(root: int) -> list[int]:
+    """Every live process below ``root`` (by parent links)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, stack = [], [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return [pid for pid in found if not gone(pid)]
+
+
+def runtimes(server: Server) -> list[int]:
+    """The runtime processes of the server's instances (each runs the runtime client)."""
+    assert server.proc is not None
+    return [pid for pid in descendants(server.proc.pid)
+            if RUNTIME in (argv := cmdline(pid)) and argv[:1] != [b"/usr/bin/bwrap"]]
+
+
+def template_of(server: Server) -> int:
+    assert server.proc is not None
+    found = template_processes(descendants(server.proc.pid))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def until(ready: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
+    """Poll ``ready()`` until it is true (a liveness bound, not a speed assertion)."""
+    deadline = time.monotonic() + timeout
+    while not (value := ready()):
+        assert time.monotonic() < deadline, f"still waiting for {what} after {timeout:.0f} s"
+        time.sleep(0.01)
+    return value
+
+
+def records(server: Server, name: str, count: int) -> list[dict[str, Any]]:
+    """The function's invocation records, newest first, once ``count`` of them are written."""
+    def written() -> list[dict[str, Any]] | None:
+        found = server.request("GET", f"/api/v1/functions/{name}/invocations").json()["invocations"]
+        return found if len(found) >= count else None
+    result: list[dict[str, Any]] = until(written, f"{count} invocation records")
+    return result
+
+
+def test_a_runtime_killed_while_it_starts_is_started_again(server: Server) -> None:
+    name = server.deploy(runtime="python3.11", handler="handler.handler", code=SLOW_START)["name"]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        call = pool.submit(server.invoke, name, {"n": 1})
+        victim = until(lambda: runtimes(server) or call.done(), "the runtime to load the function")
+        assert not call.done() and len(victim) == 1
+        assert sigkill(victim[0], RUNTIME)  # while the module sleeps at import
+        reply = call.result()
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["status_code"] == 200 and body["body"] == "ok" and body["cold_start"] is True
+    assert victim[0] not in runtimes(server) and len(runtimes(server)) == 1  # another one serves
+    (record,) = records(server, name, 1)
+    assert record["outcome"] == "success" and "killed" in record["note"]
+    again = server.invoke(name).json()  # not refused by a replayed init failure: warm, even
+    assert again["status_code"] == 200 and again["cold_start"] is False
+
+
+def test_a_runtime_killed_at_every_start_is_a_sandbox_error_never_replayed(server: Server) -> None:
+    name = server.deploy(runtime="python3.11", handler="handler.handler", code=SLOW_START)["name"]
+    killed: set[int] = set()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        call = pool.submit(server.invoke, name)
+        while not call.done():  # every start of this call has its runtime killed
+            for pid in set(runtimes(server)) - killed:
+                if sigkill(pid, RUNTIME):
+                    killed.add(pid)
+            time.sleep(0.01)
+        reply = call.result()
+    assert len(killed) == START_ATTEMPTS  # bounded: the first start and two more
+    assert reply.status_code == 502, reply.text  # the platform's fault, not a function error
+    body = reply.json()
+    assert body["error_type"] == "Sandbox.StartFailed" and "SIGKILL" in body["error"], body
+    # the next call starts an instance at once: no init failure is replayed to it
+    after = server.invoke(name)
+    assert after.status_code == 200 and after.json()["status_code"] == 200, after.text
+    assert after.json()["cold_start"] is True
+    outcomes = [r["outcome"] for r in records(server, name, 2)]
+    assert outcomes == ["success", "crash"]
+
+
+def test_a_real_init_error_is_still_reported_and_replayed(server: Server) -> None:
+    name = server.deploy(runtime="python3.11", handler="handler.handler", code=BROKEN)["name"]
+    starts = []
+    for _ in range(6):  # the back-off doubles from 1 s: some of these calls are replays
+        reply = server.invoke(name)
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert body["status_code"] == 500 and body["error_type"] == "Runtime.ImportModuleError", body
+        starts += re.findall(r"start ([0-9a-f]{32})", body["logs"])
+    assert len(starts) == 6  # every reply carries the output of the start it reports
+    assert len(set(starts)) < len(starts), "the init failure was not replayed"
+    assert {r["outcome"] for r in records(server, name, 6)} == {"init_error"}
+
+
+def test_cold_starts_after_the_template_was_killed_succeed(server: Server) -> None:
+    names = [server.deploy(runtime="python3.11", handler="handler.handler", code=QUICK)["name"]
+             for _ in range(9)]
+    warm = names.pop()
+    assert server.invoke(warm, {"n": 0}).json()["status_code"] == 200
+    auth = {"Authorization": f"Bearer {server.admin_key}"}
+
+    def invoke(name: str) -> httpx.Response:
+        with httpx.Client(base_url=server.url, headers=auth, timeout=60) as client:
+            return client.post(f"/api/v1/functions/{name}/invoke", json={"name": name})
+
+    # the template dies while some cold starts are under way: each of those is served, or its
+    # instance died with the template after it started (502 Runtime.ExitError, as any instance
+    # that dies during a call) -- never an init failure, never a start that failed
+    template = template_of(server)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        racing = [pool.submit(invoke, name) for name in names[:4]]
+        assert sigkill(template, TEMPLATE)
+        for reply in (r.result() for r in racing):
+            body = reply.json()
+            assert (reply.status_code, body.get("status_code")) in ((200, 200), (502, 502)), reply.text
+            assert reply.status_code == 200 or body["error_type"] == "Runtime.ExitError", body
+    until(lambda: gone(template), "the template to be gone")
+
+    # later cold starts find it dead, and a new one serves them
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(invoke, names[4:]))
+    for name, reply in zip(names[4:], replies, strict=True):
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["status_code"] == 200 and reply.json()["body"] == {"name": name}
+    assert template_of(server) != template
+    # the warm instance died with its template (it lived in its pid namespace): a new one serves
+    again = server.invoke(warm, {"n": 1})
+    assert again.status_code == 200 and again.json()["body"] == {"n": 1}, again.text
+    assert "the template process died" in server.log()
+
+
+def test_cold_starts_after_the_templates_lookalikes_were_killed_succeed(server: Server) -> None:
+    """The pre-built slots' processes waiting to become runtimes show the template's command
+    line (they are forked from it), so whatever kills the template by its name kills them
+    too.  Slots without them are never used: every cold start succeeds."""
+    names = [server.deploy(runtime="python3.11", handler="handler.handler", code=QUICK)["name"]
+             for _ in range(7)]
+    warm = names.pop()
+    assert server.invoke(warm, {"n": 0}).json()["status_code"] == 200
+    assert server.proc is not None
+    server_pid, template = server.proc.pid, template_of(server)
+    lookalikes = until(lambda: [pid for pid in descendants(server_pid)
+                                if cmdline(pid)[:2] == cmdline(template)[:2] and pid != template],
+                       "the pool of slots")
+    for pid in lookalikes:  # (a slot being built is among them a moment: it may be gone)
+        sigkill(pid, TEMPLATE)
+    until(lambda: all(gone(pid) for pid in lookalikes), "the slots' processes to be gone")
+    for name in names:
+        reply = server.invoke(name, {"name": name})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["status_code"] == 200 and reply.json()["body"] == {"name": name}
+    assert template_of(server) == template  # the template itself serves on
+    again = server.invoke(warm, {"n": 1}).json()
+    assert again["status_code"] == 200 and again["cold_start"] is False  # untouched
