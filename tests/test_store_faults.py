@@ -13,18 +13,18 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, select, text
+from sqlalchemy import Engine, create_engine, text
 
 from impuls.engine import records
-from impuls.engine.records import InvocationRecord, InvocationRecorder
+from impuls.engine.records import InvocationRecorder
 from impuls.store.db import open_engine
-from impuls.store.schema import invocations
 from tests.helpers import free_port
+from tests.unit.test_records import ids, in_table, record, until
 
 POSTGRES_URL = os.environ.get("IMPULS_TEST_POSTGRES_URL")
 pytestmark = [
@@ -32,36 +32,7 @@ pytestmark = [
     pytest.mark.skipif(not POSTGRES_URL, reason="IMPULS_TEST_POSTGRES_URL is not set "
                                                 "(.ci/run starts PostgreSQL and sets it)"),
 ]
-T0 = datetime.now(UTC).replace(microsecond=0)
 DEADLINE = 60.0  # seconds: a guard against hanging, not a bound on speed
-
-
-def record(n: int, **fields: Any) -> InvocationRecord:
-    values: dict[str, Any] = {
-        "request_id": f"req-{n:04d}", "function_name": "fn", "function_id": "fid",
-        "started_at": T0 + timedelta(milliseconds=n), "duration_ms": 1.5, "outcome": "success",
-        "error_type": None, "cold_start": False, "sandbox": "process", "logs": f"call {n}\n",
-        "logs_truncated": False}
-    values.update(fields)
-    return InvocationRecord(**values)
-
-
-def ids(*numbers: int) -> list[str]:
-    return [f"req-{n:04d}" for n in numbers]
-
-
-def in_table(db: Engine) -> list[str]:
-    with db.connect() as conn:
-        return list(conn.execute(select(invocations.c.request_id).order_by(invocations.c.id)).scalars())
-
-
-async def until(condition: Callable[[], bool], what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + DEADLINE
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"still not {what} after {DEADLINE:.0f} s")
-        await asyncio.sleep(0.05)
 
 
 class Database:
