@@ -82,9 +82,13 @@ def test_a_revoke_elsewhere_is_seen_once_the_cache_expires(store: KeyStore, tmp_
     assert store.cached(new.key) is None and store.authenticate(new.key) is None  # ...not for longer
 
 
-def test_environment_admin_key(store: KeyStore) -> None:
+def test_environment_admin_key(store: KeyStore, monkeypatch: pytest.MonkeyPatch) -> None:
     assert store.authenticate("env-admin-key-value") == Principal("IMPULS_ADMIN_KEY", Scope.ADMIN)
     assert store.authenticate("env-admin-key-valu") is None
+    # known without the database (every request with it stays on the event loop)
+    monkeypatch.setattr(store, "db", None)
+    assert store.cached("env-admin-key-value") == Principal("IMPULS_ADMIN_KEY", Scope.ADMIN)
+    assert store.cached("env-admin-key-valu") is None
 
 
 def test_invalid_keys_are_refused(store: KeyStore) -> None:
