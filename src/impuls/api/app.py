@@ -11,11 +11,24 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette import types
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from impuls import __version__
-from impuls.api import code, events, functions, invocations, invoke, keys, metrics, schedules, url_configs
+from impuls.api import (
+    code,
+    contract,
+    events,
+    functions,
+    invocations,
+    invoke,
+    keys,
+    metrics,
+    schedules,
+    url_configs,
+)
 from impuls.api.auth import AuthGate
 from impuls.api.deps import platform_of, principal_of
 from impuls.api.errors import error_response, status_of
@@ -39,13 +52,26 @@ async def _impuls_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(status, exc.message)
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     messages = {404: "not found", 405: "method not allowed"}
     message = exc.detail if isinstance(exc.detail, str) else messages.get(exc.status_code, "error")
     if exc.status_code == 404 and message == "Not Found":
         message = "no such route"
-    return error_response(exc.status_code, message, headers=exc.headers)
+    headers = exc.headers
+    if exc.status_code == 405:
+        headers = {**(headers or {}), "Allow": ", ".join(_allowed(request))}
+    return error_response(exc.status_code, message, headers=headers)
+
+
+def _allowed(request: Request) -> list[str]:
+    """Every method some route serves at the request's path (Starlette's own 405 names only
+    the first route that matched the path)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, APIRoute) and route.matches(request.scope)[0] != Match.NONE and route.methods:
+            methods |= route.methods
+    return sorted(methods)
 
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
@@ -99,19 +125,37 @@ def create_app(platform: Platform, console: types.ASGIApp | None = None) -> type
     app.include_router(schedules.router)
     if console is not None:
         app.mount("/console", console)
-    _document_invoke(app)
     app.include_router(metrics.router)
+    _document(app)
     native = AuthGate(InvokeFastPath(app, platform), platform.keys if platform.settings.auth else None)
     doors = Doors(native, LambdaDoor(platform), UrlDoor(platform))
     return metrics.HttpMetrics(doors, platform.metrics, doors.url_door.target)
 
 
-def _document_invoke(app: FastAPI) -> None:
-    """Add the invoke route, which the fast path serves in front of FastAPI, to /openapi.json."""
+#: routes open without a key (the code download is signed instead)
+OPEN_ROUTES = ("/health", "/code/{name}")
+
+
+def _document(app: FastAPI) -> None:
+    """/openapi.json: FastAPI's description plus the request bodies routes read themselves
+    (:mod:`impuls.api.contract`), the invoke route (served by the fast path in front of
+    FastAPI) and the bearer key every route but :data:`OPEN_ROUTES` needs."""
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
             schema["paths"]["/api/v1/functions/{name}/invoke"] = invoke.openapi_operation(schema)
+            components = schema.setdefault("components", {})
+            components["schemas"].update(contract.REQUEST_BODIES)
+            components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            schema["security"] = [{"bearer": []}]
+            for item in schema["paths"].values():
+                for operation in item.values():
+                    operation["responses"].pop("422", None)  # a request that fails a rule is 400
+            for unused in ("HTTPValidationError", "ValidationError"):
+                components["schemas"].pop(unused, None)
+            for path in OPEN_ROUTES:
+                for operation in schema["paths"][path].values():
+                    operation["security"] = []
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
+from impuls.api import contract as c
 from impuls.api.deps import platform_of
 from impuls.functions.models import Function
 from impuls.platform import Platform
@@ -16,7 +17,10 @@ from impuls.platform import Platform
 router = APIRouter()
 
 
-@router.get("/code/{name}")
+@router.get("/code/{name}", responses={
+    **c.answers(None, 404), 200: {"description": "the package as a zip",
+                                  "content": {"application/zip": {"schema": {"type": "string",
+                                                                             "format": "binary"}}}}})
 async def download(request: Request, name: str, version: str = Query(...), expires: str = Query(...),
                    signature: str = Query(...)) -> Response:
     p = platform_of(request)

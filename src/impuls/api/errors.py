@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 from starlette.responses import JSONResponse
 
 from impuls.engine.results import Outcome
@@ -76,7 +77,9 @@ def status_of(exc: ImpulsError) -> int:
 class ErrorReply(BaseModel):
     """The one error shape of /api/v1: ``{"error": true, "message": "..."}``."""
 
-    error: bool
+    model_config = ConfigDict(extra="forbid")
+
+    error: Literal[True]
     message: str
 
 

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from impuls.api import contract as c
 from impuls.api import versions
 from impuls.api.body import read_json
 from impuls.api.deps import actor_of, authorize, platform_of
@@ -21,6 +22,8 @@ from impuls.store.db import MAX_INT
 # base64 of the largest zip, plus room for the other fields
 MAX_FUNCTION_BODY = (MAX_ZIP_BYTES * 4) // 3 + 1024 * 1024
 
+UPDATE_ANSWERS = c.answers(c.Function, *c.WRITE, 412)
+
 router = APIRouter(prefix="/api/v1/functions")
 router.include_router(versions.router)
 
@@ -30,7 +33,8 @@ def _full(p: Platform, fn: Function) -> dict[str, Any]:
     return {**fn.to_api(p.registry.code(fn)), "build": p.registry.build_info(fn)}
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, responses=c.answers(c.Function, *c.WRITE, status=201),
+             openapi_extra=c.body(c.FunctionCreate))
 async def create_function(request: Request) -> JSONResponse:
     who = authorize(request, Scope.DEPLOY)
     p = platform_of(request)
@@ -41,7 +45,7 @@ async def create_function(request: Request) -> JSONResponse:
     return JSONResponse(await run_in_threadpool(_full, p, fn), status_code=201)
 
 
-@router.get("")
+@router.get("", responses=c.answers(c.FunctionList))
 async def list_functions(
     request: Request,
     limit: int = Query(100, ge=1, le=1000),
@@ -59,7 +63,7 @@ async def list_functions(
     }
 
 
-@router.get("/{name}")
+@router.get("/{name}", responses=c.answers(c.Function, 404))
 async def get_function(request: Request, name: str, qualifier: str | None = Query(None)) -> dict[str, Any]:
     """$LATEST, or with ``?qualifier=`` a version number or an alias's version."""
     authorize(request, Scope.READ, name)
@@ -68,8 +72,8 @@ async def get_function(request: Request, name: str, qualifier: str | None = Quer
     return await run_in_threadpool(_full, p, fn)
 
 
-@router.put("/{name}")
-@router.patch("/{name}")
+@router.put("/{name}", responses=UPDATE_ANSWERS, openapi_extra=c.body(c.FUNCTION_UPDATE))
+@router.patch("/{name}", responses=UPDATE_ANSWERS, openapi_extra=c.body(c.FUNCTION_UPDATE))
 async def update_function(request: Request, name: str) -> dict[str, Any]:
     who = authorize(request, Scope.DEPLOY, name)
     p = platform_of(request)
@@ -78,7 +82,8 @@ async def update_function(request: Request, name: str) -> dict[str, Any]:
     return await run_in_threadpool(_full, p, fn)
 
 
-@router.put("/{name}/concurrency")
+@router.put("/{name}/concurrency", responses=c.answers(c.ConcurrencyOut, 404, 413, 415),
+            openapi_extra=c.body(c.Concurrency))
 async def put_concurrency(request: Request, name: str) -> dict[str, Any]:
     """``{"reserved_concurrency": n}``: the function's limit for every version (0 throttles)."""
     who = authorize(request, Scope.DEPLOY, name)
@@ -90,14 +95,14 @@ async def put_concurrency(request: Request, name: str) -> dict[str, Any]:
     return {"name": name, "reserved_concurrency": fn.reserved_concurrency}
 
 
-@router.delete("/{name}/concurrency")
+@router.delete("/{name}/concurrency", responses=c.answers(c.ConcurrencyOut, 404))
 async def delete_concurrency(request: Request, name: str) -> dict[str, Any]:
     who = authorize(request, Scope.DEPLOY, name)
     await run_in_threadpool(platform_of(request).registry.delete_concurrency, name, actor_of(request, who))
     return {"name": name, "reserved_concurrency": None}
 
 
-@router.delete("/{name}")
+@router.delete("/{name}", responses=c.answers(c.Deleted, 404, 409))
 async def delete_function(request: Request, name: str, qualifier: str | None = Query(None)) -> dict[str, Any]:
     """The function with everything it has, or with ``?qualifier=N`` version N alone."""
     who = authorize(request, Scope.DEPLOY, name)

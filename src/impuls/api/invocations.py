@@ -11,6 +11,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from impuls.api import contract as c
 from impuls.api.deps import authorize, platform_of
 from impuls.auth.principal import Scope
 from impuls.store.db import MAX_INT
@@ -20,9 +21,11 @@ if TYPE_CHECKING:
 
 router = APIRouter(prefix="/api/v1/functions/{name}")
 KEEPALIVE_SECONDS = 15.0
+LOG_ANSWERS = c.answers(c.Logs, 404)
+LOG_ANSWERS[200]["content"] = {"text/event-stream": {"schema": {"type": "string"}}}  # follow=true
 
 
-@router.get("/invocations")
+@router.get("/invocations", responses=c.answers(c.InvocationList, 404))
 async def invocations(request: Request, name: str, limit: int = Query(50, ge=1, le=1000),
                       offset: int = Query(0, ge=0, le=MAX_INT)) -> dict[str, Any]:
     authorize(request, Scope.READ, name)
@@ -33,7 +36,7 @@ async def invocations(request: Request, name: str, limit: int = Query(50, ge=1, 
     return {"invocations": [r.to_api() for r in records], "count": len(records), "total": total}
 
 
-@router.get("/logs", response_model=None)
+@router.get("/logs", response_model=None, responses=LOG_ANSWERS)
 async def logs(request: Request, name: str, follow: bool = False,
                limit: int = Query(20, ge=1, le=1000)) -> Response | dict[str, Any]:
     """Recent invocations' logs (oldest first); with ``follow=true`` a server-sent event stream."""

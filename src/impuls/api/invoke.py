@@ -36,6 +36,7 @@ log = logging.getLogger("impuls.api")
 INVOKE_PATH = re.compile(r"^/api/v1/functions/([^/]+)/invoke$")
 JSON_HEADERS = [(b"content-type", b"application/json")]
 TRUE = {"1", "true", "yes", "on"}
+FALSE = {"0", "false", "no", "off"}
 #: how much of the call's output the reply carries (the record keeps more)
 REPLY_LOG_BYTES = 4096
 
@@ -69,11 +70,11 @@ class InvokeFastPath:
             traceparent = tracestate = None
             if self.platform.tracer is not None:  # the caller's trace, continued
                 traceparent, tracestate = parent_of_asgi(scope["headers"])
-            if query.get("async", ["false"])[-1].lower() in TRUE:
+            if _flag(query, "async"):
                 request_id = await self._accept(name, qualifier, payload, traceparent, tracestate)
                 await _reply(send, 202, json.dumps({"request_id": request_id}).encode())
                 return
-            local = query.get("local", ["false"])[-1].lower() in TRUE
+            local = _flag(query, "local")
             result = await self.platform.invoker.invoke(name, payload, qualifier=qualifier, local=local,
                                                         traceparent=traceparent, tracestate=tracestate)
         except ImpulsError as exc:
@@ -158,6 +159,14 @@ def openapi_operation(schema: dict[str, Any]) -> dict[str, Any]:
         "requestBody": {"required": False, "content": {"application/json": {"schema": {}}}},
         "responses": responses,
     }}
+
+
+def _flag(query: dict[str, list[str]], name: str) -> bool:
+    """A boolean query parameter (``true``/``false``, ``1``/``0``, ``yes``/``no``, ``on``/``off``)."""
+    value = query.get(name, ["false"])[-1].lower()
+    if value not in TRUE and value not in FALSE:
+        raise InvalidInput(f"{name}: must be true or false, not {value!r}")
+    return value in TRUE
 
 
 def _qualifier(in_path: str, in_query: str) -> str | None:

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from impuls.api import contract as c
 from impuls.api.body import read_json
 from impuls.api.deps import actor_of, authorize, platform_of
 from impuls.auth import audit
@@ -20,7 +21,8 @@ MAX_KEY_BODY = 4096
 KEY_FIELDS = {"name", "scope", "functions"}
 
 
-@router.post("/keys", status_code=201)
+@router.post("/keys", status_code=201, responses=c.answers(c.KeyCreated, 409, 413, 415, status=201),
+             openapi_extra=c.body(c.KeyCreate))
 async def create_key(request: Request) -> JSONResponse:
     """A new key; the answer holds its secrets (the key, the AWS secret), shown this once."""
     who = authorize(request, Scope.ADMIN)
@@ -35,19 +37,19 @@ async def create_key(request: Request) -> JSONResponse:
     return JSONResponse(new.to_api(), status_code=201)
 
 
-@router.get("/keys")
+@router.get("/keys", responses=c.answers(c.KeyList))
 async def list_keys(request: Request) -> dict[str, Any]:
     authorize(request, Scope.ADMIN)
     return {"keys": await run_in_threadpool(platform_of(request).keys.list)}
 
 
-@router.delete("/keys/{name}")
+@router.delete("/keys/{name}", responses=c.answers(c.KeyRevoked, 404))
 async def revoke_key(request: Request, name: str) -> dict[str, Any]:
     who = authorize(request, Scope.ADMIN)
     return await run_in_threadpool(platform_of(request).keys.revoke, name, actor_of(request, who))
 
 
-@router.get("/audit")
+@router.get("/audit", responses=c.answers(c.AuditLog))
 async def audit_log(request: Request, limit: int = Query(100, ge=1, le=1000),
                     offset: int = Query(0, ge=0, le=MAX_INT)) -> dict[str, Any]:
     authorize(request, Scope.ADMIN)

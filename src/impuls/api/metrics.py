@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter, Request, Response
 from starlette import types
 
+from impuls.api import contract as c
 from impuls.api.auth import MISSING
 from impuls.api.deps import platform_of, principal_of
 from impuls.api.invoke import INVOKE_PATH
@@ -41,7 +42,9 @@ CONSOLE_PREFIX = "/console"
 ROUTE = "route"
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response, responses={
+    **c.answers(None, 401, 403), 200: {"description": "Prometheus' text format",
+                                       "content": {CONTENT_TYPE: {"schema": {"type": "string"}}}}})
 async def metrics(request: Request) -> Response:
     platform = platform_of(request)
     if not platform.settings.metrics_public:

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from impuls.api import contract as c
 from impuls.api.body import read_json
 from impuls.api.deps import actor_of, authorize, platform_of
 from impuls.auth.principal import Scope
@@ -32,7 +33,8 @@ async def _body(request: Request) -> dict[str, Any]:
     return body
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, responses=c.answers(c.Schedule, 404, 409, 413, 415, status=201),
+             openapi_extra=c.body(c.ScheduleCreate))
 async def create_schedule(request: Request, name: str) -> JSONResponse:
     who = authorize(request, Scope.DEPLOY, name)
     body = await _body(request)
@@ -40,20 +42,21 @@ async def create_schedule(request: Request, name: str) -> JSONResponse:
     return JSONResponse(schedule.to_api(), status_code=201)
 
 
-@router.get("")
+@router.get("", responses=c.answers(c.ScheduleList, 404))
 async def list_schedules(request: Request, name: str) -> dict[str, Any]:
     authorize(request, Scope.READ, name)
     found = await run_in_threadpool(_store(request).list, name)
     return {"schedules": [s.to_api() for s in found]}
 
 
-@router.get("/{schedule}")
+@router.get("/{schedule}", responses=c.answers(c.Schedule, 404))
 async def get_schedule(request: Request, name: str, schedule: str) -> dict[str, Any]:
     authorize(request, Scope.READ, name)
     return (await run_in_threadpool(_store(request).get, name, schedule)).to_api()
 
 
-@router.patch("/{schedule}")
+@router.patch("/{schedule}", responses=c.answers(c.Schedule, 404, 413, 415),
+              openapi_extra=c.body(c.ScheduleUpdate))
 async def update_schedule(request: Request, name: str, schedule: str) -> dict[str, Any]:
     who = authorize(request, Scope.DEPLOY, name)
     body = await _body(request)
@@ -61,7 +64,7 @@ async def update_schedule(request: Request, name: str, schedule: str) -> dict[st
     return changed.to_api()
 
 
-@router.delete("/{schedule}")
+@router.delete("/{schedule}", responses=c.answers(c.Deleted, 404))
 async def delete_schedule(request: Request, name: str, schedule: str) -> dict[str, Any]:
     who = authorize(request, Scope.DEPLOY, name)
     await run_in_threadpool(_store(request).delete, name, schedule, actor_of(request, who))

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from impuls.api import contract as c
 from impuls.api.body import read_json
 from impuls.api.deps import actor_of, authorize, platform_of
 from impuls.auth.principal import Scope
@@ -42,7 +43,8 @@ async def _body(request: Request, allowed: tuple[str, ...]) -> dict[str, Any]:
     return body
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, responses=c.answers(c.UrlConfig, 404, 409, 413, 415, status=201),
+             openapi_extra=c.body(c.UrlCreate))
 async def create_url(request: Request, name: str) -> JSONResponse:
     who = authorize(request, Scope.DEPLOY, name)
     body = await _body(request, ("qualifier", *FIELDS))
@@ -54,14 +56,14 @@ async def create_url(request: Request, name: str) -> JSONResponse:
     return JSONResponse(_with_url(request, config), status_code=201)
 
 
-@router.get("")
+@router.get("", responses=c.answers(c.UrlConfig, 404))
 async def get_url(request: Request, name: str, qualifier: str = Query(LATEST)) -> dict[str, Any]:
     authorize(request, Scope.READ, name)
     config = await run_in_threadpool(platform_of(request).registry.get_url_config, name, qualifier)
     return _with_url(request, config)
 
 
-@router.patch("")
+@router.patch("", responses=c.answers(c.UrlConfig, 404, 413, 415), openapi_extra=c.body(c.UrlUpdate))
 async def update_url(request: Request, name: str, qualifier: str = Query(LATEST)) -> dict[str, Any]:
     who = authorize(request, Scope.DEPLOY, name)
     body = await _body(request, FIELDS)
@@ -70,7 +72,7 @@ async def update_url(request: Request, name: str, qualifier: str = Query(LATEST)
     return _with_url(request, config)
 
 
-@router.delete("")
+@router.delete("", responses=c.answers(c.Deleted, 404))
 async def delete_url(request: Request, name: str, qualifier: str = Query(LATEST)) -> dict[str, Any]:
     who = authorize(request, Scope.DEPLOY, name)
     await run_in_threadpool(platform_of(request).registry.delete_url_config, name, qualifier,

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from impuls.api import contract as c
 from impuls.api.body import read_json, read_optional_json
 from impuls.api.deps import actor_of, authorize, platform_of
 from impuls.auth.principal import Scope
@@ -28,7 +29,8 @@ def _fields(body: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
     return body
 
 
-@router.post("/{name}/versions", status_code=201)
+@router.post("/{name}/versions", status_code=201, responses=c.answers(c.Function, *c.WRITE, 412, status=201),
+             openapi_extra=c.body(c.VersionPublish, required=False))
 async def publish_version(request: Request, name: str) -> JSONResponse:
     who = authorize(request, Scope.DEPLOY, name)
     p = platform_of(request)
@@ -40,14 +42,15 @@ async def publish_version(request: Request, name: str) -> JSONResponse:
     return JSONResponse(fn.to_api(), status_code=201)
 
 
-@router.get("/{name}/versions")
+@router.get("/{name}/versions", responses=c.answers(c.VersionList, 404))
 async def list_versions(request: Request, name: str) -> dict[str, Any]:
     authorize(request, Scope.READ, name)
     versions = await run_in_threadpool(platform_of(request).registry.versions, name)
     return {"versions": [fn.to_api(list_item=True) for fn in versions]}
 
 
-@router.post("/{name}/aliases", status_code=201)
+@router.post("/{name}/aliases", status_code=201, responses=c.answers(c.Alias, 404, 409, 413, 415, status=201),
+             openapi_extra=c.body(c.AliasCreate))
 async def create_alias(request: Request, name: str) -> JSONResponse:
     who = authorize(request, Scope.DEPLOY, name)
     body = _fields(await read_json(request.receive, request.headers.raw, MAX_BODY),
@@ -61,7 +64,7 @@ async def create_alias(request: Request, name: str) -> JSONResponse:
     return JSONResponse(alias.to_api(), status_code=201)
 
 
-@router.get("/{name}/aliases")
+@router.get("/{name}/aliases", responses=c.answers(c.AliasList, 404))
 async def list_aliases(request: Request, name: str,
                        function_version: str | None = Query(None)) -> dict[str, Any]:
     authorize(request, Scope.READ, name)
@@ -69,14 +72,15 @@ async def list_aliases(request: Request, name: str,
     return {"aliases": [alias.to_api() for alias in aliases]}
 
 
-@router.get("/{name}/aliases/{alias}")
+@router.get("/{name}/aliases/{alias}", responses=c.answers(c.Alias, 404))
 async def get_alias(request: Request, name: str, alias: str) -> dict[str, Any]:
     authorize(request, Scope.READ, name)
     found = await run_in_threadpool(platform_of(request).registry.get_alias, name, alias)
     return found.to_api()
 
 
-@router.patch("/{name}/aliases/{alias}")
+@router.patch("/{name}/aliases/{alias}", responses=c.answers(c.Alias, 404, 409, 412, 413, 415),
+              openapi_extra=c.body(c.AliasUpdate))
 async def update_alias(request: Request, name: str, alias: str) -> dict[str, Any]:
     who = authorize(request, Scope.DEPLOY, name)
     body = _fields(await read_json(request.receive, request.headers.raw, MAX_BODY),
@@ -87,7 +91,7 @@ async def update_alias(request: Request, name: str, alias: str) -> dict[str, Any
     return changed.to_api()
 
 
-@router.delete("/{name}/aliases/{alias}")
+@router.delete("/{name}/aliases/{alias}", responses=c.answers(c.Deleted, 404, 409))
 async def delete_alias(request: Request, name: str, alias: str) -> dict[str, Any]:
     who = authorize(request, Scope.DEPLOY, name)
     await run_in_threadpool(platform_of(request).registry.delete_alias, name, alias, actor_of(request, who))

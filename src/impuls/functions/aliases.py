@@ -137,7 +137,7 @@ class AliasesMixin(RegistryBase):
                 with self.db.begin() as conn:
                     self._function_row(conn, name, lock=True)
                     primary = self._check_target(conn, name, version, "function_version")
-                    routing = self._check_weights(conn, name, primary, weights or {})
+                    routing = self._check_weights(conn, name, primary, {} if weights is None else weights)
                     conn.execute(insert(aliases).values(
                         function_name=name, name=alias, function_version=primary, description=description,
                         routing=json.dumps(routing), revision_id=new_revision_id(), created_at=stamp,

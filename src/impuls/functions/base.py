@@ -181,7 +181,11 @@ class RegistryBase:
         return qualifier
 
     @staticmethod
-    def _check_revision(current: str, given: str | None, what: str) -> None:
+    def _check_revision(current: str, given: object, what: str) -> None:
+        """PreconditionFailed unless ``given`` (when not None) is ``current``; InvalidInput
+        unless it is a string."""
+        if given is not None and not isinstance(given, str):
+            raise InvalidInput("revision_id: must be a string")
         if given is not None and given != current:
             raise PreconditionFailed(f"revision_id: {given!r} is not the current revision of {what} "
                                      f"({current!r}); read it again and retry")

@@ -55,6 +55,8 @@ class VersionsMixin(RegistryBase):
         """
         if not isinstance(description, str) or len(description) > MAX_DESCRIPTION:
             raise InvalidInput(f"description: a string of at most {MAX_DESCRIPTION} characters")
+        if code_sha256 is not None and not isinstance(code_sha256, str):
+            raise InvalidInput("code_sha256: must be a string")
         with self._write_lock, self.db.begin() as conn:
             fn_row = self._function_row(conn, name, lock=True)
             fn = row_to_function(fn_row)
