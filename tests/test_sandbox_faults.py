@@ -1,10 +1,11 @@
-"""Sandboxes killed from outside, through a real server on the namespace sandbox.
+"""Sandboxes killed from outside, through a real server.
 
-A runtime SIGKILLed while its instance starts, or the template the namespace sandbox forks
-instances from, is a fault of the platform, not of the function: the call is served by a
-new instance (a new template), or fails as the sandbox (502 ``Sandbox.StartFailed``), and
-is never an init failure of the function replayed to later callers.  A real init failure
-(the module raises at import) still is one.  The driver-level cases are in
+A runtime SIGKILLed while its instance starts (on every sandbox: the runtime process, or the
+microVM's QEMU), or the template the namespace sandbox forks instances from, is a fault of
+the platform, not of the function: the call is served by a new instance (a new template), or
+fails as the sandbox (502 ``Sandbox.StartFailed``), and is never an init failure of the
+function replayed to later callers.  A real init failure (the module raises at import, or
+the runtime ends itself) still is one.  The driver-level cases are in
 ``tests/sandbox/test_namespace.py``.
 
 Only processes of the server under test are signalled (found under its own process tree).
@@ -23,26 +24,44 @@ import httpx
 import pytest
 
 from impuls.engine.pool import START_ATTEMPTS
+from impuls.runtimes import default_registry
 from tests.helpers import Server, sandbox_unavailable
 from tests.sandbox.test_namespace import cmdline, gone, sigkill, template_processes
-
-pytestmark = pytest.mark.namespace
 
 #: a module that takes 2 s to load (time enough to kill its runtime in the middle of it)
 SLOW_START = "import time\ntime.sleep(2)\n\n\ndef handler(event, context):\n    return 'ok'\n"
 QUICK = "def handler(event, context):\n    return event\n"
 #: prints a token of its own start, then fails to load
 BROKEN = "import uuid\nprint('start', uuid.uuid4().hex, flush=True)\nimport nope_not_a_module\n"
+#: ends its runtime itself while it loads (no init error reported): an init failure
+EXITS = "import os\nprint('exiting', flush=True)\nos._exit(3)\n"
 #: on the command line of the processes signalled here
 RUNTIME, TEMPLATE = b"/var/runtime/bootstrap.py", b"/var/runtime/zygote.py"
+#: the process sandbox's runtime runs the client from the host; a microVM instance's QEMU is
+#: named after it (a snapshot template's is ``impuls-template-...``)
+HOST_RUNTIME, VM_NAME = str(default_registry().resolve("python3.11").bootstrap).encode(), b"impuls-"
+SANDBOXES = [pytest.param("namespace", marks=pytest.mark.namespace), "process",
+             pytest.param("microvm", marks=pytest.mark.microvm)]
+
+
+def start(make_server: Callable[..., Server], request: pytest.FixtureRequest, kind: str) -> Server:
+    reason = sandbox_unavailable(kind, request)
+    if reason:
+        pytest.skip(f"{kind} sandbox unavailable: {reason}")
+    env = {"IMPULS_IMAGES_DIR": str(request.getfixturevalue("images_dir"))} if kind == "microvm" else None
+    return make_server(env=env, args=["--sandbox", kind])
 
 
 @pytest.fixture
-def server(make_server: Callable[..., Server], request: pytest.FixtureRequest) -> Iterator[Server]:
-    reason = sandbox_unavailable("namespace", request)
-    if reason:
-        pytest.skip(f"namespace sandbox unavailable: {reason}")
-    yield make_server(args=["--sandbox", "namespace"])
+def server(make_server: Callable[..., Server], request: pytest.FixtureRequest) -> Server:
+    return start(make_server, request, "namespace")
+
+
+@pytest.fixture(params=SANDBOXES)
+def on_sandbox(make_server: Callable[..., Server], request: pytest.FixtureRequest) -> Iterator[
+        tuple[str, Server]]:
+    """(sandbox, a server on it), for each sandbox."""
+    yield request.param, start(make_server, request, request.param)
 
 
 def descendants(root: int) -> list[int]:
@@ -70,6 +89,25 @@ def runtimes(server: Server) -> list[int]:
             if RUNTIME in (argv := cmdline(pid)) and argv[:1] != [b"/usr/bin/bwrap"]]
 
 
+def starting(kind: str, server: Server) -> list[tuple[int, bytes]]:
+    """What a kill of an instance while it starts hits on ``kind``, as (pid, a piece of its
+    command line): the runtime processes, or each microVM instance's QEMU."""
+    assert server.proc is not None
+    if kind == "namespace":
+        return [(pid, RUNTIME) for pid in runtimes(server)]
+    if kind == "process":
+        return [(pid, HOST_RUNTIME) for pid in descendants(server.proc.pid)
+                if HOST_RUNTIME in cmdline(pid)[1:2]]
+    found = []
+    for pid in descendants(server.proc.pid):
+        argv = cmdline(pid)
+        if argv[0].endswith(b"qemu-system-x86_64") and b"-name" in argv:
+            name = argv[argv.index(b"-name") + 1]
+            if name.startswith(VM_NAME) and not name.startswith(VM_NAME + b"template-"):
+                found.append((pid, name))
+    return found
+
+
 def template_of(server: Server) -> int:
     assert server.proc is not None
     found = template_processes(descendants(server.proc.pid))
@@ -95,32 +133,38 @@ def records(server: Server, name: str, count: int) -> list[dict[str, Any]]:
     return result
 
 
-def test_a_runtime_killed_while_it_starts_is_started_again(server: Server) -> None:
+def test_a_runtime_killed_while_it_starts_is_started_again(on_sandbox: tuple[str, Server]) -> None:
+    """On the microVM, QEMU is killed as soon as it is there: whichever step of the start that
+    falls in (restore, boot, load, the module's import), it is the sandbox's death."""
+    kind, server = on_sandbox
     name = server.deploy(runtime="python3.11", handler="handler.handler", code=SLOW_START)["name"]
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         call = pool.submit(server.invoke, name, {"n": 1})
-        victim = until(lambda: runtimes(server) or call.done(), "the runtime to load the function")
+        victim = until(lambda: starting(kind, server) or call.done(), "the instance to start", 180)
         assert not call.done() and len(victim) == 1
-        assert sigkill(victim[0], RUNTIME)  # while the module sleeps at import
+        assert sigkill(*victim[0])  # while it starts (the module sleeps 2 s at import)
         reply = call.result()
     assert reply.status_code == 200, reply.text
     body = reply.json()
-    assert body["status_code"] == 200 and body["body"] == "ok" and body["cold_start"] is True
-    assert victim[0] not in runtimes(server) and len(runtimes(server)) == 1  # another one serves
+    assert body["status_code"] == 200 and body["body"] == "ok" and body["cold_start"] is True, body
+    serving = starting(kind, server)
+    assert victim[0] not in serving and len(serving) == 1  # another one serves
     (record,) = records(server, name, 1)
     assert record["outcome"] == "success" and "killed" in record["note"]
     again = server.invoke(name).json()  # not refused by a replayed init failure: warm, even
     assert again["status_code"] == 200 and again["cold_start"] is False
 
 
-def test_a_runtime_killed_at_every_start_is_a_sandbox_error_never_replayed(server: Server) -> None:
+def test_a_runtime_killed_at_every_start_is_a_sandbox_error_never_replayed(
+        on_sandbox: tuple[str, Server]) -> None:
+    kind, server = on_sandbox
     name = server.deploy(runtime="python3.11", handler="handler.handler", code=SLOW_START)["name"]
     killed: set[int] = set()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         call = pool.submit(server.invoke, name)
         while not call.done():  # every start of this call has its runtime killed
-            for pid in set(runtimes(server)) - killed:
-                if sigkill(pid, RUNTIME):
+            for pid, marker in starting(kind, server):
+                if pid not in killed and sigkill(pid, marker):
                     killed.add(pid)
             time.sleep(0.01)
         reply = call.result()
@@ -136,6 +180,20 @@ def test_a_runtime_killed_at_every_start_is_a_sandbox_error_never_replayed(serve
     assert outcomes == ["success", "crash"]
 
 
+def test_a_runtime_that_ends_itself_while_it_starts_is_an_init_failure(
+        on_sandbox: tuple[str, Server]) -> None:
+    _, server = on_sandbox
+    name = server.deploy(runtime="python3.11", handler="handler.handler", code=EXITS)["name"]
+    reply = server.invoke(name)
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["status_code"] == 500 and body["error_type"] == "Runtime.ExitError", body
+    assert "exiting" in body["logs"]
+    (record,) = records(server, name, 1)
+    assert record["outcome"] == "init_error"
+
+
+@pytest.mark.namespace
 def test_a_real_init_error_is_still_reported_and_replayed(server: Server) -> None:
     name = server.deploy(runtime="python3.11", handler="handler.handler", code=BROKEN)["name"]
     starts = []
@@ -150,6 +208,7 @@ def test_a_real_init_error_is_still_reported_and_replayed(server: Server) -> Non
     assert {r["outcome"] for r in records(server, name, 6)} == {"init_error"}
 
 
+@pytest.mark.namespace
 def test_cold_starts_after_the_template_was_killed_succeed(server: Server) -> None:
     names = [server.deploy(runtime="python3.11", handler="handler.handler", code=QUICK)["name"]
              for _ in range(9)]
@@ -187,6 +246,7 @@ def test_cold_starts_after_the_template_was_killed_succeed(server: Server) -> No
     assert "the template process died" in server.log()
 
 
+@pytest.mark.namespace
 def test_cold_starts_after_the_templates_lookalikes_were_killed_succeed(server: Server) -> None:
     """The pre-built slots' processes waiting to become runtimes show the template's command
     line (they are forked from it), so whatever kills the template by its name kills them

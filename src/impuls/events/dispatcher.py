@@ -20,6 +20,12 @@ here, in memory, with its lease renewed.  Outcomes, as on Lambda:
   backoff cap, without spending a retry;
 * older than ``maximum_event_age_seconds`` → ``expired`` and ``on_failure`` (``EventAgeExceeded``).
 
+Times (due, leases, ages) are the wall clock's (``clock``), kept in the database for every
+node.  When it jumps (see docs/reliability.md, "When the clock jumps"): forward, retries
+waiting fall due at once and an event expires only if the clock now says it is older than
+its maximum age; back, a retry or lease further ahead than any this dispatcher sets
+(:attr:`Dispatcher.ahead`) is due at once instead of when the clock catches up.
+
 A destination is a function (it gets Lambda's destination record as a new event, in the
 same transaction as the outcome) or the dead-letter list.  Delivery is at-least-once:
 a node that dies mid-delivery leaves its lease to run out; the event is delivered again
@@ -68,6 +74,8 @@ log = logging.getLogger("impuls.events")
 MAX_EVENT_BYTES = 1024 * 1024
 POLL_SECONDS = 0.5
 BACKOFF_FIRST = 1.0
+#: the most retries an event config allows, and the longest a function may run (seconds)
+MAX_RETRIES, MAX_TIMEOUT = 2, 900
 #: conditions that are not the function's fault: retried with backoff, no retry spent
 _SYSTEM = (Throttled, ShuttingDown, FunctionChanging, SandboxStartFailed)
 Clock = Callable[[], datetime]
@@ -99,6 +107,10 @@ class Dispatcher:
         #: spans of accepts and deliveries (None: tracing is off)
         self.tracer = tracer
         self.lease = timedelta(seconds=settings.event_lease_margin_seconds)
+        #: the longest retry delay and the longest lease this dispatcher sets (see store.claim)
+        self.ahead = (timedelta(seconds=max(settings.event_backoff_max_seconds,
+                                            MAX_RETRIES * settings.event_retry_base_seconds)),
+                      timedelta(seconds=MAX_TIMEOUT) + self.lease)
         self._ready: asyncio.Queue[Event] = asyncio.Queue()
         self._held: set[str] = set()  # leased here: waiting or running
         self.writer = Writer(self.db)
@@ -206,7 +218,7 @@ class Dispatcher:
                 continue
             try:
                 found = await asyncio.to_thread(store.claim, self.db, self.node, room, self.clock(),
-                                                self.lease)
+                                                self.lease, self.ahead, frozenset(self._held))
             except Exception:
                 log.exception("taking due events failed; trying again")
                 continue

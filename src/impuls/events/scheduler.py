@@ -224,7 +224,8 @@ class ScheduleStore:
                actor: Actor = audit.SERVER) -> Schedule:
         """Change any of ``expression``, ``timezone``, ``payload``, ``enabled``, ``catch_up``.
         A new expression, time zone or enabling waits for the first slot after now (a rate
-        still counts from the creation); disabling clears ``next_slot``."""
+        still counts from the creation), and after the last slot fired (a clock that went
+        back does not fire a slot again); disabling clears ``next_slot``."""
         _check_fields(changes, CHANGEABLE)
         current = self.get(function_name, name)
         values: dict[str, Any] = {}
@@ -245,7 +246,8 @@ class ScheduleStore:
         now = _utc(self.clock())
         if (expression, timezone, enabled) != (current.expression, current.timezone, current.enabled):
             parse(expression, timezone)
-            first = _first_slot(expression, timezone, current.created_at, now) if enabled else None
+            after = max(now, current.last_slot) if current.last_slot is not None else now
+            first = _first_slot(expression, timezone, current.created_at, after) if enabled else None
             values["next_slot"] = first
         values["updated_at"] = now
         with self.db.begin() as conn:

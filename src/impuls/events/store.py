@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -81,11 +82,22 @@ def insert_event(conn: Connection, function_name: str, qualifier: str, payload: 
     return str(values["request_id"])
 
 
-def claim(db: Engine, node: str, limit: int, now: datetime, lease: timedelta) -> list[Event]:
+def claim(db: Engine, node: str, limit: int, now: datetime, lease: timedelta,
+          ahead: tuple[timedelta, timedelta], held: Collection[str] = ()) -> list[Event]:
     """Up to ``limit`` due events, leased to ``node`` until ``now + lease``.  An event taken
-    over from a lapsed lease counts one possible duplicate."""
-    due = and_(events.c.state.in_(PENDING_STATES), events.c.next_at <= now,
-               or_(events.c.lease_until.is_(None), events.c.lease_until < now))
+    over from a lapsed lease counts one possible duplicate.  Events in ``held`` (the ones
+    ``node`` is delivering or about to) are left alone, whatever their lease says.
+
+    ``ahead`` = (the longest retry delay, the longest lease) the dispatchers set: a retry due,
+    or a lease running, further ahead of ``now`` than that was set by a clock that has since
+    gone back, and is due (lapsed) now rather than when the clock catches up again."""
+    retry_ahead, lease_ahead = ahead
+    due = and_(events.c.state.in_(PENDING_STATES),
+               or_(events.c.next_at <= now, events.c.next_at > now + retry_ahead),
+               or_(events.c.lease_until.is_(None), events.c.lease_until < now,
+                   events.c.lease_until > now + lease_ahead))
+    if held:
+        due = and_(due, events.c.request_id.not_in(list(held)))
     query = select(events).where(due).order_by(events.c.next_at).limit(limit)
     with db.begin() as conn:
         if conn.dialect.name == "postgresql":

@@ -10,7 +10,10 @@ Contract, for every driver:
   raises :class:`~impuls.errors.InitFailed` when the function's code failed
   to load (the runtime reported it, or exited before becoming ready) and
   :class:`~impuls.errors.SandboxStartFailed` when the sandbox itself could not
-  be made.  Nothing is left behind when it raises.
+  be made; :class:`~impuls.errors.SandboxKilled` (one of those) when the
+  runtime or its sandbox was killed from outside while it started (it died of
+  one of ``KILL_SIGNALS``, reported no init error, was not out of memory).
+  Nothing is left behind when it raises.
 * ``Instance.invoke`` serves one invocation at a time.  It returns the
   runtime's reply, or raises :class:`~impuls.errors.InvocationTimedOut`
   (deadline passed; the instance must then be destroyed),
@@ -24,6 +27,7 @@ Contract, for every driver:
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -31,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from impuls.errors import InitFailed, InvocationTimedOut, OutOfMemory, RuntimeExited
+from impuls.errors import InitFailed, InvocationTimedOut, OutOfMemory, RuntimeExited, SandboxKilled
 from impuls.runtimes import Runtime
 from impuls.sandbox.runtime_api import Invocation, RuntimeAPI, RuntimeReply
 
@@ -39,6 +43,21 @@ LOG_RECORD_LIMIT = 64 * 1024
 #: open files a function's processes may have (Lambda's limit), whatever the server's own limit
 INSTANCE_OPEN_FILES = 1024
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+#: A runtime that dies of one of these during init, without reporting an init error and
+#: not out of memory, was killed from outside (the host, an operator, a chaos tool, or its
+#: sandbox dying): none of a runtime's own ways to fail ends so.  Its own failures are a
+#: reported init error, an exit status, a fatal signal of its own (SIGSEGV, SIGABRT,
+#: SIGSYS from seccomp) or the memory limit.  (A function that sends itself SIGKILL or
+#: SIGTERM while it loads cannot be told from that, and is taken for killed.)
+KILL_SIGNALS = frozenset({signal.SIGKILL, signal.SIGTERM})
+
+
+def kill_signal(status: int, wrapper: bool = False) -> signal.Signals | None:
+    """The signal of ``KILL_SIGNALS`` an exit ``status`` says a process died of: a negative
+    signal number, or with ``wrapper`` (bwrap, which exits with 128 + the signal that killed
+    its child) also that; None for any other status."""
+    number = -status if status < 0 else (status - 128 if wrapper and status > 128 else 0)
+    return next((s for s in KILL_SIGNALS if s == number), None)
 
 
 @dataclass(frozen=True)
@@ -146,6 +165,13 @@ class Instance(ABC):
         """True when the instance was killed for exceeding its memory limit."""
         return False
 
+    def killed_by(self) -> signal.Signals | None:
+        """The signal of ``KILL_SIGNALS`` the runtime died of (None: it exited otherwise, or
+        has not); by default read from ``exited``, a negative signal number."""
+        if not self.exited.done() or self.exited.cancelled():
+            return None
+        return kill_signal(self.exited.result())
+
     @property
     def destroyed(self) -> bool:
         return self._destroyed
@@ -167,7 +193,8 @@ class Instance(ABC):
             raise
 
     async def wait_ready(self, timeout: float) -> None:
-        """Wait until the runtime asks for its first event; raise InitFailed otherwise."""
+        """Wait until the runtime asks for its first event; raise InitFailed otherwise, or
+        SandboxKilled when the runtime was killed from outside (see the module contract)."""
         waitables: set[asyncio.Future[Any]] = {self.api.ready, self.exited}
         await asyncio.wait(waitables, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         if self.api.ready.done() and not self.api.ready.cancelled():
@@ -184,7 +211,11 @@ class Instance(ABC):
             if self.oom_killed():
                 raise InitFailed(OutOfMemory.error_type,
                                  f"out of memory during init ({self.spec.memory_mb} MB)", logs)
-            raise InitFailed("Runtime.ExitError",
+            killer = self.killed_by()
+            if killer is not None:  # and no init error reported: that was raised above
+                raise SandboxKilled(f"the runtime was killed by {killer.name} while it started (no "
+                                    "init error reported: not the function's doing)", logs)
+            raise InitFailed(RuntimeExited.error_type,
                              f"runtime exited with status {self.exited.result()} during init", logs)
         raise InitFailed("Sandbox.Timeout", f"init did not finish within {timeout:.0f} s", logs)
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from impuls.errors import ConfigError, RuntimeExited, SandboxStartFailed
+from impuls.errors import ConfigError, RuntimeExited, SandboxKilled, SandboxStartFailed
 from impuls.runtimes import Runtime
 from impuls.runtimes.guest.protocol import (
     API_ADDRESS,
@@ -44,6 +44,8 @@ log = logging.getLogger("impuls.sandbox.microvm.driver")
 
 RESTORE_TIMEOUT = 30.0
 INIT_TIMEOUT = 60.0
+#: how long a failed start waits to see whether its VM ended (killed from outside)
+EXIT_NOTICE = 1.0
 SELF_CONTAINED_RUNTIMES = ("provided", "go1.x")
 
 
@@ -71,6 +73,7 @@ class MicroVMInstance(Instance):
         self._exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._oom = False
         self._failure = ""
+        self._killer: signal.Signals | None = None
 
     def attach(self, vm: VM) -> None:
         self.vm = vm
@@ -92,6 +95,23 @@ class MicroVMInstance(Instance):
     def oom_killed(self) -> bool:
         return self._oom
 
+    def killed_by(self) -> signal.Signals | None:
+        """The signal the VM was killed with from outside, when its end ended the instance
+        (``VM.killed_by``).  A runtime's own end inside the guest is never a kill from
+        outside: nothing but the function itself can signal it there."""
+        return self._killer
+
+    async def vm_killed(self) -> signal.Signals | None:
+        """After a failed start step: the signal the VM was killed with from outside, if it
+        was (``VM.killed_by``).  QEMU's sockets may close before its end is noticed: a VM
+        still running is given ``EXIT_NOTICE`` seconds to be seen gone."""
+        vm = self.vm
+        if vm is None:
+            return None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(vm.exited), EXIT_NOTICE)
+        return vm.killed_by()
+
     def drain_output(self) -> None:
         """Nothing to do: output arrives on the serial link ahead of the response it preceded."""
 
@@ -107,6 +127,7 @@ class MicroVMInstance(Instance):
         if self._exited.done() or self.vm is None:
             return
         self._failure = self.vm.describe_exit()
+        self._killer = self.vm.killed_by()
         vm = self.vm
 
         def settle(_: Any = None) -> None:
@@ -250,6 +271,8 @@ class MicroVMDriver(SandboxDriver):
                     await self._restore(instance, guest, snapshot, code_disk.path)
                     instance.note = "restored from snapshot" + (f" ({why})" if why else "")
                 except SandboxStartFailed as exc:
+                    if await instance.vm_killed() is not None:
+                        raise  # not the snapshot's fault (reported below)
                     log.warning("microvm: restoring snapshot %s failed (%s); booting instead", snapshot.key,
                                 exc.message)
                     self.snapshots.discard(snapshot)
@@ -269,7 +292,11 @@ class MicroVMDriver(SandboxDriver):
                 instance.timings[f"guest {step}"] = ms / 1000
             instance.timings["clock error"] = await instance.vm.link.sync_clock() / 1e9
         except BaseException as exc:
+            killer = await instance.vm_killed() if isinstance(exc, Exception) else None
             await instance.destroy()
+            if killer is not None:
+                raise SandboxKilled(f"the VM was killed by {killer.name} while it started (not the "
+                                    f"function's doing): {exc}", instance.output.peek()) from exc
             if isinstance(exc, OSError):
                 raise SandboxStartFailed(f"cannot start the microVM: {exc}") from exc
             raise

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from impuls.errors import SandboxStartFailed
-from impuls.sandbox.base import OutputCapture
+from impuls.sandbox.base import OutputCapture, kill_signal
 from impuls.sandbox.microvm import jail
 from impuls.sandbox.microvm.link import GuestLink
 from impuls.sandbox.microvm.qemu import Qmp, QmpError, VMConfig
@@ -94,6 +94,7 @@ class VM:
         self.diagnostics = OutputCapture(DIAG_LIMIT)
         watch.output_to(self.diagnostics)
         self._stopped = False
+        self._killing = False  # the server itself killed QEMU (kill or stop)
 
     @classmethod
     async def start(cls, name: str, config: VMConfig, run_dir: Path, pid_dir: Path, api_socket: str,
@@ -225,11 +226,20 @@ class VM:
         status = self.exited.result() if self.exited.done() else None
         return f"the VM stopped (QEMU exit status {status})"
 
+    def killed_by(self) -> signal.Signals | None:
+        """The signal of ``KILL_SIGNALS`` QEMU (or its jail) was killed with from outside (None:
+        it runs, ended otherwise, or the server killed it).  A guest cannot signal its QEMU:
+        such a death is the host's doing, never the function's."""
+        if self._killing or not self.exited.done() or self.exited.cancelled():
+            return None
+        return kill_signal(self.exited.result(), wrapper=True)  # the jail's bwrap: 128 + signal
+
     def tail(self, lines: int = 20) -> str:
         return "\n".join(self.diagnostics.peek().splitlines()[-lines:])
 
     def kill(self) -> None:
         """SIGKILL QEMU now; :meth:`stop` still frees the rest."""
+        self._killing = True
         _kill_group(self.proc.pid)
 
     async def stop(self) -> None:

@@ -19,9 +19,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from impuls.errors import ConfigError, InitFailed, RuntimeExited, SandboxKilled, SandboxStartFailed
+from impuls.errors import ConfigError, InitFailed, SandboxKilled, SandboxStartFailed
 from impuls.runtimes import RuntimeRegistry
-from impuls.sandbox.base import Instance, InstanceSpec, SandboxDriver, WatchedInstance
+from impuls.sandbox.base import Instance, InstanceSpec, SandboxDriver, WatchedInstance, kill_signal
 from impuls.sandbox.namespace import cgroups, seccomp
 from impuls.sandbox.namespace.bwrap_launch import BwrapLauncher, BwrapRuntime
 from impuls.sandbox.namespace.launch import (
@@ -40,12 +40,6 @@ log = logging.getLogger("impuls.sandbox.namespace.driver")
 INIT_TIMEOUT = 30.0
 KILL_GRACE = 0.2
 MAX_SOCKET_PATH = 100
-#: A runtime that dies of one of these during init, without reporting an init error and
-#: not out of memory, was killed from outside (the host, an operator, a chaos tool, or its
-#: template dying): none of a runtime's own ways to fail ends so.  Its own failures are a
-#: reported init error, an exit status, a fatal signal of its own (SIGSEGV, SIGABRT,
-#: SIGSYS from seccomp) or the memory limit.
-KILL_SIGNALS = frozenset({signal.SIGKILL, signal.SIGTERM})
 
 
 def default_launcher(host: cgroups.CgroupHost, runtimes: RuntimeRegistry,
@@ -101,41 +95,26 @@ class NamespaceInstance(WatchedInstance):
 
     async def wait_ready(self, timeout: float) -> None:
         """As ``Instance.wait_ready``; but a sandbox that died before it took the function
-        is ``SandboxLost``, one that could not be set up ``LaunchFailed``, and a runtime
-        killed from outside during init (``KILL_SIGNALS``, no init error reported, not out
-        of memory) ``SandboxKilled``: none of them is an init failure of the function."""
+        is ``SandboxLost`` and one that could not be set up ``LaunchFailed``: neither is an
+        init failure of the function (nor is a runtime killed from outside, ``SandboxKilled``)."""
         try:
             await super().wait_ready(timeout)
-        except InitFailed as exc:
+        except (InitFailed, SandboxKilled) as exc:
             if self.exited.done() and self.watch.lost:
                 raise SandboxLost(f"the sandbox died before it took the function "
                                   f"({self.watch.error or 'no reason given'})", exc.logs) from exc
             if self.exited.done() and self.watch.error:  # the sandbox, not the code, failed
                 raise LaunchFailed(f"the sandbox could not be set up: {self.watch.error}",
                                    exc.logs) from exc
-            killer = self._killed_by()
-            if (killer is not None and exc.error_type == RuntimeExited.error_type
-                    and not self._init_error_reported()):
-                raise SandboxKilled(f"the runtime was killed by {killer.name} while it started (no "
-                                    "init error reported: not the function's doing)", exc.logs) from exc
             raise
 
-    def _init_error_reported(self) -> bool:
-        """The runtime posted ``/runtime/init/error`` (its code failed to load)."""
-        ready = self.api.ready
-        return ready.done() and not ready.cancelled() and ready.exception() is not None
-
-    def _killed_by(self) -> signal.Signals | None:
-        """The signal of ``KILL_SIGNALS`` the runtime died of (None: it exited otherwise,
-        or has not).  The template's pid 1 reports the runtime's status as a negative
-        signal number, and -9 when the instance's pid namespace itself was killed; bwrap
-        exits with 128 + the signal that killed the runtime, or dies of it itself."""
+    def killed_by(self) -> signal.Signals | None:
+        """As ``Instance.killed_by``.  The template's pid 1 reports the runtime's status as a
+        negative signal number, and -9 when the instance's pid namespace itself was killed;
+        bwrap exits with 128 + the signal that killed the runtime, or dies of it itself."""
         if not self.exited.done() or self.exited.cancelled():
             return None
-        status = self.exited.result()
-        number = -status if status < 0 else (
-            status - 128 if isinstance(self.watch, BwrapRuntime) and status > 128 else 0)
-        return next((s for s in KILL_SIGNALS if s == number), None)
+        return kill_signal(self.exited.result(), wrapper=isinstance(self.watch, BwrapRuntime))
 
     async def _teardown(self) -> None:
         """Kill the instance's pid 1, sweep and remove its cgroup and its socket
