@@ -21,7 +21,8 @@ from tests.helpers import Server
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMATHESIS = Path(sys.executable).parent / "st"
 #: a route in docs/api.md: `GET /path`, `GET|PUT /path`, or `PUT` or `PATCH /path`
-DOC_ROUTE = re.compile(r"`(?:(GET|POST|PUT|PATCH|DELETE)` or `)?((?:GET|POST|PUT|PATCH|DELETE)\|?)+ (/[^`\s]*)")
+DOC_ROUTE = re.compile(r"`(?:(GET|POST|PUT|PATCH|DELETE)` or `)?"
+                       r"((?:GET|POST|PUT|PATCH|DELETE)\|?)+ (/[^`\s]*)")
 METHODS = re.compile(r"GET|POST|PUT|PATCH|DELETE")
 
 

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from impuls.runtimes import RUNTIMES_DIR, Runtime, default_registry
+from impuls.runtimes import Runtime, default_registry
 from impuls.sandbox.base import InstanceSpec
 from impuls.sandbox.microvm.images import ImageStore
 from impuls.sandbox.runtime_api import Invocation
@@ -36,14 +36,11 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
-def guest_node(store: ImageStore) -> Runtime | None:
-    """The Node.js runtime the guest images offer (Debian's node), if any."""
-    ids = [rid for rid, guest in store.offered().items() if guest == "nodejs"]
-    if not ids:
+def guest_node(store: ImageStore, major: str = "20") -> Runtime | None:
+    """The pinned Node.js ``nodejs<major>``, if the guest images offer it."""
+    if store.offered().get(f"nodejs{major}") != "nodejs":
         return None
-    return Runtime(id=ids[0], aliases=(), language="nodejs", interpreter="/usr/bin/node",
-                   bootstrap=RUNTIMES_DIR / "nodejs" / "bootstrap.js", installed=True,
-                   extension=".js", module_extensions=(".js", ".mjs", ".cjs"), sandboxes=("microvm",))
+    return default_registry().resolve(f"nodejs{major}")
 
 
 class Specs:

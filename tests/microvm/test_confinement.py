@@ -223,7 +223,7 @@ while True:
 
 
 def guest_function(runtime_id: str, images_dir: Path) -> tuple[Runtime, dict[str, str], str]:
-    if runtime_id == "nodejs18":
+    if runtime_id == "nodejs20":
         node = guest_node(ImageStore(images_dir))
         assert node is not None, "the nodejs rootfs offers no runtime id"
         return node, {"index.js": NODE_FN}, "index.handler"
@@ -233,7 +233,7 @@ def guest_function(runtime_id: str, images_dir: Path) -> tuple[Runtime, dict[str
     return runtime, {"handler.py": PY_FN}, "handler.handler"
 
 
-@pytest.mark.parametrize("runtime_id", ["python3.11", "python3.11-exec", "nodejs18", "provided"])
+@pytest.mark.parametrize("runtime_id", ["python3.11", "python3.11-exec", "nodejs20", "provided"])
 def test_function_is_unprivileged_and_kill_all_spares_the_vm(runtime_id: str, images_dir: Path,
                                                              tmp_path: Path, specs: Specs) -> None:
     """Every way the agent starts a runtime: the preloaded Python zygote, a fresh Python (a

@@ -19,6 +19,7 @@ from rich.console import Console
 from impuls.errors import InvocationTimedOut, OutOfMemory, RuntimeExited
 from impuls.images import cli as images_cli
 from impuls.images.builder import Builder
+from impuls.runtimes import node_dist
 from impuls.sandbox.microvm.codedisk import CodeDisks
 from impuls.sandbox.microvm.driver import MicroVMDriver, MicroVMInstance
 from impuls.sandbox.microvm.images import ImageStore
@@ -140,9 +141,11 @@ def test_function_module_named_like_the_agents(images_dir: Path, tmp_path: Path,
     run(scenario())
 
 
-def test_node_invocation(images_dir: Path, tmp_path: Path, specs: Specs) -> None:
-    node = guest_node(ImageStore(images_dir))
-    assert node is not None, "the nodejs rootfs offers no runtime id"
+@pytest.mark.parametrize("major", sorted(node_dist.RELEASES))
+def test_node_invocation(major: str, images_dir: Path, tmp_path: Path, specs: Specs) -> None:
+    """Each pinned Node.js runs in the guest: the very build the other sandboxes run."""
+    node = guest_node(ImageStore(images_dir), major)
+    assert node is not None, f"the nodejs rootfs does not offer nodejs{major}"
     code = ("console.log('init output');\n"
             "exports.handler = async (event, context) => {\n"
             "  console.log('called');\n"
@@ -154,7 +157,7 @@ def test_node_invocation(images_dir: Path, tmp_path: Path, specs: Specs) -> None
         try:
             inv = invocation({"k": "v"})
             doc = json.loads((await instance.invoke(inv, CALL_TIMEOUT)).body)
-            assert doc["version"].startswith("v" + node.id.removeprefix("nodejs") + ".")
+            assert doc["version"] == "v" + node_dist.RELEASES[major].version
             assert doc["echo"] == {"k": "v"} and doc["id"] == inv.request_id
             assert "called" in instance.output.take()[0]
         finally:

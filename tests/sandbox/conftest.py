@@ -47,14 +47,11 @@ def driver_kind(request: pytest.FixtureRequest) -> str:
 
 
 class SpecFactory:
-    def __init__(self, root: Path, driver_kind: str = "") -> None:
+    def __init__(self, root: Path) -> None:
         self.root = root
-        self.driver_kind = driver_kind
 
     def __call__(self, files: dict[str, str], runtime: str = "python3.11",
                  handler: str | None = None, **over: Any) -> InstanceSpec:
-        if self.driver_kind == "microvm" and runtime == "nodejs20":
-            runtime = "nodejs18"  # the guest's Node.js is Debian's
         rt: Runtime = default_registry().resolve(runtime)
         code = self.root / f"code-{uuid.uuid4().hex[:8]}"
         code.mkdir()
@@ -75,6 +72,5 @@ class SpecFactory:
 
 
 @pytest.fixture
-def make_spec(world_dir: Path, request: pytest.FixtureRequest) -> SpecFactory:
-    kind = request.getfixturevalue("driver_kind") if "driver_kind" in request.fixturenames else ""
-    return SpecFactory(world_dir, kind)
+def make_spec(world_dir: Path) -> SpecFactory:
+    return SpecFactory(world_dir)

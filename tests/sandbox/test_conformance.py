@@ -177,7 +177,8 @@ async def call(instance: Instance, event: object, timeout: float = 5.0) -> Runti
 
 
 SOURCES = {"python3.11": {"handler.py": PY_OK}, "nodejs20": {"index.js": NODE_OK},
-           "go1.x": {"main.go": GO_OK}, "provided": {"bootstrap": PROVIDED_OK}}
+           "nodejs22": {"index.js": NODE_OK}, "go1.x": {"main.go": GO_OK},
+           "provided": {"bootstrap": PROVIDED_OK}}
 
 
 @pytest.fixture(params=list(SOURCES))
@@ -243,7 +244,7 @@ def test_function_error_keeps_instance(driver_kind: str, make_spec: SpecFactory,
             doc = json.loads(reply.body)
             assert doc["errorType"] in ("ValueError", "TypeError", "errorString")
             assert doc["errorMessage"] == "bad input"
-            if runtime in ("python3.11", "nodejs20"):
+            if runtime in ("python3.11", "nodejs20", "nodejs22"):
                 assert doc["stackTrace"]
             assert (await call(instance, {})).ok  # still serving
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from impuls.runtimes import RUNTIMES_DIR
+from impuls.runtimes import RUNTIMES_DIR, node_dist
 from impuls.runtimes.guest import AGENT, INIT_SCRIPT, PROTOCOL
 from impuls.runtimes.guest.protocol import (
     API_SOCKET,
@@ -317,6 +317,8 @@ class Builder:
         parts: list[str | bytes] = ["rootfs", ROOTFS_RECIPE, self._tree_key(runtime)]
         for path, (content, mode) in sorted(self._guest_files(runtime).items()):
             parts += [path, str(mode), content]
+        for release in _guest_releases(runtime):
+            parts += [release.package, release.version, release.integrity]
         return _sha(*parts)
 
     def _tree(self, runtime: str) -> Path:
@@ -371,6 +373,12 @@ class Builder:
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(content)
             dest.chmod(mode)
+        for release in _guest_releases(runtime):  # at the host's path, which the runtime names
+            if not node_dist.installed(release):
+                raise ImageBuildFailed(f"{release.binary} is missing: run scripts/setup")
+            dest = tree / str(release.home).lstrip("/")
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.copytree(release.home, dest)
         versions, runtime_ids = _runtime_versions(tree, runtime)
         config = {"runtime": runtime, "runtime_ids": runtime_ids, "versions": versions}
         (tree / CONFIG_PATH.lstrip("/")).write_text(json.dumps(config) + "\n")
@@ -432,14 +440,15 @@ def _runtime_versions(tree: Path, runtime: str) -> tuple[dict[str, str], list[st
         versions["python"] = _dpkg_version(tree, f"python{m.group(1)}").split("-")[0] or m.group(1)
         if runtime == "python":
             ids.append(f"python{m.group(1)}")
-    if runtime == "nodejs":
-        node = _dpkg_version(tree, "nodejs")
-        m = re.match(r"(?:\d+:)?(\d+)\.", node)
-        if not m:
-            raise ImageBuildFailed("the nodejs rootfs has no nodejs package")
-        versions["nodejs"] = node.split("+")[0].split("~")[0]
-        ids.append(f"nodejs{m.group(1)}")
+    for release in _guest_releases(runtime):
+        versions[f"nodejs{release.major}"] = release.version
+        ids.append(f"nodejs{release.major}")
     return versions, ids
+
+
+def _guest_releases(runtime: str) -> list[node_dist.Release]:
+    """The pinned Node.js builds a rootfs carries (the nodejs one: every major Impuls offers)."""
+    return list(node_dist.RELEASES.values()) if runtime == "nodejs" else []
 
 
 # --- kernel image helpers ------------------------------------------------------------

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from impuls.errors import InvalidInput
-from impuls.runtimes import build_steps
+from impuls.runtimes import build_steps, node_dist
 
 RUNTIMES_DIR = Path(__file__).resolve().parent
 
@@ -124,14 +124,14 @@ def _python() -> Runtime:
     )
 
 
-def _node() -> Runtime:
-    node = _find(["/usr/bin/node", "/usr/local/bin/node", "node"])
-    version = _version_of([node, "--version"]) if node else ""
+def _node(release: node_dist.Release, aliases: tuple[str, ...]) -> Runtime:
+    """A pinned Node.js (:mod:`impuls.runtimes.node_dist`), the same in every sandbox."""
     return Runtime(
-        id="nodejs20", aliases=("nodejs20.x", "nodejs"), language="nodejs",
-        interpreter=node, bootstrap=RUNTIMES_DIR / "nodejs" / "bootstrap.js",
-        installed=version.startswith("v20."), version=version,
+        id=f"nodejs{release.major}", aliases=(f"nodejs{release.major}.x", *aliases), language="nodejs",
+        interpreter=str(release.binary), bootstrap=RUNTIMES_DIR / "nodejs" / "bootstrap.js",
+        installed=node_dist.installed(release), version=f"v{release.version}",
         extension=".js", module_extensions=(".js", ".mjs", ".cjs"), build=build_steps.node_modules,
+        sandboxes=("process", "namespace", "microvm"),
     )
 
 
@@ -154,18 +154,9 @@ def _provided() -> Runtime:
     )
 
 
-def _node_guest() -> Runtime:
-    """Debian's Node.js inside microVM guests (v18): offered by the microvm sandbox only."""
-    return Runtime(
-        id="nodejs18", aliases=("nodejs18.x",), language="nodejs", interpreter="/usr/bin/node",
-        bootstrap=RUNTIMES_DIR / "nodejs" / "bootstrap.js", installed=True,
-        version="v18 (Debian 12, microVM guest)", extension=".js",
-        module_extensions=(".js", ".mjs", ".cjs"), build=build_steps.node_modules, sandboxes=("microvm",),
-    )
-
-
 def _builtin_runtimes() -> list[Runtime]:
-    return [_python(), _node(), _go(), _provided(), _node_guest()]
+    return [_python(), _node(node_dist.RELEASES["20"], ("nodejs",)), _node(node_dist.RELEASES["22"], ()),
+            _go(), _provided()]
 
 
 class RuntimeRegistry:

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from impuls.runtimes import node_dist
+
 BUILD_TIMEOUT = 600
 GO_WRAPPER = Path(__file__).resolve().parent / "go" / "impuls_main.go"
 
@@ -36,6 +38,10 @@ def _run(argv: list[str], cwd: Path, env: dict[str, str], what: str) -> str:
     if out.returncode != 0:
         raise BuildStepFailed(f"{what} failed (exit status {out.returncode})", log)
     return log
+
+
+#: the host's CA certificates (Debian's ca-certificates), which a registry mirror may need
+SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
 
 def _tool_env(cache: Path) -> dict[str, str]:
@@ -68,11 +74,16 @@ def python_requirements(package: Path, handler: str, cache: Path) -> str:
 
 
 def node_modules(package: Path, handler: str, cache: Path) -> str:
-    """``package.json`` → ``npm install --omit=dev`` in the package."""
+    """``package.json`` → ``npm install --omit=dev`` in the package, by the pinned npm
+    (install scripts find the pinned ``node`` first on ``PATH``)."""
     if not (package / "package.json").is_file():
         return ""
-    return _run(["npm", "install", "--omit=dev", "--no-audit", "--no-fund"], package,
-                _tool_env(cache), "npm install")
+    env = _tool_env(cache)
+    env["PATH"] = f"{node_dist.RELEASES['20'].binary.parent}:{env['PATH']}"
+    if Path(SYSTEM_CA_BUNDLE).is_file():  # official builds trust their own CA list only
+        env["NODE_EXTRA_CA_CERTS"] = SYSTEM_CA_BUNDLE
+    return _run([*node_dist.npm_command(), "install", "--omit=dev", "--no-audit", "--no-fund"], package,
+                env, "npm install")
 
 
 def go_binary(package: Path, handler: str, cache: Path) -> str:

@@ -59,7 +59,6 @@ SANDBOX_UID = 993
 SANDBOX_GID = 990
 PYTHON = "/usr/bin/python3"
 PYTHON_CLIENT = GUEST_ROOT + "/python/bootstrap.py"
-NODE = "/usr/bin/node"
 NODE_CLIENT = GUEST_ROOT + "/nodejs/bootstrap.js"
 
 

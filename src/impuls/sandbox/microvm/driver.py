@@ -23,7 +23,6 @@ from impuls.runtimes import Runtime
 from impuls.runtimes.guest.protocol import (
     API_ADDRESS,
     API_SOCKET,
-    NODE,
     NODE_CLIENT,
     PYTHON,
     PYTHON_CLIENT,
@@ -55,8 +54,8 @@ def guest_command(runtime: Runtime) -> tuple[list[str], bool]:
         return [f"{TASK_ROOT}/bootstrap"], False
     if runtime.language == "python":
         return [PYTHON, PYTHON_CLIENT], True
-    if runtime.language == "nodejs":
-        return [NODE, NODE_CLIENT], False
+    if runtime.language == "nodejs" and runtime.interpreter:  # the pinned build, at the same path
+        return [runtime.interpreter, NODE_CLIENT], False
     raise SandboxStartFailed(f"the microvm sandbox has no guest command for {runtime.language}")
 
 
@@ -212,8 +211,8 @@ class MicroVMDriver(SandboxDriver):
     def offered(self) -> dict[str, str]:
         """Runtime id → guest runtime (rootfs) for the images that are built.
 
-        The rootfs manifests name their languages' ids (``python3.11``, ``nodejs18``: the
-        guest's node is Debian's); packages that bring their own ``bootstrap`` (``provided``,
+        The rootfs manifests name their languages' ids (``python3.11``, ``nodejs20``,
+        ``nodejs22``); packages that bring their own ``bootstrap`` (``provided``,
         ``go1.x``: static binaries) run on the Python rootfs, which every guest has.
         """
         offered = self.store.offered()

@@ -27,7 +27,8 @@ class GuestRuntime:
 #: The agent is Python, so every rootfs has python3; ``nodejs`` adds Debian's node.
 GUEST_RUNTIMES: dict[str, GuestRuntime] = {
     "python": GuestRuntime("python", ("python3",)),
-    "nodejs": GuestRuntime("nodejs", ("python3", "nodejs")),
+    # Node.js itself is not Debian's: the pinned builds (impuls.runtimes.node_dist) are copied in
+    "nodejs": GuestRuntime("nodejs", ("python3", "libstdc++6")),
 }
 
 
