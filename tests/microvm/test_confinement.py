@@ -91,7 +91,7 @@ def assert_confined(pid: int, data_dir: Path) -> None:
     seen = mounts(pid)
     assert "ro" in seen["/usr"] and "ro" in seen["/"]
     for name in os.listdir(root / "vm"):
-        if name != "ram":  # the one file a snapshot template may write
+        if name not in ("ram", "tmp.img"):  # a snapshot template's RAM, the guest's /tmp disk
             assert "ro" in seen[f"/vm/{name}"], name
 
 
@@ -107,7 +107,7 @@ def test_qemu_runs_confined_and_restores_from_a_sealed_snapshot(images_dir: Path
             assert instance.note.startswith("restored from snapshot"), instance.note
             pid = qemu_pid(instance.vm)
             assert_confined(pid, tmp_path / "data")
-            assert sorted(os.listdir(f"/proc/{pid}/root/vm")) == ["code.img", "rootfs.ext4"]
+            assert sorted(os.listdir(f"/proc/{pid}/root/vm")) == ["code.img", "rootfs.ext4", "tmp.img"]
             # its RAM is the snapshot's, through a sealed memfd: neither the RAM file nor the
             # state file is open in QEMU, and the memfd refuses writes even to root
             links = open_files(pid)
@@ -156,7 +156,7 @@ def test_snapshot_made_and_restored_through_descriptors(images_dir: Path, tmp_pa
             await second.destroy()
         assert len(templates) == 1
         template = templates[0]
-        assert template["vm"] == ["code.img", "initramfs", "ram", "rootfs.ext4", "vmlinux"]
+        assert template["vm"] == ["code.img", "initramfs", "ram", "rootfs.ext4", "tmp.img", "vmlinux"]
         assert "rw" in template["mounts"]["/vm/ram"] and "ro" in template["mounts"]["/vm/code.img"]
         (snapshot,) = (p for p in d.snapshots.root.iterdir() if not p.name.startswith("."))
         for name in ("ram", "state"):  # made for QEMU's uid while it ran, root's only after

@@ -53,9 +53,9 @@ def make_namespace_driver(work: Path, launcher: str = "template", **template: An
     from impuls.sandbox.namespace.template import TemplateLauncher
 
     if launcher == "bwrap":
-        return NamespaceDriver(work, default_registry(), launcher=lambda host, _: BwrapLauncher(host))
-    return NamespaceDriver(work, default_registry(), launcher=lambda host, runtimes: TemplateLauncher(
-        host, runtimes.available(), **template))
+        return NamespaceDriver(work, default_registry(), launcher=lambda host, _, __: BwrapLauncher(host))
+    return NamespaceDriver(work, default_registry(), launcher=lambda host, runtimes, tmp: TemplateLauncher(
+        host, runtimes.available(), tmp, **template))
 
 
 @pytest.fixture(params=LAUNCHERS)
@@ -659,7 +659,9 @@ def test_failed_rotation_keeps_the_old_template(make_spec: SpecFactory, world_di
             assert driver.launcher is launcher and launcher._template is old and old.alive
             assert launcher.rotations == 0
             assert "cannot start a new template" in caplog.text
-            assert not launcher._starting and old.cgroup.name in cgroup_dirs(driver)
+            # a failed attempt leaves nothing starting (the next one may begin at any time)
+            await until(lambda: not launcher._starting, "no replacement being started")
+            assert old.cgroup.name in cgroup_dirs(driver)
             await until(lambda: cgroup_dirs(driver) == kept(driver), "no cgroup but those in use")
             broken[0] = False  # the next attempt succeeds
             await until(lambda: launcher.rotations == 1, "the retried rotation")

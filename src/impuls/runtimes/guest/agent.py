@@ -42,7 +42,7 @@ except ImportError:  # in the guest: /opt/impuls/protocol.py, next to this scrip
 # --- guest layout (the agent's own; what the host shares is in protocol) ---------
 
 PYCACHE_ROOT = protocol.CODE_ROOT + "/pycache"
-DEFAULT_TMP_MB = 512  # /tmp as init.sh mounts it
+TMP_DEVICE = "/dev/vdc"  # the instance's /tmp disk: an ext4 of its ephemeral_storage_mb (sandbox/scratch)
 CGROUP_ROOT = "/sys/fs/cgroup"
 FUNCTION_CGROUP = CGROUP_ROOT + "/function"
 CODE_DEVICE = "/dev/vdb1"  # the code disk's partition (see impuls.sandbox.microvm.codedisk)
@@ -63,7 +63,7 @@ ZYGOTE_PYTHON_VARS = {"PYTHONPATH", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED
 RNDADDENTROPY = 0x40085203
 RNDRESEEDCRNG = 0x5207
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_NOATIME = 1, 2, 4, 8, 32, 1024
 F_SETPIPE_SZ = 1031
 PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP = 38, 24
 
@@ -171,7 +171,8 @@ class FunctionCgroup:
     rootfs, and no OOM kill within 300 s).  With ``memory.max`` a few MB below what the guest
     can give, the function is stopped about where that would begin: in its cgroup there is
     little to reclaim but its own memory, so the memory cgroup's OOM killer ends it at once
-    (and /tmp, a tmpfs charged to it, cannot take the guest's last page).  ``memory.oom.group``
+    (/tmp is a disk: its page cache, charged to the function too, is written back and
+    reclaimed).  ``memory.oom.group``
     makes that kill take every process of the function: a child eating the memory takes the
     runtime with it, so the call ends instead of running into its timeout.  No swap.
     """
@@ -583,11 +584,9 @@ class Agent:
         if code_fs != "romfs":  # a romfs code disk was mounted at boot (see sandbox/microvm/codedisk)
             _mount(CODE_DEVICE, protocol.TASK_ROOT, code_fs, MS_RDONLY | MS_NOSUID | MS_NODEV)
             steps["code"], t = (clock() - t) * 1000, clock()
-        tmp_mb = max(int(message.get("tmp_mb", DEFAULT_TMP_MB)), 1)
-        if tmp_mb != DEFAULT_TMP_MB:  # /tmp was mounted at boot with the default size
-            _mount("tmpfs", protocol.TMP_DIR, "tmpfs", MS_REMOUNT | MS_NOSUID | MS_NODEV,
-                   f"size={tmp_mb}m,mode=1777")
-            steps["tmp"], t = (clock() - t) * 1000, clock()
+        # over the small tmpfs init.sh mounted (nothing wrote to it): a template's disk is blank
+        _mount(TMP_DEVICE, protocol.TMP_DIR, "ext4", MS_NOSUID | MS_NODEV | MS_NOATIME)
+        steps["tmp"], t = (clock() - t) * 1000, clock()
         self.cgroup.limit_memory()  # now: what the guest can give is known only after the restore
         steps["memory"], t = (clock() - t) * 1000, clock()
         env = {str(k): str(v) for k, v in message["env"].items()}

@@ -29,7 +29,7 @@ else
     echo "impuls-init: the code disk is not romfs (the agent mounts it later)"
 fi
 mount -t tmpfs -o mode=0755,nosuid,nodev,size=16m run /newroot/run
-mount -t tmpfs -o mode=1777,nosuid,nodev,size=512m tmp /newroot/tmp  # agent.DEFAULT_TMP_MB
+mount -t tmpfs -o mode=1777,nosuid,nodev,size=1m tmp /newroot/tmp  # until the agent mounts /dev/vdc
 mount --move /dev /newroot/dev
 mount --move /proc /newroot/proc
 mount --move /sys /newroot/sys

@@ -26,6 +26,8 @@ from impuls.runtimes.guest.protocol import (
     NODE_CLIENT,
     PYTHON,
     PYTHON_CLIENT,
+    SANDBOX_GID,
+    SANDBOX_UID,
     TASK_ROOT,
     TMP_DIR,
 )
@@ -37,6 +39,7 @@ from impuls.sandbox.microvm.qemu import AccelChoice, Memory, VMConfig, choose_ac
 from impuls.sandbox.microvm.snapshots import Snapshot, SnapshotStore
 from impuls.sandbox.microvm.vm import BOOT_TIMEOUT, VM, remove_abandoned_short_dirs, short_dir
 from impuls.sandbox.runtime_api import Invocation, RuntimeAPI, RuntimeReply
+from impuls.sandbox.scratch import DEFAULT_TMP_MB, MAX_DEVICE_MB, ScratchImages
 from impuls.sandbox.watch import PidFile
 
 log = logging.getLogger("impuls.sandbox.microvm.driver")
@@ -198,6 +201,7 @@ class MicroVMDriver(SandboxDriver):
             d.mkdir(parents=True, exist_ok=True)
         work_dir.chmod(0o700)  # QEMU is handed its files; nothing here is for other users
         self.codes = CodeDisks(work_dir / "code")
+        self.scratch = ScratchImages(work_dir / "tmp-images")
         self.qemu_version = qemu_version(binary)
         self.snapshots = SnapshotStore(self.store, self.accel.accel, self.qemu_version, self._start_template)
         with contextlib.suppress(OSError):
@@ -224,14 +228,23 @@ class MicroVMDriver(SandboxDriver):
     def supports(self, runtime: Runtime) -> bool:
         return runtime.id in self.offered()
 
-    def vm_config(self, guest_runtime: str, memory_mb: int, code_disk: Path, memory: Memory | None = None,
-                  incoming: bool = False) -> VMConfig:
+    def vm_config(self, guest_runtime: str, memory_mb: int, code_disk: Path, tmp_disk: Path,
+                  memory: Memory | None = None, incoming: bool = False) -> VMConfig:
         return VMConfig(self.binary, self.accel.accel, memory_mb, self.store.kernel, self.store.initramfs,
-                        self.store.rootfs(guest_runtime), code_disk, memory or Memory(), incoming)
+                        self.store.rootfs(guest_runtime), code_disk, tmp_disk, memory or Memory(), incoming)
+
+    def tmp_disk(self, path: Path, size_mb: int) -> Path:
+        """An empty ``/tmp`` disk of ``size_mb`` at ``path``, for QEMU (its uid) to write."""
+        self.scratch.copy(path, size_mb, (SANDBOX_UID, SANDBOX_GID), MAX_DEVICE_MB)
+        os.chown(path, jail.QEMU_UID, jail.QEMU_GID)
+        path.chmod(0o600)
+        return path
 
     async def start_vm(self, name: str, config: VMConfig, api_socket: str, output: OutputCapture,
-                       run_dir: Path | None = None) -> VM:
-        owned = run_dir is None
+                       run_dir: Path | None = None, owned: bool = False) -> VM:
+        """QEMU for ``config``, in ``run_dir`` (default: a new one); the VM removes its run
+        directory when it ends if it made it or ``owned``."""
+        owned = owned or run_dir is None
         run_dir = run_dir or short_dir(self.vm_dir / name)
         try:
             return await VM.start(name, config, run_dir, self.pid_dir, api_socket, output, owned)
@@ -243,9 +256,12 @@ class MicroVMDriver(SandboxDriver):
             raise SandboxStartFailed(f"cannot start QEMU: {exc}") from exc
 
     async def _start_template(self, name: str, guest_runtime: str, memory_mb: int, memory: Memory) -> VM:
-        """A snapshot template: the blank code disk, no Runtime API behind its link."""
-        config = self.vm_config(guest_runtime, memory_mb, self.codes.blank(), memory)
-        return await self.start_vm(name, config, api_socket="", output=OutputCapture())
+        """A snapshot template: the blank code disk, a blank /tmp disk in its run directory
+        (gone with it), no Runtime API behind its link."""
+        run_dir = short_dir(self.vm_dir / name)
+        tmp = await asyncio.to_thread(self.tmp_disk, run_dir / "tmp.img", DEFAULT_TMP_MB)
+        config = self.vm_config(guest_runtime, memory_mb, self.codes.blank(), tmp, memory)
+        return await self.start_vm(name, config, "", OutputCapture(), run_dir, owned=True)
 
     # instances
 
@@ -264,10 +280,12 @@ class MicroVMDriver(SandboxDriver):
             await api.listen_unix(str(run_dir / "runtime-api.sock"))
             code_disk = await self._code_disk(spec, guest)
             instance.timings["code_disk"] = time.perf_counter() - t0
+            tmp_disk = await asyncio.to_thread(self.tmp_disk, run_dir / "tmp.img", spec.ephemeral_storage_mb)
+            instance.timings["tmp_disk"] = time.perf_counter() - t0
             snapshot, why = await self._snapshot_for(guest, spec.memory_mb)
             if snapshot is not None:
                 try:
-                    await self._restore(instance, guest, snapshot, code_disk.path)
+                    await self._restore(instance, guest, snapshot, code_disk.path, tmp_disk)
                     instance.note = "restored from snapshot" + (f" ({why})" if why else "")
                 except SandboxStartFailed as exc:
                     if await instance.vm_killed() is not None:
@@ -279,7 +297,7 @@ class MicroVMDriver(SandboxDriver):
                     snapshot = None
                     await instance.discard_vm()
             if snapshot is None:
-                await self._boot(instance, guest, code_disk.path)
+                await self._boot(instance, guest, code_disk.path, tmp_disk)
                 instance.note = f"booted ({why})"
             instance.timings["vm_ready"] = time.perf_counter() - t0
             self._load(instance, code_disk)
@@ -311,7 +329,7 @@ class MicroVMDriver(SandboxDriver):
         return await self.snapshots.for_start(guest, memory_mb)
 
     async def _restore(self, instance: MicroVMInstance, guest: str, snapshot: Snapshot,
-                       code_disk: Path) -> None:
+                       code_disk: Path, tmp_disk: Path) -> None:
         spec = instance.spec
         t0 = time.perf_counter()
         # The RAM maps the template's share=off (MAP_PRIVATE): copy-on-write, clean pages
@@ -320,7 +338,7 @@ class MicroVMDriver(SandboxDriver):
         # place of the template's blank one, behind the romfs the template already mounted.
         ram = await self.snapshots.ram(snapshot)
         try:
-            config = self.vm_config(guest, spec.memory_mb, code_disk, Memory(fd=ram), incoming=True)
+            config = self.vm_config(guest, spec.memory_mb, code_disk, tmp_disk, Memory(fd=ram), incoming=True)
             vm = await self.start_vm(spec.instance_id, config, instance.api.address, instance.output,
                                      instance.run_dir)
         finally:
@@ -329,10 +347,10 @@ class MicroVMDriver(SandboxDriver):
         await vm.restore(snapshot.state, RESTORE_TIMEOUT)
         instance.timings["restore"] = time.perf_counter() - t0
 
-    async def _boot(self, instance: MicroVMInstance, guest: str, code_disk: Path) -> None:
+    async def _boot(self, instance: MicroVMInstance, guest: str, code_disk: Path, tmp_disk: Path) -> None:
         spec = instance.spec
         t0 = time.perf_counter()
-        config = self.vm_config(guest, spec.memory_mb, code_disk)
+        config = self.vm_config(guest, spec.memory_mb, code_disk, tmp_disk)
         vm = await self.start_vm(spec.instance_id, config, instance.api.address, instance.output,
                                  instance.run_dir)
         instance.attach(vm)
@@ -360,7 +378,7 @@ class MicroVMDriver(SandboxDriver):
         # kernel's CRNG with `seed` before the runtime runs (request ids come from the host).
         instance.vm.link.control({
             "op": "load", "env": env, "argv": argv, "zygote": zygote, "time_ns": time.time_ns(),
-            "seed": secrets.token_hex(64), "tmp_mb": spec.ephemeral_storage_mb, "code_fs": code_disk.fstype,
+            "seed": secrets.token_hex(64), "code_fs": code_disk.fstype,
         })
 
     # housekeeping

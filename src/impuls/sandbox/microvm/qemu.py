@@ -215,7 +215,8 @@ class VMConfig:
     """Everything one QEMU process is started with.
 
     Devices, in this order on every start (a restore needs the template's):
-    virtio-blk rootfs, virtio-blk code disk, virtio-serial with the agent's
+    virtio-blk rootfs, virtio-blk code disk, writable virtio-blk ``/tmp`` disk (one size
+    for all, :data:`~impuls.sandbox.scratch.MAX_DEVICE_MB`), virtio-serial with the agent's
     port ``nr=1``; the ISA serial console on stdio; QMP and the agent port on
     inherited socketpair fds.  With ``incoming`` the machine waits for
     ``migrate-incoming`` and is started without ``-kernel``: its RAM has it.
@@ -230,12 +231,14 @@ class VMConfig:
     initramfs: Path
     rootfs: Path
     code_disk: Path
+    tmp_disk: Path
     memory: Memory = field(default_factory=Memory)
     incoming: bool = False
 
     def mounts(self) -> list[Mount]:
         """The host files QEMU needs, as its jail shows them (read-only but a template's RAM)."""
-        mounts = [Mount(self.rootfs, "rootfs.ext4"), Mount(self.code_disk, "code.img")]
+        mounts = [Mount(self.rootfs, "rootfs.ext4"), Mount(self.code_disk, "code.img"),
+                  Mount(self.tmp_disk, "tmp.img", writable=True)]
         if not self.incoming:
             mounts += [Mount(self.kernel, "vmlinux"), Mount(self.initramfs, "initramfs")]
         if self.memory.path is not None:
@@ -269,6 +272,8 @@ class VMConfig:
                  "-device", "virtio-blk-device,drive=root",
                  "-drive", f"id=code,file={qemu_path(inside[self.code_disk])},{drive}",
                  "-device", "virtio-blk-device,drive=code",
+                 "-drive", f"id=tmp,file={qemu_path(inside[self.tmp_disk])},format=raw,if=none",
+                 "-device", "virtio-blk-device,drive=tmp",
                  "-device", "virtio-serial-device,max_ports=2",
                  "-chardev", f"socket,id=agent,fd={link_fd}",
                  "-device", f"virtserialport,chardev=agent,name={PORT_NAME},nr=1",

@@ -25,6 +25,7 @@ from impuls.sandbox.base import Instance, InstanceSpec, SandboxDriver, WatchedIn
 from impuls.sandbox.namespace import cgroups, seccomp
 from impuls.sandbox.namespace.bwrap_launch import BwrapLauncher, BwrapRuntime
 from impuls.sandbox.namespace.launch import (
+    SANDBOX_GID,
     SANDBOX_UID,
     LaunchedRuntime,
     Launcher,
@@ -33,6 +34,7 @@ from impuls.sandbox.namespace.launch import (
     SandboxLost,
 )
 from impuls.sandbox.namespace.template import TEMPLATE_MAX_AGE, TEMPLATE_MAX_FORKS
+from impuls.sandbox.namespace.tmpdisk import TmpDisks
 from impuls.sandbox.runtime_api import Invocation, RuntimeAPI, RuntimeReply
 
 log = logging.getLogger("impuls.sandbox.namespace.driver")
@@ -42,7 +44,7 @@ KILL_GRACE = 0.2
 MAX_SOCKET_PATH = 100
 
 
-def default_launcher(host: cgroups.CgroupHost, runtimes: RuntimeRegistry,
+def default_launcher(host: cgroups.CgroupHost, runtimes: RuntimeRegistry, tmp_disks: TmpDisks,
                      template_max_forks: int = TEMPLATE_MAX_FORKS,
                      template_max_age: float = TEMPLATE_MAX_AGE) -> Launcher:
     """The template launcher when a Python interpreter can host it (replaced after
@@ -52,7 +54,7 @@ def default_launcher(host: cgroups.CgroupHost, runtimes: RuntimeRegistry,
 
     available = runtimes.available()
     if template_interpreter(available) is not None:
-        return TemplateLauncher(host, available, template_max_forks=template_max_forks,
+        return TemplateLauncher(host, available, tmp_disks, template_max_forks=template_max_forks,
                                 template_max_age=template_max_age)
     return BwrapLauncher(host)
 
@@ -178,7 +180,7 @@ class NamespaceDriver(SandboxDriver):
     unsafe = False
 
     def __init__(self, work_dir: Path, runtimes: RuntimeRegistry,
-                 launcher: Callable[[cgroups.CgroupHost, RuntimeRegistry], Launcher] | None = None,
+                 launcher: Callable[[cgroups.CgroupHost, RuntimeRegistry, TmpDisks], Launcher] | None = None,
                  cgroup_host: cgroups.CgroupHost | None = None,
                  template_max_forks: int = TEMPLATE_MAX_FORKS,
                  template_max_age: float = TEMPLATE_MAX_AGE) -> None:
@@ -210,10 +212,12 @@ class NamespaceDriver(SandboxDriver):
             seccomp.build_filter_bpf()
         except seccomp.SeccompError as exc:
             raise ConfigError(f"namespace sandbox: {exc.message}") from exc
+        self.tmp_disks = TmpDisks(work_dir / "tmp", (SANDBOX_UID, SANDBOX_GID))
         if launcher is None:
-            self.launcher: Launcher = default_launcher(host, runtimes, template_max_forks, template_max_age)
+            self.launcher: Launcher = default_launcher(host, runtimes, self.tmp_disks, template_max_forks,
+                                                       template_max_age)
         else:
-            self.launcher = launcher(host, runtimes)
+            self.launcher = launcher(host, runtimes, self.tmp_disks)
         self._live: dict[str, str] = {}  # instance id -> cgroup name
         # A driver dropped without close() (tests) takes its sandboxes with it.
         self._finalizer = weakref.finalize(self, _remove_all, host)

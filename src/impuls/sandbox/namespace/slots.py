@@ -127,7 +127,7 @@ class SlotControl:
     # --- assignment --------------------------------------------------------------------
 
     def send_assignment(self, request: bytes, fds: list[int], output_fd: int) -> None:
-        """Send the assignment: JSON and three descriptors (code, socket, output pipe)."""
+        """Send the assignment: JSON and four descriptors (code, socket, output pipe, /tmp)."""
         if self._ctl is None or self.exited.done():
             raise SlotGone(f"the sandbox slot is gone{': ' + self.error if self.error else ''}")
         if not self.runtime_waiting:
@@ -262,16 +262,16 @@ class Slot:
             not self.control.exited.done() and self.control.runtime_waiting
 
     def assign(self, request: bytes, code_dir: Path, socket_path: Path, memory_mb: int,
-               cpu_weight: int) -> None:
-        """Bind the slot to one instance: limits, code, Runtime API socket, output pipe.
-        Raises ``LaunchFailed``, never ``OSError``."""
+               cpu_weight: int, tmp_fd: int) -> None:
+        """Bind the slot to one instance: limits, code, Runtime API socket, output pipe,
+        ``/tmp`` (a detached mount, closed here).  Raises ``LaunchFailed``, never ``OSError``."""
         code_fd = sock_fd = out_r = out_w = -1
         try:
             self.cgroup.set_limits(memory_mb, cpu_weight)
             code_fd = detached_mount(code_dir)
             sock_fd = detached_mount(socket_path)
             out_r, out_w = os.pipe2(os.O_CLOEXEC)
-            self.control.send_assignment(request, [code_fd, sock_fd, out_w], out_r)
+            self.control.send_assignment(request, [code_fd, sock_fd, out_w, tmp_fd], out_r)
         except OSError as exc:
             close_fds(out_r)
             raise LaunchFailed(f"cannot prepare the sandbox: {exc}") from exc
@@ -279,7 +279,7 @@ class Slot:
             close_fds(out_r)
             raise
         finally:
-            close_fds(code_fd, sock_fd, out_w)
+            close_fds(code_fd, sock_fd, out_w, tmp_fd)
 
     async def discard(self) -> None:
         """Give the slot up (idempotent): closing the socket makes an unassigned slot

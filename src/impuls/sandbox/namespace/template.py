@@ -39,6 +39,8 @@ from impuls.sandbox.namespace.launch import (
     sandbox_env,
 )
 from impuls.sandbox.namespace.slots import Slot, SlotControl, SlotGone
+from impuls.sandbox.namespace.tmpdisk import TmpDisks
+from impuls.sandbox.scratch import DEFAULT_TMP_MB
 from impuls.sandbox.watch import OutputPump
 
 log = logging.getLogger("impuls.sandbox.namespace.template")
@@ -407,7 +409,7 @@ class TemplateLauncher:
 
     name = "template"
 
-    def __init__(self, host: cgroups.CgroupHost, runtimes: Iterable[Runtime],
+    def __init__(self, host: cgroups.CgroupHost, runtimes: Iterable[Runtime], tmp_disks: TmpDisks,
                  uid: int = SANDBOX_UID, gid: int = SANDBOX_GID, pool_size: int = POOL_SIZE,
                  template_max_forks: int = TEMPLATE_MAX_FORKS,
                  template_max_age: float = TEMPLATE_MAX_AGE,
@@ -423,6 +425,7 @@ class TemplateLauncher:
             raise TemplateUnavailable(f"the template needs a Python interpreter ({FALLBACK_PYTHON})")
         self.interpreter = interpreter
         self.uid, self.gid = uid, gid
+        self.tmp_disks = tmp_disks
         self.pool_size = pool_size
         self.max_forks, self.max_age, self.clock = template_max_forks, template_max_age, clock
         self.rotations = 0  # templates replaced so far
@@ -453,6 +456,7 @@ class TemplateLauncher:
         """Start the template and fill the pool now rather than at the first launch."""
         await self._ensure()
         self._refill()
+        self.tmp_disks.want(DEFAULT_TMP_MB)
 
     async def launch(self, spec: InstanceSpec, socket_path: Path) -> Launched:
         """Take a slot (or build one at once when the pool is empty), set its cgroup's
@@ -467,7 +471,9 @@ class TemplateLauncher:
                 raise LaunchFailed("the namespace sandbox is closed")
             slot = await self._take()
             try:
-                slot.assign(request, spec.code_dir, socket_path, spec.memory_mb, cpu_weight(spec.memory_mb))
+                tmp_fd = await self.tmp_disks.take(spec.ephemeral_storage_mb)
+                slot.assign(request, spec.code_dir, socket_path, spec.memory_mb, cpu_weight(spec.memory_mb),
+                            tmp_fd)
             except SlotGone as exc:  # killed (or its template was) since it was built
                 await slot.discard()
                 if attempt == BUILD_ATTEMPTS:
@@ -485,6 +491,7 @@ class TemplateLauncher:
 
     async def close(self) -> None:
         self._closed = True
+        self.tmp_disks.close()
         if self._timer is not None:
             self._timer.cancel()
         tasks = [*self._fillers, *([self._rotation] if self._rotation is not None else [])]
@@ -769,5 +776,5 @@ class TemplateLauncher:
         return json.dumps({
             "id": spec.instance_id, "mode": "python" if preloaded else "exec", "argv": argv,
             "env": sandbox_env(spec), "relay": not rt.unix_socket_client,
-            "tmp_mb": spec.ephemeral_storage_mb, "shm_mb": SHM_MB,
+            "shm_mb": SHM_MB,
         }).encode()

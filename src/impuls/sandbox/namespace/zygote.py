@@ -221,10 +221,10 @@ class Zygote:
             if not msg:
                 raise SystemExit(0)  # the server gave the slot up
             fds = _fds(ancdata)
-            if len(fds) != 3:
-                raise SetupError(f"expected 3 descriptors, got {len(fds)}")
+            if len(fds) != 4:
+                raise SetupError(f"expected 4 descriptors, got {len(fds)}")
             request = json.loads(msg)
-            listener = self._assign(request, fds[0], fds[1])
+            listener = self._assign(request, fds[0], fds[1], fds[3])
             ctl.send(b"assigned")
             to_runtime.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                         struct.pack("i", fds[2]))])
@@ -243,15 +243,17 @@ class Zygote:
         finally:
             os._exit(code)
 
-    def _assign(self, request: dict[str, Any], code_fd: int, sock_fd: int) -> socket.socket | None:
-        """Bind the function into the slot: code, socket, /tmp, /dev/shm (and the relay)."""
+    def _assign(self, request: dict[str, Any], code_fd: int, sock_fd: int,
+                tmp_fd: int) -> socket.socket | None:
+        """Bind the function into the slot: code, socket, /tmp (its disk, see
+        :mod:`.tmpdisk`), /dev/shm (and the relay)."""
         _move_mount(code_fd, TASK_DIR)
         _mount(None, TASK_DIR, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
         _move_mount(sock_fd, SOCKET_PATH)  # connect() needs no write access to the mount
         _mount(None, SOCKET_PATH, None,
                MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
         flags = MS_NOSUID | MS_NODEV
-        _mount("tmpfs", "/tmp", "tmpfs", flags, f"size={int(request['tmp_mb'])}m,mode=0755")
+        _move_mount(tmp_fd, "/tmp")
         _mount("tmpfs", "/dev/shm", "tmpfs", flags | MS_NOEXEC,
                f"size={int(request['shm_mb'])}m,mode=0755")
         return _relay_listener() if request.get("relay") else None
