@@ -15,7 +15,18 @@ from starlette import types
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from impuls import __version__
-from impuls.api import code, events, functions, invocations, invoke, keys, metrics, schedules, url_configs
+from impuls.api import (
+    code,
+    events,
+    functions,
+    invocations,
+    invoke,
+    keys,
+    metrics,
+    nodes,
+    schedules,
+    url_configs,
+)
 from impuls.api.auth import AuthGate
 from impuls.api.deps import platform_of, principal_of
 from impuls.api.errors import error_response, status_of
@@ -97,6 +108,7 @@ def create_app(platform: Platform, console: types.ASGIApp | None = None) -> type
     app.include_router(url_configs.router)
     app.include_router(events.router)
     app.include_router(schedules.router)
+    app.include_router(nodes.router)
     if console is not None:
         app.mount("/console", console)
     _document_invoke(app)

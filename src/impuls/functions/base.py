@@ -119,6 +119,9 @@ class RegistryBase:
         self.packages = packages
         self._write_lock = threading.RLock()
         self._listeners: list[ChangeListener] = []
+        #: told of every change made here, after the listeners and before the change is
+        #: answered: the cluster's change feed (:mod:`impuls.cluster.changes`); None: one node
+        self.publisher: ChangeListener | None = None
 
     # --- listeners -----------------------------------------------------------------
 
@@ -128,6 +131,14 @@ class RegistryBase:
         self._listeners.append(listener)
 
     def _changed(self, name: str, qualifier: str | None) -> None:
+        """A change was committed here: tell the listeners, then the publisher (whose failure,
+        e.g. the database gone since the commit, fails the request: the caller retries)."""
+        self.announce(name, qualifier)
+        if self.publisher is not None:
+            self.publisher(name, qualifier)
+
+    def announce(self, name: str, qualifier: str | None) -> None:
+        """Tell the listeners of a change made here or, through the change feed, on another node."""
         for listener in self._listeners:
             try:
                 listener(name, qualifier)
