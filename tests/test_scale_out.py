@@ -4,10 +4,11 @@ Each test starts three servers on this machine (separate data directories, their
 on a fresh database of the test cluster (``IMPULS_TEST_POSTGRES_URL``), with one admin key and
 one server secret, as a cluster's nodes have.
 
-- Code moves through the database: created on node 1, it runs on nodes 2 and 3; an update
-  answered on node 2 is served by node 3 within one second; a delete answered on node 3 is
-  404 on every node within one second.  These functions run in the namespace sandbox (the
-  sandbox nodes use in production), with warm instances on every node before each change.
+- Code moves through the database: created (and built) on node 1, it runs on nodes 2 and 3
+  without a build there; an update answered on node 2 is served by node 3 within one second;
+  a delete answered on node 3 is 404 on every node within one second.  These functions run
+  in the namespace sandbox (the sandbox nodes use in production), with warm instances on
+  every node before each change.
 - Asynchronous events and schedules are about coordination alone, so their functions run in
   the process sandbox: they append each start (request id and the node whose data directory
   the instance runs in) to a host file the test reads, to count duplicates and to kill a node
@@ -108,6 +109,13 @@ def _version(server: Server, name: str) -> int | None:
     return int(r.json()["body"]["version"])
 
 
+def _builds(server: Server) -> float:
+    """How many packages ``server`` built itself (unpacking a shared one is no build)."""
+    text = server.request("GET", "/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith('impuls_builds_total{result="success"}'))
+
+
 def _changes_within_bound(server: Server, name: str, answered_at: float, want: int | None) -> float:
     """Invoke ``name`` on ``server`` until it answers ``want``; every call sent more than
     PROPAGATION_BOUND after ``answered_at`` must already answer it.  The seconds from the answer
@@ -133,6 +141,7 @@ def test_code_created_updated_and_deleted_on_one_node_reaches_every_node(
     name = unique("scale")
     node1.deploy(name=name, runtime="python3.11", handler="handler.handler", code=VERSIONED % 1)
     assert [_version(n, name) for n in (node1, node2, node3)] == [1, 1, 1]
+    assert [_builds(n) for n in (node1, node2, node3)] == [1, 0, 0]  # built once, on node 1
 
     delays = []
     for version, (writer, reader) in enumerate([(node2, node3), (node3, node1), (node1, node2),
@@ -145,6 +154,7 @@ def test_code_created_updated_and_deleted_on_one_node_reaches_every_node(
         delays.append(_changes_within_bound(reader, name, answered, version))
         for node in (node1, node2, node3):
             assert _version(node, name) == version
+    assert [_builds(n) for n in (node1, node2, node3)] == [2, 2, 2]  # each update built by its writer
     print(f"update propagation (answer on one node -> first call seeing it on another), seconds: "
           f"{', '.join(f'{d:.3f}' for d in delays)}; max {max(delays):.3f}")
 

@@ -40,6 +40,7 @@ from impuls.sandbox import make_driver
 from impuls.sandbox.process import ProcessDriver
 from impuls.store.blobs import BlobStore, SharedBlobStore
 from impuls.store.db import open_engine
+from impuls.store.package_archives import PackageArchives
 from impuls.tracing import Tracer
 from impuls.tracing import start as start_tracing
 
@@ -82,8 +83,9 @@ class Platform:
         blob_dir = settings.data_dir / "blobs"
         self.blobs = SharedBlobStore(blob_dir, self.db) if self.shared else BlobStore(blob_dir)
         self.metrics = Metrics()
+        archives = PackageArchives(self.db) if self.shared else None
         packages = CountedPackageBuilder(settings.data_dir / "packages", settings.data_dir / "build-cache",
-                                         self.metrics.built)
+                                         self.metrics.built, archives)
         self.registry = FunctionRegistry(self.db, self.blobs, runtimes or default_registry(), packages,
                                          max_reserved_concurrency=settings.max_concurrency,
                                          min_event_age=settings.event_min_age_seconds)

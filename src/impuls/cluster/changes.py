@@ -50,10 +50,12 @@ class ChangeFeed:
 
     ``apply`` is called on the reader thread.  :meth:`start` is called once (it records the
     current revision: changes before it concern no cache of a node that has just started);
-    :meth:`close` stops the reader and is idempotent.
+    :meth:`close` stops the reader and is idempotent.  ``listen=False`` reads by polling alone
+    (what a node whose notifications are lost does).
     """
 
-    def __init__(self, db: Engine, node: str, apply: Apply, poll_seconds: float = POLL_SECONDS) -> None:
+    def __init__(self, db: Engine, node: str, apply: Apply, poll_seconds: float = POLL_SECONDS,
+                 listen: bool = True) -> None:
         self.db = db
         self.node = node
         self.apply = apply
@@ -65,6 +67,7 @@ class ChangeFeed:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._postgres = db.dialect.name == "postgresql"
+        self._listen_for_notifications = listen and self._postgres
 
     # --- publishing ----------------------------------------------------------------------
 
@@ -128,7 +131,7 @@ class ChangeFeed:
         listener: psycopg.Connection[tuple[object, ...]] | None = None
         while not self._stop.is_set():
             try:
-                if listener is None and self._postgres:
+                if listener is None and self._listen_for_notifications:
                     listener = self._listen()
                 if listener is not None:
                     for _ in listener.notifies(timeout=self.poll_seconds, stop_after=1):

@@ -219,9 +219,12 @@ class RegistryBase:
             used = self._used_blobs(conn, candidates)
         for sha in candidates - used:
             self.blobs.delete(sha)
+        if self.packages.archives is not None:
+            self.packages.archives.forget(candidates - used)
 
     def collect_garbage(self) -> int:
-        """Remove every unreferenced blob (left by a crash); returns how many."""
+        """Remove every unreferenced blob (left by a crash) and the shared packages built from
+        them; returns how many blobs."""
         with self._write_lock:
             with self.db.connect() as conn:
                 used = self._used_blobs(conn)
@@ -230,4 +233,6 @@ class RegistryBase:
                 if sha not in used:
                     self.blobs.delete(sha)
                     removed += 1
+            if self.packages.archives is not None:
+                self.packages.archives.forget(self.packages.archives.code_shas() - used)
             return removed

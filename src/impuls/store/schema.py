@@ -235,6 +235,17 @@ code_blobs = Table(
     Column("stored_at", DateTime(timezone=True), nullable=False),  # the last put of this content
 )
 
+#: built packages, so that a package is built on one node only (impuls.store.package_archives)
+package_archives = Table(
+    "package_archives",
+    metadata,
+    Column("key", String(64), primary_key=True),  # impuls.functions.packages.PackageBuilder.key
+    Column("code_sha256", String(64), nullable=False, index=True),
+    Column("archive", LargeBinary, nullable=False),  # tar.gz of the package directory
+    Column("meta", Text, nullable=False),  # JSON: the build's status, log and seconds
+    Column("stored_at", DateTime(timezone=True), nullable=False),
+)
+
 #: the cluster's revision counter: one row per committed registry change, ids in commit order
 changes = Table(
     "changes",

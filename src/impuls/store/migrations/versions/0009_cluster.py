@@ -1,4 +1,4 @@
-"""several nodes on one database: shared code blobs, the change feed, the nodes
+"""several nodes on one database: shared code blobs and built packages, the change feed, the nodes
 
 Revision ID: 0009
 Revises: 0008
@@ -21,6 +21,15 @@ def upgrade() -> None:
         sa.Column("size", sa.Integer, nullable=False),
         sa.Column("stored_at", sa.DateTime(timezone=True), nullable=False),
     )
+    op.create_table(
+        "package_archives",
+        sa.Column("key", sa.String(64), primary_key=True),
+        sa.Column("code_sha256", sa.String(64), nullable=False),
+        sa.Column("archive", sa.LargeBinary, nullable=False),
+        sa.Column("meta", sa.Text, nullable=False),
+        sa.Column("stored_at", sa.DateTime(timezone=True), nullable=False),
+    )
+    op.create_index("ix_package_archives_code_sha256", "package_archives", ["code_sha256"])
     op.create_table(
         "changes",
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
@@ -45,4 +54,5 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("nodes")
     op.drop_table("changes")
+    op.drop_table("package_archives")
     op.drop_table("code_blobs")
