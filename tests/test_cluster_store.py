@@ -133,3 +133,33 @@ def test_a_node_that_stops_beating_is_down_and_a_clean_stop_says_stopped(db: Eng
     table.beat(NodeBeat("b", "http://b:8080", "1", "namespace", start, {}), start + timedelta(seconds=20))
     states = {n["id"]: n["state"] for n in table.list(start + timedelta(seconds=21))}
     assert states == {"a": "down", "b": "up"}
+
+
+def test_a_change_committed_while_the_database_went_away_is_published_once_it_is_back() -> None:
+    from tests.test_store_faults import Database
+
+    assert POSTGRES_URL
+    database = Database(POSTGRES_URL)
+    engines = [open_engine(database.url) for _ in range(2)]
+    heard: list[tuple[str, str | None]] = []
+    writer = ChangeFeed(engines[0], "node-a", lambda *_: None)
+    reader = ChangeFeed(engines[1], "node-b", lambda name, qualifier: heard.append((name, qualifier)))
+    try:
+        writer.start()
+        reader.start()
+        database.refuse_connections()
+        writer.publish("fn", "$LATEST")  # the change's own commit succeeded just before: no raise
+        writer.publish("fn", None)
+        time.sleep(2 * reader.poll_seconds)
+        assert heard == []
+        database.accept_connections()
+        deadline = time.monotonic() + DEADLINE
+        while len(heard) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert heard == [("fn", "$LATEST"), ("fn", None)]  # in order, each once
+    finally:
+        reader.close()
+        writer.close()
+        for engine in engines:
+            engine.dispose()
+        database.drop()

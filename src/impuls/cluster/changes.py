@@ -15,8 +15,10 @@ the caches of all:
   notification (a dropped LISTEN connection) therefore delays a change by one poll at most.
 
 The promise: a change answered on one node is no longer served by any node after
-``poll_seconds`` plus one catch-up query (well under a second), unless that node cannot
-reach the database (then it serves what it has, and catches up when it can).  Rows older
+``poll_seconds`` plus one catch-up query (well under a second), unless a node cannot reach
+the database (then it serves what it has, and catches up when it can).  A change whose
+commit succeeded but whose row could not be written right after (the database went away in
+between) is kept and written by the reader thread as soon as it can, in order.  Rows older
 than :data:`RETENTION` are pruned; a node whose reader has not caught up for that long
 (it was frozen) forgets every function it knows, as a restart would.
 """
@@ -64,6 +66,8 @@ class ChangeFeed:
         #: changes of other nodes applied here since start
         self.applied = 0
         self._caught_up_at = time.monotonic()
+        self._unsent: list[tuple[str, str | None]] = []
+        self._unsent_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._postgres = db.dialect.name == "postgresql"
@@ -72,7 +76,23 @@ class ChangeFeed:
     # --- publishing ----------------------------------------------------------------------
 
     def publish(self, name: str, qualifier: str | None) -> None:
-        """Record a change committed on this node (raises StoreUnavailable if it cannot)."""
+        """Record a change committed on this node; if the database cannot take it now, the
+        reader thread writes it later (see the module doc).  Never raises."""
+        with self._unsent_lock:
+            self._unsent.append((name, qualifier))
+        try:
+            self.send_unsent()
+        except Exception as exc:
+            log.warning("the change of %s (%s) could not be published yet: %s", name, qualifier, exc)
+
+    def send_unsent(self) -> None:
+        """Write the changes not written yet, oldest first (raises what the database raises)."""
+        with self._unsent_lock:
+            while self._unsent:
+                self._insert(*self._unsent[0])
+                self._unsent.pop(0)
+
+    def _insert(self, name: str, qualifier: str | None) -> None:
         with self.db.begin() as conn:
             if self._postgres:
                 conn.execute(text(f"LOCK TABLE {changes.name} IN EXCLUSIVE MODE"))
@@ -138,6 +158,7 @@ class ChangeFeed:
                         pass
                 else:
                     self._stop.wait(self.poll_seconds)
+                self.send_unsent()
                 self.catch_up()
             except Exception as exc:  # the database away: serve what is cached, try again
                 log.warning("the change feed cannot read the database (%s); retrying", exc)

@@ -120,7 +120,8 @@ class RegistryBase:
         self._write_lock = threading.RLock()
         self._listeners: list[ChangeListener] = []
         #: told of every change made here, after the listeners and before the change is
-        #: answered: the cluster's change feed (:mod:`impuls.cluster.changes`); None: one node
+        #: answered; must not raise: the cluster's change feed (:mod:`impuls.cluster.changes`);
+        #: None: one node
         self.publisher: ChangeListener | None = None
 
     # --- listeners -----------------------------------------------------------------
@@ -131,8 +132,7 @@ class RegistryBase:
         self._listeners.append(listener)
 
     def _changed(self, name: str, qualifier: str | None) -> None:
-        """A change was committed here: tell the listeners, then the publisher (whose failure,
-        e.g. the database gone since the commit, fails the request: the caller retries)."""
+        """A change was committed here: tell the listeners, then the publisher."""
         self.announce(name, qualifier)
         if self.publisher is not None:
             self.publisher(name, qualifier)
