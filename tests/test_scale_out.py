@@ -48,6 +48,7 @@ from tests.event_fixtures import (
     send_raw,
 )
 from tests.helpers import Server, sandbox_unavailable, unique
+from tests.test_cli import impuls
 
 pytestmark = pytest.mark.postgres
 
@@ -258,6 +259,10 @@ def test_events_accepted_across_nodes_survive_a_node_killed_mid_delivery(
         seen = poll(lambda: states(server), lambda s: s.get(victim.url) == "down",  # noqa: B023
                     timeout=120, what="node 1 marked down")
         assert seen == {victim.url: "down", survivors[0].url: "up", survivors[1].url: "up"}, seen
+    table = impuls(survivors[0], "nodes")
+    assert table.returncode == 0, table.stderr
+    cells = [line.split("│") for line in table.stdout.splitlines() if line.startswith("│")]
+    assert {c[2].strip(): c[3].strip() for c in cells} == seen, table.stdout  # address: state
 
 
 def test_a_rate_schedule_fires_once_per_second_across_three_nodes(
