@@ -81,10 +81,18 @@ class PackageBuilder:
 
     def info(self, runtime: Runtime, handler: str, sha: str, kind: str) -> Package | None:
         """The built package (unpacked from the shared archives if another node built it), or
-        None if it is not built (yet)."""
+        None if it is not built (yet).  Never waits for a build running here."""
         key = self.key(runtime, handler, sha, kind)
-        with self._lock(key):
+        built = self._local(key)
+        if built is not None or self.archives is None:
+            return built
+        lock = self._lock(key)
+        if not lock.acquire(blocking=False):
+            return None  # being built or unpacked here right now
+        try:
             return self._local(key) or self._unpack(key)
+        finally:
+            lock.release()
 
     def _lock(self, key: str) -> threading.Lock:
         with self._guard:
