@@ -19,13 +19,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import console, density, events, lambda_api, otlp, profiling, report, rotation
+from bench import console, density, events, lambda_api, otlp, profiling, report, rotation, scale_out
 from bench.loadgen import Client, LoadGenError, burst, lua_script, run_wrk, scratch_dir, wrk_path, wrk_version
 from bench.results import (
     FLOOR,
     FLOOR_FASTAPI,
     IMPULS,
     IMPULS_LAMBDA,
+    IMPULS_POSTGRES,
     IMPULS_TRACED,
     IMPULS_URL,
     SPAWN,
@@ -340,6 +341,41 @@ class Runner:
                       f"({sink.bytes / 1e6:,.1f} MB of spans)"
                       + (f"; the exporter dropped spans {dropped} times (queue full)" if dropped else ""))
 
+    def postgres(self, sandbox: str, postgres_url: str) -> None:
+        """The warm Python rows at the lowest and highest concurrency on a server whose store is a
+        fresh PostgreSQL database, to set beside the same rows on SQLite (the warm path reads no
+        database: they should not differ beyond noise); then the update propagation between two
+        nodes on one database (``bench/scale_out.py``)."""
+        levels = tuple(sorted({min(self.plan.concurrency), max(self.plan.concurrency)}))
+        with events.temporary_database(postgres_url) as url:
+            server = ImpulsServer(sandbox, self.work / f"data-postgres-{sandbox}",
+                                  self.work / f"impuls-postgres-{sandbox}.log", database_url=url)
+            try:
+                server.start()
+            except ServerRefused as exc:
+                self.note(f"PostgreSQL store ({sandbox}): skipped, the server refused to start: {exc}")
+                return
+            log(f"measuring impuls on PostgreSQL, sandbox {sandbox} (server pid {server.pid})")
+            self.deadline = time.monotonic() + self.plan.sandbox_budget_s
+            try:
+                path = server.create(f"bench-{PYTHON.label}", PYTHON, self.plan.max_concurrency)
+                self.warm(server, path, IMPULS_POSTGRES, sandbox, PYTHON.label, levels)
+            except (OSError, RuntimeError, http.client.HTTPException) as exc:
+                self.note(f"PostgreSQL store ({sandbox}): rows stopped: {exc}")
+            finally:
+                self.deadline = float("inf")
+                server.stop()
+        self.wait_quiet()
+        with events.temporary_database(postgres_url) as url:
+            try:
+                row = scale_out.measure(sandbox, self.work, url, 5 if self.plan.quick else 30)
+            except (OSError, RuntimeError, http.client.HTTPException, ServerRefused) as exc:
+                self.note(f"update propagation ({sandbox}): stopped: {exc}")
+                return
+        self.results.propagation.append(row)
+        log(f"update propagation between two nodes ({sandbox}): p50 {row.p50_ms:.1f} ms, "
+            f"max {row.max_ms:.1f} ms over {row.updates} updates")
+
     def out_of_time(self, what: str) -> bool:
         if time.monotonic() < self.deadline:
             return False
@@ -550,8 +586,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-tracing", action="store_true",
                         help="skip the rows with tracing on (OTLP export to a no-op sink)")
     parser.add_argument("--postgres-url", default=os.environ.get("IMPULS_BENCH_POSTGRES_URL", ""),
-                        help="also measure the asynchronous-event rows on this PostgreSQL database "
-                        "(IMPULS_BENCH_POSTGRES_URL)")
+                        help="also measure on PostgreSQL (a fresh database each time, made and dropped "
+                        "through this URL): the asynchronous-event rows, the warm Python rows and the "
+                        "update propagation between two nodes (IMPULS_BENCH_POSTGRES_URL)")
     parser.add_argument("--profile", action="store_true",
                         help="also sample the server with py-spy during an extra Python concurrency-1 "
                         "run and add the breakdown (needs py-spy on PATH or in the venv)")
@@ -586,6 +623,8 @@ def main(argv: list[str] | None = None) -> int:
                 runner.impuls(sandbox)
                 if not args.no_tracing and results.sandboxes == [sandbox]:  # the first one measured
                     runner.traced(sandbox)
+                if args.postgres_url and results.sandboxes == [sandbox]:
+                    runner.postgres(sandbox, args.postgres_url)
                 if sandbox == "namespace" and sandbox in results.sandboxes:
                     runner.rotation()
                     if not args.no_density:

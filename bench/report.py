@@ -10,6 +10,7 @@ from bench.results import (
     FLOOR_FASTAPI,
     IMPULS,
     IMPULS_LAMBDA,
+    IMPULS_POSTGRES,
     IMPULS_TRACED,
     IMPULS_URL,
     SPAWN,
@@ -150,6 +151,26 @@ def tracing_table(results: Results) -> str:
     return table(["sandbox", "runtime", "concurrency", "p50 ms off", "p50 ms on", "p50 Δ ms", "p99 ms off",
                   "p99 ms on", "inv/s off", "inv/s on", "server CPU µs/inv off", "on"], rows,
                  set(range(2, 12)))
+
+
+def stores_table(results: Results) -> str:
+    """Each warm row on PostgreSQL beside the same function's row on SQLite."""
+    rows = []
+    for pg in (r for r in results.warm if r.system == IMPULS_POSTGRES):
+        lite = results.find_warm(IMPULS, pg.runtime, pg.concurrency, pg.sandbox)
+        if lite is None:
+            continue
+        rows.append([pg.sandbox, pg.runtime, str(pg.concurrency), _ms(lite.p50_ms), _ms(pg.p50_ms),
+                     f"{pg.p50_ms - lite.p50_ms:+.3f}", _ms(lite.p99_ms), _ms(pg.p99_ms), _int(lite.rps),
+                     _int(pg.rps)])
+    return table(["sandbox", "runtime", "concurrency", "p50 ms SQLite", "p50 ms PostgreSQL", "p50 Δ ms",
+                  "p99 ms SQLite", "p99 ms PostgreSQL", "inv/s SQLite", "inv/s PostgreSQL"], rows,
+                 set(range(2, 10)))
+
+
+def propagation_table(results: Results) -> str:
+    rows = [[r.sandbox, str(r.updates), _ms(r.p50_ms), _ms(r.max_ms)] for r in results.propagation]
+    return table(["sandbox", "updates", "p50 ms", "max ms"], rows, {1, 2, 3})
 
 
 @dataclass
@@ -302,6 +323,9 @@ def tables(results: Results) -> str:
         parts += ["", "Web console", console_table(results)]
     if any(r.system == IMPULS_TRACED for r in results.warm):
         parts += ["", "Tracing off and on (OTLP/HTTP export to a no-op sink)", tracing_table(results)]
+    if any(r.system == IMPULS_POSTGRES for r in results.warm) or results.propagation:
+        parts += ["", "SQLite and PostgreSQL (warm path)", stores_table(results),
+                  "", "Update propagation between two nodes on one PostgreSQL", propagation_table(results)]
     parts += ["", "Targets", targets_table(results)]
     if results.notes:
         parts += ["", "Notes", *(f"- {n}" for n in results.notes)]
@@ -500,6 +524,16 @@ def markdown(results: Results) -> str:
                   "two spans (`invoke <function>`, `runtime call`) that a BatchSpanProcessor encodes and "
                   "exports from a background thread of the server, whose CPU is in the server column.\n",
                   tracing_table(results), ""]
+    if any(r.system == IMPULS_POSTGRES for r in results.warm) or results.propagation:
+        parts += ["## SQLite and PostgreSQL\n",
+                  "The warm Python rows on SQLite (the rows above) beside the same function on a server "
+                  "whose store is a fresh PostgreSQL database (`--postgres-url`). The warm path reads no "
+                  "database (the invocation record is written in the background), so the two should "
+                  "differ only by noise.\n", stores_table(results), "",
+                  "An update answered on one of two nodes sharing a PostgreSQL database, until the other "
+                  "node serves the new code: from the answer to the send time of the other node's first "
+                  "call that saw it (`bench/scale_out.py`; the change feed's NOTIFY, or its 0.5 s poll when "
+                  "a notification is lost; the bound promised is 1 s).\n", propagation_table(results), ""]
     parts += ["## Where the time goes\n", *(p + "\n" for p in where_time_goes(results))]
     if results.notes:
         parts += ["## Notes from this run\n", *(f"- {n}" for n in results.notes), ""]

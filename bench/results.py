@@ -13,8 +13,10 @@ IMPULS_LAMBDA = "impuls Lambda API"
 IMPULS_URL = "impuls function URL"
 #: the same function on a server with tracing on, exporting over OTLP/HTTP to a no-op sink
 IMPULS_TRACED = "impuls traced"
+#: the same function on a server whose store is PostgreSQL (``--postgres-url``) instead of SQLite
+IMPULS_POSTGRES = "impuls on PostgreSQL"
 #: the systems whose rows are told apart by sandbox
-PER_SANDBOX = (IMPULS, IMPULS_LAMBDA, IMPULS_URL, IMPULS_TRACED)
+PER_SANDBOX = (IMPULS, IMPULS_LAMBDA, IMPULS_URL, IMPULS_TRACED, IMPULS_POSTGRES)
 FLOOR = "floor"
 FLOOR_FASTAPI = "floor + FastAPI"
 SPAWN = "spawn-per-call"
@@ -120,6 +122,16 @@ class EventRow:
 
 
 @dataclass
+class PropagationRow:
+    """Updates answered on one node until another node serves them (``bench/scale_out.py``)."""
+
+    sandbox: str
+    updates: int
+    p50_ms: float  # from the answer on node A to the send time of node B's first call seeing it
+    max_ms: float
+
+
+@dataclass
 class ConsoleRow:
     """The web console's function list in Chromium (``bench/console.py``)."""
 
@@ -162,6 +174,7 @@ class Results:
     events: list[EventRow] = field(default_factory=list)
     console: list[ConsoleRow] = field(default_factory=list)
     density: list[DensityRow] = field(default_factory=list)
+    propagation: list[PropagationRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     sandboxes: list[str] = field(default_factory=list)  # the ones measured
     profile: list[tuple[str, float]] = field(default_factory=list)  # (component, share of samples)

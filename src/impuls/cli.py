@@ -715,6 +715,25 @@ def audit(client: Client, limit: int, as_json: bool) -> None:
     console.print(table)
 
 
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@pass_client
+def nodes(client: Client, as_json: bool) -> None:
+    """The nodes sharing the server's store (admin scope): address, state, heartbeat, work."""
+    data = client.call("GET", "/api/v1/nodes")
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    table = Table("NODE", "ADDRESS", "STATE", "LAST BEAT", "SANDBOX", "INSTANCES", "IN FLIGHT", "EVENTS HELD")
+    for n in data["nodes"]:
+        name = n["id"] + (" (this one)" if n["id"] == data["node"] else "")
+        table.add_row(name, n["address"], n["state"], f"{n['seconds_since_heartbeat']:.1f}s ago",
+                      n["sandbox"], str(n["instances"]), str(n["inflight"]), str(n["events_held"]))
+    console.print(table)
+    console.print(f"a node is down after {data['down_after_seconds']:g}s without a heartbeat "
+                  f"(one every {data['heartbeat_seconds']:g}s)", highlight=False)
+
+
 @main.group()
 def images() -> None:
     """Guest images of the microvm sandbox: kernel, initramfs, a root filesystem per runtime."""

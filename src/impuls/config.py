@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,11 @@ class Settings:
     #: an OpenTelemetry collector's OTLP/HTTP endpoint (e.g. ``http://127.0.0.1:4318``): spans go to
     #: ``<endpoint>/v1/traces``; empty (the default): no tracing at all
     otlp_endpoint: str = ""
+    #: how other nodes and ``GET /api/v1/nodes`` name this node's API (default:
+    #: ``<scheme>://<host>:<port>``, the host's name when listening on every address)
+    advertise_address: str = ""
+    #: a node writes its heartbeat row this often; it is down after 3 missed beats
+    heartbeat_seconds: float = 5.0
 
     @property
     def db_url(self) -> str:
@@ -100,6 +106,13 @@ class Settings:
     @property
     def images_path(self) -> Path:
         return self.images_dir if self.images_dir is not None else self.data_dir / "images"
+
+    @property
+    def address(self) -> str:
+        if self.advertise_address:
+            return self.advertise_address
+        host = socket.gethostname() if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"{self.scheme}://{f'[{host}]' if ':' in host else host}:{self.port}"
 
     @property
     def store_kind(self) -> str:
@@ -169,6 +182,8 @@ def load(overrides: dict[str, Any] | None = None, environ: dict[str, str] | None
         raise ConfigError(f"microvm accel must be auto, kvm or tcg, not {settings.microvm_accel!r}")
     if settings.log_format not in LOG_FORMATS:
         raise ConfigError(f"log format must be text or json, not {settings.log_format!r}")
+    if settings.heartbeat_seconds <= 0:
+        raise ConfigError("heartbeat seconds must be positive")
     if settings.idle_timeout <= 0:
         raise ConfigError("idle timeout must be positive")
     return settings

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import socket
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,8 @@ from sqlalchemy import Engine as DBEngine
 from impuls import __version__
 from impuls.auth.keys import KeyStore, load_server_secret
 from impuls.auth.links import CodeLinks
+from impuls.cluster import Member
+from impuls.cluster.nodes import NodeBeat
 from impuls.config import Settings
 from impuls.engine.invoker import Invoker
 from impuls.engine.records import InvocationRecorder, LogHub
@@ -36,8 +38,9 @@ from impuls.metrics import Metrics
 from impuls.runtimes import RuntimeRegistry, default_registry
 from impuls.sandbox import make_driver
 from impuls.sandbox.process import ProcessDriver
-from impuls.store.blobs import BlobStore
+from impuls.store.blobs import BlobStore, SharedBlobStore
 from impuls.store.db import open_engine
+from impuls.store.package_archives import PackageArchives
 from impuls.tracing import Tracer
 from impuls.tracing import start as start_tracing
 
@@ -70,12 +73,19 @@ class MeteredInvoker(Invoker):
 class Platform:
     def __init__(self, settings: Settings, runtimes: RuntimeRegistry | None = None) -> None:
         self.settings = settings
+        #: this node's name among those sharing the store
+        self.node = node_id(settings)
+        self.started_at = datetime.now(UTC)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.db: DBEngine = open_engine(settings.db_url)
-        self.blobs = BlobStore(settings.data_dir / "blobs")
+        #: other nodes may share the store (PostgreSQL): code blobs and changes go through it
+        self.shared = settings.store_kind == "postgresql"
+        blob_dir = settings.data_dir / "blobs"
+        self.blobs = SharedBlobStore(blob_dir, self.db) if self.shared else BlobStore(blob_dir)
         self.metrics = Metrics()
+        archives = PackageArchives(self.db) if self.shared else None
         packages = CountedPackageBuilder(settings.data_dir / "packages", settings.data_dir / "build-cache",
-                                         self.metrics.built)
+                                         self.metrics.built, archives)
         self.registry = FunctionRegistry(self.db, self.blobs, runtimes or default_registry(), packages,
                                          max_reserved_concurrency=settings.max_concurrency,
                                          min_event_age=settings.event_min_age_seconds)
@@ -91,7 +101,7 @@ class Platform:
             local = self.driver if isinstance(self.driver, ProcessDriver) else ProcessDriver(
                 settings.data_dir / "sandbox" / "process")
         #: spans, exported over OTLP (None: IMPULS_OTLP_ENDPOINT is not set, no tracing at all)
-        self.tracer: Tracer | None = start_tracing(settings, node_id(settings), self.driver.name)
+        self.tracer: Tracer | None = start_tracing(settings, self.node, self.driver.name)
         self.hub = LogHub()
         self.recorder = InvocationRecorder(
             self.db, timedelta(days=settings.invocation_retention_days))
@@ -99,9 +109,11 @@ class Platform:
         self.invoker = MeteredInvoker(settings, self.registry, self.driver, local, self.recorder, self.hub,
                                       tracer=self.tracer)
         self.invoker.on_throttled = self.metrics.throttled
-        self.events = Dispatcher(self.registry, self.invoker, settings, node_id(settings), tracer=self.tracer)
-        self.scheduler = Scheduler(self.db, node_id(settings), settings.account_id, DEFAULT_REGION)
+        self.events = Dispatcher(self.registry, self.invoker, settings, self.node, tracer=self.tracer)
+        self.scheduler = Scheduler(self.db, self.node, settings.account_id, DEFAULT_REGION)
         self.scheduler.on_fired = self.events.wake
+        self.member = Member(self.db, self.registry, self.node, self._beat, self.shared,
+                             settings.heartbeat_seconds)
         self.metrics.watch(self.invoker, self.events, self.db, {
             "version": __version__, "sandbox": self.driver.name, "store": settings.store_kind})
         self.registry.on_change(self.metrics.function_changed)
@@ -112,6 +124,7 @@ class Platform:
 
     async def start(self) -> None:
         await self.invoker.start()
+        await self.member.start()  # the change feed, before anything is cached
         await self.events.start()
         await self.scheduler.start()
         resumed = self.registry.resume_builds()  # after the engine listens: it hears their end
@@ -133,8 +146,17 @@ class Platform:
         await self.events.close()
         self.registry.close()
         await self.invoker.close()
+        await self.member.close()
         if self.tracer is not None:  # the spans of the last calls, before the server exits
             await asyncio.to_thread(self.tracer.shutdown)
+
+    def _beat(self) -> NodeBeat:
+        """This node's heartbeat (called on the event loop's thread)."""
+        engine = self.invoker.stats()
+        stats = {"instances": engine["instances"], "inflight": engine["inflight"], "queued": engine["queued"],
+                 "events_held": self.events.held, **self.member.stats()}
+        return NodeBeat(self.node, self.settings.address, __version__, self.driver.name, self.started_at,
+                        stats)
 
     def describe(self) -> dict[str, Any]:
         """What /health and the start-up line report."""

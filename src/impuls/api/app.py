@@ -26,6 +26,7 @@ from impuls.api import (
     invoke,
     keys,
     metrics,
+    nodes,
     schedules,
     url_configs,
 )
@@ -123,6 +124,7 @@ def create_app(platform: Platform, console: types.ASGIApp | None = None) -> type
     app.include_router(url_configs.router)
     app.include_router(events.router)
     app.include_router(schedules.router)
+    app.include_router(nodes.router)
     if console is not None:
         app.mount("/console", console)
     app.include_router(metrics.router)

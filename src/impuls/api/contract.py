@@ -378,6 +378,27 @@ class Logs(_Out):
     logs: list[LogEntry]
 
 
+class Node(_Out):
+    """A node sharing the store, as its last heartbeat describes it."""
+
+    model_config = ConfigDict(extra="allow")  # the figures of its last beat
+    id: str
+    address: str
+    state: Literal["up", "down", "stopped"]
+    version: str
+    sandbox: str
+    started_at: datetime
+    heartbeat_at: datetime
+    seconds_since_heartbeat: float
+
+
+class NodeList(_Out):
+    node: str
+    heartbeat_seconds: float
+    down_after_seconds: float
+    nodes: list[Node]
+
+
 # --- what a route declares -------------------------------------------------------------------
 
 WHY = {

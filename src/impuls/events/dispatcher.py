@@ -166,6 +166,11 @@ class Dispatcher:
         self._tasks = []
         await self.writer.close()
 
+    @property
+    def held(self) -> int:
+        """Events leased to this node: waiting for their function's share or being delivered."""
+        return len(self._held)
+
     def wake(self) -> None:
         """Something became due now (a schedule fired): look at the queue."""
         self._claim_wake.set()

@@ -119,6 +119,10 @@ class RegistryBase:
         self.packages = packages
         self._write_lock = threading.RLock()
         self._listeners: list[ChangeListener] = []
+        #: told of every change made here, after the listeners and before the change is
+        #: answered; must not raise: the cluster's change feed (:mod:`impuls.cluster.changes`);
+        #: None: one node
+        self.publisher: ChangeListener | None = None
 
     # --- listeners -----------------------------------------------------------------
 
@@ -128,6 +132,13 @@ class RegistryBase:
         self._listeners.append(listener)
 
     def _changed(self, name: str, qualifier: str | None) -> None:
+        """A change was committed here: tell the listeners, then the publisher."""
+        self.announce(name, qualifier)
+        if self.publisher is not None:
+            self.publisher(name, qualifier)
+
+    def announce(self, name: str, qualifier: str | None) -> None:
+        """Tell the listeners of a change made here or, through the change feed, on another node."""
         for listener in self._listeners:
             try:
                 listener(name, qualifier)
@@ -212,9 +223,12 @@ class RegistryBase:
             used = self._used_blobs(conn, candidates)
         for sha in candidates - used:
             self.blobs.delete(sha)
+        if self.packages.archives is not None:
+            self.packages.archives.forget(candidates - used)
 
     def collect_garbage(self) -> int:
-        """Remove every unreferenced blob (left by a crash); returns how many."""
+        """Remove every unreferenced blob (left by a crash) and the shared packages built from
+        them; returns how many blobs."""
         with self._write_lock:
             with self.db.connect() as conn:
                 used = self._used_blobs(conn)
@@ -223,4 +237,6 @@ class RegistryBase:
                 if sha not in used:
                     self.blobs.delete(sha)
                     removed += 1
+            if self.packages.archives is not None:
+                self.packages.archives.forget(self.packages.archives.code_shas() - used)
             return removed

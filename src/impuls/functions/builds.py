@@ -21,6 +21,7 @@ from pathlib import Path
 from impuls.functions.models import Code
 from impuls.functions.packages import Package, PackageBuilder
 from impuls.runtimes import Runtime
+from impuls.store.package_archives import PackageArchives
 
 log = logging.getLogger("impuls.builds")
 
@@ -109,8 +110,9 @@ class CountedPackageBuilder(PackageBuilder):
     """A :class:`PackageBuilder` that calls ``listener`` with the result of every build it runs
     (a package found built is no build)."""
 
-    def __init__(self, root: Path, cache: Path, listener: BuildListener) -> None:
-        super().__init__(root, cache)
+    def __init__(self, root: Path, cache: Path, listener: BuildListener,
+                 archives: PackageArchives | None = None) -> None:
+        super().__init__(root, cache, archives)
         self.listener = listener
 
     def _build(self, key: str, runtime: Runtime, handler: str, code: Code) -> Package:

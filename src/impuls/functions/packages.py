@@ -6,6 +6,10 @@ recipe version.  Building means unpacking the code and running the runtime's
 build step (Go compile, pip/npm dependencies, ...); its log is kept in
 ``<root>/<key>.json``.  A package appears atomically (built in a temporary
 directory, then renamed), so a crash never leaves a half-built one in use.
+
+With :class:`~impuls.store.package_archives.PackageArchives` (several nodes on one database)
+a package built here is stored there before it is used, and a package this node lacks is
+unpacked from there rather than built again.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import stat
@@ -28,7 +33,9 @@ from impuls.errors import InvalidInput, StorageFull, disk_full
 from impuls.functions.models import MAX_UNZIPPED_BYTES, Code, check_zip
 from impuls.runtimes import Runtime
 from impuls.runtimes.build_steps import BuildStepFailed
+from impuls.store.package_archives import ArchiveDamaged, PackageArchives
 
+log = logging.getLogger("impuls.packages")
 BUILD_RECIPE = "1"
 LOG_LIMIT = 64 * 1024
 
@@ -55,11 +62,13 @@ class Package:
 
 
 class PackageBuilder:
-    """Builds and caches packages (see module doc); safe to call from many threads."""
+    """Builds and caches packages (see module doc); safe to call from many threads.
+    ``archives``: the packages shared by the nodes of a cluster (None: one node)."""
 
-    def __init__(self, root: Path, cache: Path) -> None:
+    def __init__(self, root: Path, cache: Path, archives: PackageArchives | None = None) -> None:
         self.root = root
         self.cache = cache
+        self.archives = archives
         root.mkdir(parents=True, exist_ok=True)
         cache.mkdir(parents=True, exist_ok=True)
         self._locks: dict[str, threading.Lock] = {}
@@ -71,25 +80,64 @@ class PackageBuilder:
         return hashlib.sha256(recipe.encode()).hexdigest()[:32]
 
     def info(self, runtime: Runtime, handler: str, sha: str, kind: str) -> Package | None:
-        """The built package, or None if it is not built (yet)."""
+        """The built package (unpacked from the shared archives if another node built it), or
+        None if it is not built (yet).  Never waits for a build running here."""
         key = self.key(runtime, handler, sha, kind)
+        built = self._local(key)
+        if built is not None or self.archives is None:
+            return built
+        lock = self._lock(key)
+        if not lock.acquire(blocking=False):
+            return None  # being built or unpacked here right now
+        try:
+            return self._local(key) or self._unpack(key)
+        finally:
+            lock.release()
+
+    def _lock(self, key: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+    def _local(self, key: str) -> Package | None:
         directory, meta = self.root / key, self.root / f"{key}.json"
         if not directory.is_dir() or not meta.is_file():
             return None
         doc = json.loads(meta.read_text())
         return Package(key, directory, doc["status"], doc["log"], doc["seconds"])
 
+    def _unpack(self, key: str) -> Package | None:
+        """The shared package ``key`` unpacked here (None: none is stored, or it is unusable)."""
+        if self.archives is None:
+            return None
+        tmp = self.root / f".fetch-{key}-{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.mkdir()
+            meta = self.archives.get(key, tmp)
+            if meta is None:
+                return None
+            _make_read_only(tmp)
+            os.rename(tmp, self.root / key)
+        except (ArchiveDamaged, OSError) as exc:  # build it here instead
+            log.warning("the shared package %s cannot be used here (%s); building it", key, exc)
+            return None
+        finally:
+            if tmp.exists():
+                _remove(tmp)
+        (self.root / f"{key}.json").write_text(json.dumps(meta))
+        return self._local(key)
+
     def get(self, runtime: Runtime, handler: str, sha: str, kind: str,
             load: Callable[[], Code]) -> Package:
         """The package for this code version, built now if needed (raises BuildFailed)."""
         key = self.key(runtime, handler, sha, kind)
-        with self._guard:
-            lock = self._locks.setdefault(key, threading.Lock())
-        with lock:
-            built = self.info(runtime, handler, sha, kind)
+        with self._lock(key):
+            built = self._local(key) or self._unpack(key)
             if built is not None:
                 return built
-            return self._build(key, runtime, handler, load())
+            package = self._build(key, runtime, handler, load())
+            if self.archives is not None:  # before anyone can use it: the other nodes need it too
+                self.archives.put(key, sha, package.directory, package.api())
+            return package
 
     def _build(self, key: str, runtime: Runtime, handler: str, code: Code) -> Package:
         started = time.monotonic()

@@ -7,7 +7,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.engine.url import make_url
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -66,10 +66,18 @@ def open_engine(url: str) -> Engine:
     return engine
 
 
+#: the PostgreSQL advisory lock nodes starting together take to migrate one at a time
+MIGRATION_LOCK = 0x1A9B_5E7D
+
+
 def migrate(engine: Engine) -> None:
-    """Apply every Alembic migration not yet applied (idempotent)."""
+    """Apply every Alembic migration not yet applied (idempotent).  On PostgreSQL the nodes
+    of a cluster starting at once migrate one after the other (a transaction-scoped advisory
+    lock; PostgreSQL's DDL is transactional, so the next one finds the schema at head)."""
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")

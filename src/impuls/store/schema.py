@@ -223,3 +223,49 @@ schedules = Table(
     Column("next_slot", DateTime(timezone=True), nullable=True),  # NULL: disabled, or no slot left
     Index("ix_schedules_due", "enabled", "next_slot"),
 )
+
+# --- several nodes on one PostgreSQL (0009) ---------------------------------------
+
+code_blobs = Table(
+    "code_blobs",
+    metadata,
+    Column("sha256", String(64), primary_key=True),
+    Column("data", LargeBinary, nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("stored_at", DateTime(timezone=True), nullable=False),  # the last put of this content
+)
+
+#: built packages, so that a package is built on one node only (impuls.store.package_archives)
+package_archives = Table(
+    "package_archives",
+    metadata,
+    Column("key", String(64), primary_key=True),  # impuls.functions.packages.PackageBuilder.key
+    Column("code_sha256", String(64), nullable=False, index=True),
+    Column("archive", LargeBinary, nullable=False),  # tar.gz of the package directory
+    Column("meta", Text, nullable=False),  # JSON: the build's status, log and seconds
+    Column("stored_at", DateTime(timezone=True), nullable=False),
+)
+
+#: the cluster's revision counter: one row per committed registry change, ids in commit order
+changes = Table(
+    "changes",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("function_name", String(64), nullable=False),
+    Column("qualifier", String(160), nullable=True),  # see impuls.functions.base.ChangeListener
+    Column("node", String(128), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+nodes = Table(
+    "nodes",
+    metadata,
+    Column("id", String(128), primary_key=True),  # host:data-directory digest
+    Column("address", String(256), nullable=False),
+    Column("version", String(32), nullable=False),
+    Column("sandbox", String(32), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("heartbeat_at", DateTime(timezone=True), nullable=False),
+    Column("stopped_at", DateTime(timezone=True), nullable=True),  # a clean stop
+    Column("stats", Text, nullable=False),  # JSON: instances, in-flight calls, queue work
+)
