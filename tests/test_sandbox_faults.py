@@ -5,7 +5,9 @@ instances from, is a fault of the platform, not of the function: the call is ser
 new instance (a new template), or fails as the sandbox (502 ``Sandbox.StartFailed``), and
 is never an init failure of the function replayed to later callers.  A real init failure
 (the module raises at import) still is one.  The driver-level cases are in
-``tests/sandbox/test_namespace.py``.
+``tests/sandbox/test_namespace.py``.  The functions here opt out of init once, fork many
+(``init_once: false``): their instances each run their init, from the shared template;
+version templates are covered by ``tests/test_init_once.py``.
 
 Only processes of the server under test are signalled (found under its own process tree).
 """
@@ -96,7 +98,8 @@ def records(server: Server, name: str, count: int) -> list[dict[str, Any]]:
 
 
 def test_a_runtime_killed_while_it_starts_is_started_again(server: Server) -> None:
-    name = server.deploy(runtime="python3.11", handler="handler.handler", code=SLOW_START)["name"]
+    name = server.deploy(runtime="python3.11", handler="handler.handler", code=SLOW_START,
+                         init_once=False)["name"]
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         call = pool.submit(server.invoke, name, {"n": 1})
         victim = until(lambda: runtimes(server) or call.done(), "the runtime to load the function")
@@ -114,7 +117,8 @@ def test_a_runtime_killed_while_it_starts_is_started_again(server: Server) -> No
 
 
 def test_a_runtime_killed_at_every_start_is_a_sandbox_error_never_replayed(server: Server) -> None:
-    name = server.deploy(runtime="python3.11", handler="handler.handler", code=SLOW_START)["name"]
+    name = server.deploy(runtime="python3.11", handler="handler.handler", code=SLOW_START,
+                         init_once=False)["name"]
     killed: set[int] = set()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         call = pool.submit(server.invoke, name)
@@ -137,7 +141,8 @@ def test_a_runtime_killed_at_every_start_is_a_sandbox_error_never_replayed(serve
 
 
 def test_a_real_init_error_is_still_reported_and_replayed(server: Server) -> None:
-    name = server.deploy(runtime="python3.11", handler="handler.handler", code=BROKEN)["name"]
+    name = server.deploy(runtime="python3.11", handler="handler.handler", code=BROKEN,
+                         init_once=False)["name"]
     starts = []
     for _ in range(6):  # the back-off doubles from 1 s: some of these calls are replays
         reply = server.invoke(name)
@@ -151,7 +156,8 @@ def test_a_real_init_error_is_still_reported_and_replayed(server: Server) -> Non
 
 
 def test_cold_starts_after_the_template_was_killed_succeed(server: Server) -> None:
-    names = [server.deploy(runtime="python3.11", handler="handler.handler", code=QUICK)["name"]
+    names = [server.deploy(runtime="python3.11", handler="handler.handler", code=QUICK,
+                           init_once=False)["name"]
              for _ in range(9)]
     warm = names.pop()
     assert server.invoke(warm, {"n": 0}).json()["status_code"] == 200
@@ -191,7 +197,8 @@ def test_cold_starts_after_the_templates_lookalikes_were_killed_succeed(server: 
     """The pre-built slots' processes waiting to become runtimes show the template's command
     line (they are forked from it), so whatever kills the template by its name kills them
     too.  Slots without them are never used: every cold start succeeds."""
-    names = [server.deploy(runtime="python3.11", handler="handler.handler", code=QUICK)["name"]
+    names = [server.deploy(runtime="python3.11", handler="handler.handler", code=QUICK,
+                           init_once=False)["name"]
              for _ in range(7)]
     warm = names.pop()
     assert server.invoke(warm, {"n": 0}).json()["status_code"] == 200

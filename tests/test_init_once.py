@@ -1,0 +1,225 @@
+"""Init once, fork many (docs/init-once.md), through a real server on the namespace sandbox.
+
+A Python function's init runs once per version, in a version template, and its instances
+are forked from it: each still has its own randomness, request ids, ``/tmp`` and
+processes; a function that opts out (``init_once: false``) runs its init per instance;
+an update retires the template; a failed or crashed init ends as it always has.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.helpers import Server, sandbox_unavailable
+
+pytestmark = pytest.mark.namespace
+
+#: reports what makes an instance unique, and its view of /tmp and of processes; holds
+#: the call for ``hold`` seconds (so that concurrent calls need instances of their own)
+UNIQUE = """\
+import os, random, time, uuid
+
+INIT_PID = os.getpid()
+INIT_TOKEN = uuid.uuid4().hex  # made once, at import: the same in every forked instance
+random.random()  # the generator's state is part of what the template holds
+
+
+def handler(event, context):
+    mine = f"/tmp/{context.aws_request_id}"
+    with open(mine, "w") as f:
+        f.write("x")
+    time.sleep(event.get("hold", 0))
+    return {
+        "random": random.random(), "urandom": os.urandom(16).hex(), "uuid": uuid.uuid4().hex,
+        "request_id": context.aws_request_id, "init_token": INIT_TOKEN,
+        "tmp": sorted(os.listdir("/tmp")), "pids": sorted(p for p in os.listdir("/proc") if p.isdigit()),
+        "log_stream": context.log_stream_name,
+    }
+"""
+#: counts its inits in a file of its own /tmp
+COUNTED = """\
+import os, time, uuid
+
+time.sleep({sleep})
+with open("/tmp/inits", "a") as f:
+    f.write("init\\n")
+TOKEN = uuid.uuid4().hex
+
+
+def handler(event, context):
+    time.sleep(event.get("hold", 0))
+    with open("/tmp/inits") as f:
+        inits = f.read().count("init")
+    return {{"token": TOKEN, "inits": inits, "version": "{version}"}}
+"""
+#: Lambda's runtime hooks: one before the "snapshot" (the template), one after each "restore"
+HOOKS = """\
+import uuid
+from snapshot_restore_py import register_after_restore, register_before_snapshot
+
+state = {"before": [], "after": []}
+
+
+@register_before_snapshot
+def before():
+    state["before"].append(uuid.uuid4().hex)
+
+
+def after(tag):
+    state["after"].append(tag + uuid.uuid4().hex)
+
+
+register_after_restore(after, "instance-")
+
+
+def handler(event, context):
+    return state
+"""
+FAILS = "import uuid\nprint('start', uuid.uuid4().hex, flush=True)\nraise ValueError('bad config')\n"
+CRASHES = "import os\nprint('crashing', flush=True)\nos._exit(3)\n"
+
+
+@pytest.fixture
+def server(make_server: Callable[..., Server], request: pytest.FixtureRequest) -> Iterator[Server]:
+    reason = sandbox_unavailable("namespace", request)
+    if reason:
+        pytest.skip(f"namespace sandbox unavailable: {reason}")
+    yield make_server(args=["--sandbox", "namespace"])
+
+
+def invoke_all(server: Server, name: str, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Call ``name`` once per event, all at once (each on a client of its own)."""
+    auth = {"Authorization": f"Bearer {server.admin_key}"}
+
+    def call(event: dict[str, Any]) -> dict[str, Any]:
+        with httpx.Client(base_url=server.url, headers=auth, timeout=120) as client:
+            reply = client.post(f"/api/v1/functions/{name}/invoke", json=event)
+        assert reply.status_code == 200, reply.text
+        body: dict[str, Any] = reply.json()
+        assert body["status_code"] == 200, body
+        return body
+
+    with concurrent.futures.ThreadPoolExecutor(len(events)) as pool:
+        return list(pool.map(call, events))
+
+
+def test_instances_forked_from_one_template_are_unique(server: Server) -> None:
+    name = server.deploy(runtime="python3.11", handler="handler.handler", code=UNIQUE)["name"]
+    # three instances at once (each call holds its own), all forked from the one template
+    replies = invoke_all(server, name, [{"hold": 1.0}] * 3)
+    bodies = [r["body"] for r in replies]
+    assert all(r["cold_start"] for r in replies)
+    assert len({b["init_token"] for b in bodies}) == 1  # one init: the same import-time state
+    for key in ("random", "urandom", "uuid", "request_id", "log_stream"):
+        assert len({b[key] for b in bodies}) == 3, (key, bodies)
+    for body in bodies:  # each sees its own /tmp (only its own call's file) and its own pids
+        assert body["tmp"] == [body["request_id"]], body
+        assert body["pids"] == bodies[0]["pids"] and len(body["pids"]) <= 3, body
+
+
+def test_an_opted_out_function_runs_its_init_per_instance(server: Server) -> None:
+    code = COUNTED.format(sleep=0, version="v1")
+    opted_out = server.deploy(runtime="python3.11", handler="handler.handler", code=code,
+                              init_once=False)
+    assert opted_out["init_once"] is False
+    name = opted_out["name"]
+    bodies = [r["body"] for r in invoke_all(server, name, [{"hold": 1.0}] * 3)]
+    assert len({b["token"] for b in bodies}) == 3  # three imports
+    assert [b["inits"] for b in bodies] == [1, 1, 1]  # each in its own /tmp
+    default = server.deploy(runtime="python3.11", handler="handler.handler", code=code)
+    assert default["init_once"] is True
+    bodies = [r["body"] for r in invoke_all(server, default["name"], [{"hold": 1.0}] * 3)]
+    assert len({b["token"] for b in bodies}) == 1  # one import, forked three times
+    # each instance's /tmp starts as a copy of what the one init left there
+    assert [b["inits"] for b in bodies] == [1, 1, 1]
+
+
+def test_an_update_retires_the_template(server: Server) -> None:
+    name = server.deploy(runtime="python3.11", handler="handler.handler",
+                         code=COUNTED.format(sleep=0, version="v1"))["name"]
+    old = [r["body"] for r in invoke_all(server, name, [{"hold": 0.5}] * 2)]
+    assert {b["version"] for b in old} == {"v1"} and len({b["token"] for b in old}) == 1
+    reply = server.request("PATCH", f"/api/v1/functions/{name}",
+                           json={"code": COUNTED.format(sleep=0, version="v2")})
+    assert reply.status_code == 200, reply.text
+    new = [r["body"] for r in invoke_all(server, name, [{"hold": 0.5}] * 2)]
+    assert {b["version"] for b in new} == {"v2"} and len({b["token"] for b in new}) == 1
+    assert new[0]["token"] != old[0]["token"]  # the new code's init ran; the old state is gone
+    # a configuration change (no new code) is a new template too: a new init
+    reply = server.request("PATCH", f"/api/v1/functions/{name}", json={"environment": {"A": "1"}})
+    assert reply.status_code == 200, reply.text
+    again = server.invoke(name, {}).json()
+    assert again["cold_start"] is True and again["body"]["token"] != new[0]["token"]
+
+
+def test_runtime_hooks_run_before_the_template_and_in_each_instance(server: Server) -> None:
+    name = server.deploy(runtime="python3.11", handler="handler.handler", code=HOOKS)["name"]
+    states = [r["body"] for r in invoke_all(server, name, [{}] * 2)]
+    for state in states:  # the before hook ran once, in the template; the after hook once here
+        assert state["before"] == states[0]["before"] and len(state["before"]) == 1, states
+        assert len(state["after"]) == 1 and state["after"][0].startswith("instance-"), states
+    assert states[0]["after"] != states[1]["after"]
+    opted_out = server.deploy(runtime="python3.11", handler="handler.handler", code=HOOKS,
+                              init_once=False)["name"]
+    body = server.invoke(opted_out, {}).json()["body"]
+    assert body == {"before": [], "after": []}  # importable, never run without a template
+
+
+def error_of(server: Server, name: str) -> dict[str, Any]:
+    reply = server.invoke(name)
+    assert reply.status_code == 200, reply.text
+    body: dict[str, Any] = reply.json()
+    assert body["status_code"] == 500, body
+    return body
+
+
+@pytest.mark.parametrize("init_once", [True, False])
+def test_a_failed_init_is_reported_as_it_always_was(server: Server, init_once: bool) -> None:
+    name = server.deploy(runtime="python3.11", handler="handler.handler", code=FAILS,
+                         init_once=init_once)["name"]
+    body = error_of(server, name)
+    assert body["error_type"] == "ValueError" and body["error"] == "bad config", body
+    assert body["logs"].count("start ") == 1  # the output of the one init that failed
+    again = error_of(server, name)  # replayed for a while, as before
+    assert again["error_type"] == "ValueError"
+
+
+@pytest.mark.parametrize("init_once", [True, False])
+def test_a_crashed_init_is_reported_as_it_always_was(server: Server, init_once: bool) -> None:
+    name = server.deploy(runtime="python3.11", handler="handler.handler", code=CRASHES,
+                         init_once=init_once)["name"]
+    body = error_of(server, name)
+    assert body["error_type"] == "Runtime.ExitError", body
+    assert "crashing" in body["logs"] and "3" in body["error"], body
+
+
+def test_later_cold_starts_do_not_run_a_slow_init_again(server: Server) -> None:
+    name = server.deploy(runtime="python3.11", handler="handler.handler",
+                         code=COUNTED.format(sleep=1, version="v1"))["name"]
+    started = time.monotonic()
+    first = server.invoke(name, {}).json()
+    assert first["cold_start"] is True and time.monotonic() - started >= 1.0  # the init ran
+    # one more call at a time than there are instances: each round starts a new instance,
+    # forked from the template, so no start sleeps its 1 s at import again
+    hold = 0.2
+    for calls in (2, 3, 4):
+        timed = []
+
+        def call(event: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+            began = time.monotonic()
+            (body,) = invoke_all(server, name, [event])
+            return time.monotonic() - began, body
+
+        with concurrent.futures.ThreadPoolExecutor(calls) as pool:
+            timed = list(pool.map(call, [{"hold": hold}] * calls))
+        cold = [(elapsed, body) for elapsed, body in timed if body["cold_start"]]
+        assert cold, timed
+        assert {body["body"]["token"] for _, body in timed} == {first["body"]["token"]}
+        for elapsed, _ in cold:
+            assert elapsed < 1.0 + hold, timed  # less than its init alone would take
