@@ -5,8 +5,9 @@ A version template is an instance of the function like any other -- started from
 slot of the template launcher that ``hosts_versions``, with the function's code,
 environment, cgroup and Runtime API socket, so that a failed, crashed or killed init
 ends exactly as it does for an instance started today -- except that once its init
-has succeeded it serves no call: it waits for fork requests on a channel of its own
-(:mod:`.zygote`, ``_serve_forks``).  Each forked instance gets its own user, mount,
+has succeeded it serves no call: it forks instance slots on requests that come on a
+channel of its own (:mod:`.zygote`, ``_serve_forks``), a few ahead of time.  Each forked
+instance gets its own user, mount,
 pid, network, ipc, uts and cgroup namespaces, cgroup, ``/tmp``, ``/dev/shm``, Runtime
 API socket and output pipe, the instance seccomp filter, and re-seeds its randomness
 before its first call.
@@ -15,6 +16,7 @@ before its first call.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
@@ -28,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from impuls.errors import SandboxStartFailed
 from impuls.sandbox.base import InstanceSpec
 from impuls.sandbox.namespace import cgroups
 from impuls.sandbox.namespace.launch import (
@@ -39,8 +42,8 @@ from impuls.sandbox.namespace.launch import (
     cpu_weight,
     sandbox_env,
 )
-from impuls.sandbox.namespace.slots import SlotControl, detached_mount
-from impuls.sandbox.namespace.template import SHM_MB, SLOT_TIMEOUT, TemplateLauncher
+from impuls.sandbox.namespace.slots import Slot, SlotControl, SlotGone, detached_mount
+from impuls.sandbox.namespace.template import BUILD_ATTEMPTS, SHM_MB, SLOT_TIMEOUT, TemplateLauncher
 
 if TYPE_CHECKING:
     from impuls.sandbox.namespace.driver import NamespaceInstance
@@ -51,6 +54,9 @@ log = logging.getLogger("impuls.sandbox.namespace.versions")
 TemplateKey = tuple[str, str, int, str]
 #: Empty slots kept ready for new version templates (each: two idle forked processes).
 POOL_SIZE = 1
+#: Instances each version template keeps forked ahead of time (each: two idle processes,
+#: their pages shared with the template until written)
+SLOTS = 2
 
 
 def template_key(spec: InstanceSpec) -> TemplateKey:
@@ -59,12 +65,16 @@ def template_key(spec: InstanceSpec) -> TemplateKey:
 
 class VersionTemplate:
     """One function version's initialised runtime, and the server's end of its fork
-    channel.  It stays until it is retired *and* the last instance forked from it is
-    gone: they live in its pid namespace, which ends with it."""
+    channel.  It keeps ``SLOTS`` instances forked ahead of time (namespaces, cgroup,
+    ``/proc``, ``/tmp`` made; waiting for their Runtime API socket, output pipe and
+    environment), so that a cold start only hands one its own.  It stays until it is
+    retired *and* the last instance forked from it is gone: they live in its pid
+    namespace, which ends with it."""
 
-    def __init__(self, key: TemplateKey, instance: NamespaceInstance, channel: socket.socket,
-                 host: cgroups.CgroupHost, clock: Callable[[], float]) -> None:
+    def __init__(self, key: TemplateKey, spec: InstanceSpec, instance: NamespaceInstance,
+                 channel: socket.socket, host: cgroups.CgroupHost, clock: Callable[[], float]) -> None:
         self.key = key
+        self.memory_mb, self.tmp_mb = spec.memory_mb, spec.ephemeral_storage_mb
         self.instance = instance
         self.channel = channel
         self.host = host
@@ -75,41 +85,99 @@ class VersionTemplate:
         instance.drain_output()
         #: what the init wrote, for the logs of the first call (of the start that ran it)
         self.init_output: bytes | None = instance.output.take()[0].encode()
-        #: control sockets of the instances forked from it that still have a process
+        #: control sockets of the slots and instances forked from it that still have a process
         self.users: set[SlotControl] = set()
         self.on_idle: Callable[[VersionTemplate], None] | None = None
+        self._slots: collections.deque[Slot] = collections.deque()
+        self._filling: set[asyncio.Task[None]] = set()
 
     @property
     def usable(self) -> bool:
         return not self.retired and not self.instance.destroyed and not self.instance.exited.done()
 
     async def fork(self, spec: InstanceSpec, socket_path: Path) -> Launched:
-        """Fork one instance of ``spec`` (every process of it in its own cgroup before it
-        runs anything).  ``SandboxLost`` when the template is gone (the next start makes
-        a new one), ``LaunchFailed`` when the instance could not be built."""
-        cgroup = self.host.create(f"fork-{uuid.uuid4().hex[:12]}", spec.memory_mb, PIDS_MAX,
-                                  cpu_weight(spec.memory_mb))
+        """An instance of ``spec``: a slot forked ahead of time (or now, when none is
+        ready) handed its Runtime API socket, output pipe and environment.  Every process
+        of it is in its own cgroup before it runs anything.  ``SandboxLost`` when the
+        template is gone (the next start makes a new one), ``LaunchFailed`` when the
+        instance could not be built."""
+        request = json.dumps({"id": spec.instance_id, "env": sandbox_env(spec)}).encode()
+        for attempt in range(1, BUILD_ATTEMPTS + 1):
+            slot = await self._take()
+            sock_fd = out_r = out_w = -1
+            try:
+                sock_fd = detached_mount(socket_path)
+                out_r, out_w = os.pipe2(os.O_CLOEXEC)
+                slot.control.send_assignment(request, [sock_fd, out_w], out_r)
+                out_r = -1
+            except SlotGone as exc:  # killed since it was forked: another one
+                await slot.discard()
+                if not self.usable:
+                    raise SandboxLost(f"the version template is gone ({exc.message})") from exc
+                if attempt == BUILD_ATTEMPTS:
+                    raise
+                continue
+            except BaseException as exc:
+                await slot.discard()
+                if isinstance(exc, OSError):
+                    raise LaunchFailed(f"cannot hand the instance its socket: {exc}") from exc
+                raise
+            finally:
+                close_fds(sock_fd, out_r, out_w)
+            self.forks += 1
+            self.last_used = self.clock()
+            return Launched(slot.control, slot.cgroup)
+        raise AssertionError("unreachable")
+
+    async def _take(self) -> Slot:
+        while self._slots:
+            slot = self._slots.popleft()
+            if slot.usable:
+                self._refill()
+                return slot
+            await slot.discard()
+        self._refill()
+        return await self._fork_slot()
+
+    def _refill(self) -> None:
+        missing = SLOTS - len(self._slots) - len(self._filling)
+        for _ in range(max(0, missing) if self.usable else 0):
+            task = asyncio.get_running_loop().create_task(self._fill_one())
+            self._filling.add(task)
+            task.add_done_callback(self._filling.discard)
+
+    async def _fill_one(self) -> None:
+        try:
+            slot = await self._fork_slot()
+        except SandboxStartFailed as exc:
+            if self.usable:
+                log.warning("version template of %s:%s: cannot fork a slot: %s", *self.key[:2], exc)
+            return
+        if self.usable:
+            self._slots.append(slot)
+        else:
+            await slot.discard()
+
+    async def _fork_slot(self) -> Slot:
+        """A new slot forked from the template; it counts as the template's user until
+        every process of it is gone.  ``SandboxLost`` when the template is gone."""
+        if not self.usable:
+            raise SandboxLost("the version template is gone")
+        cgroup = self.host.create(f"fork-{uuid.uuid4().hex[:12]}", self.memory_mb, PIDS_MAX,
+                                  cpu_weight(self.memory_mb))
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         control = SlotControl(ours, cgroup)
+        slot = Slot(cgroup, control, self)
         self.users.add(control)
         control.exited.add_done_callback(lambda _: self._released(control))
-        sock_fd = out_r = out_w = -1
         try:
             ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-            sock_fd = detached_mount(socket_path)
-            out_r, out_w = os.pipe2(os.O_CLOEXEC)
-            request = json.dumps({"id": spec.instance_id, "env": sandbox_env(spec),
-                                  "tmp_mb": spec.ephemeral_storage_mb, "shm_mb": SHM_MB}).encode()
-            if not self.usable:
-                raise SandboxLost("the version template is gone")
+            request = json.dumps({"tmp_mb": self.tmp_mb, "shm_mb": SHM_MB}).encode()
             try:
                 self.channel.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                  struct.pack("3i", theirs.fileno(), sock_fd, out_w))])
+                                                  struct.pack("i", theirs.fileno()))])
             except OSError as exc:
                 raise SandboxLost(f"the version template is gone: {exc}") from exc
-            control.read_output(out_r)
-            out_r = -1
-            self.forks += 1
             theirs.close()
             try:
                 await asyncio.wait_for(asyncio.shield(control.ready), SLOT_TIMEOUT)
@@ -119,26 +187,30 @@ class VersionTemplate:
                 if not self.usable:
                     raise SandboxLost(f"the version template died ({exc.message})") from exc
                 raise
+            return slot
         except BaseException:
             theirs.close()
-            close_fds(out_r)
-            control.close()
-            with contextlib.suppress(cgroups.CgroupError):
-                await asyncio.to_thread(cgroup.remove)
+            await slot.discard()
             raise
-        finally:
-            close_fds(sock_fd, out_w)
-        return Launched(control, cgroup)
 
     def _released(self, control: SlotControl) -> None:
         self.users.discard(control)
         self.last_used = self.clock()
-        if not self.users and self.on_idle is not None:
+        if self.on_idle is not None and self.idle_since() is not None:
             self.on_idle(self)
+
+    def idle_since(self) -> float | None:
+        """Since when no instance of it has run (None: one does); its ready slots do not count."""
+        return None if len(self.users) > len(self._slots) + len(self._filling) else self.last_used
 
     async def close(self) -> None:
         """End the template (and whatever it forked that is still running); idempotent."""
         self.retired = True
+        for task in list(self._filling):
+            task.cancel()
+        await asyncio.gather(*self._filling, return_exceptions=True)
+        while self._slots:
+            await self._slots.popleft().discard()
         self.channel.close()
         await self.instance.destroy()
 
@@ -243,7 +315,7 @@ class VersionTemplates:
         ours.setblocking(True)
         ours.settimeout(SLOT_TIMEOUT)
         log.info("version template of %s:%s (revision %d) ready", *key[:3])
-        template = VersionTemplate(key, instance, ours, self.host, self.clock)
+        template = VersionTemplate(key, spec, instance, ours, self.host, self.clock)
         template.on_idle = self._maybe_close
         return template
 
@@ -256,7 +328,8 @@ class VersionTemplates:
     def expire_idle(self, idle_timeout: float) -> int:
         """Retire templates that forked nothing, and have had no instance, for ``idle_timeout``."""
         now = self.clock()
-        idle = [t for t in self._templates.values() if not t.users and now - t.last_used >= idle_timeout]
+        idle = [t for t in self._templates.values()
+                if (since := t.idle_since()) is not None and now - since >= idle_timeout]
         for template in idle:
             self._retire(template)
         return len(idle)
@@ -269,7 +342,7 @@ class VersionTemplates:
         self._maybe_close(template)
 
     def _maybe_close(self, template: VersionTemplate) -> None:
-        if template.retired and not template.users and template in self._retired:
+        if template.retired and template.idle_since() is not None and template in self._retired:
             self._retired.discard(template)
             task = asyncio.get_running_loop().create_task(template.close())
             self._closing.add(task)

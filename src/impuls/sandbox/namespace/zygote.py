@@ -338,11 +338,10 @@ class Zygote:
 
     def _serve_forks(self, requests: socket.socket) -> None:
         """V, the version template, once the function's init succeeded: say ``ready`` on
-        ``requests`` and fork one instance per request -- JSON (``id``, ``env``,
-        ``tmp_mb``, ``shm_mb``) with three descriptors: the instance's control socket,
-        a detached mount of its Runtime API socket and its output pipe.  Returns only
-        in a forked instance's runtime process, ready to serve (``_fork_instance``);
-        exits when the server closes ``requests``."""
+        ``requests`` and fork one instance slot per request -- JSON (``tmp_mb``,
+        ``shm_mb``) with one descriptor, the slot's control socket.  Returns only in a
+        forked instance's runtime process, once it is assigned and ready to serve
+        (``_fork_slot``); exits when the server closes ``requests``."""
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # its children are reaped by the kernel
         requests.send(b"ready")
         while True:
@@ -355,7 +354,7 @@ class Zygote:
                 _flush_output()
                 os._exit(0)  # retired: the server closed the channel
             fds = _fds(ancdata)
-            if len(fds) != 3:
+            if len(fds) != 1:
                 _close_all(fds)
                 continue
             _flush_output()
@@ -366,15 +365,15 @@ class Zygote:
                 pid = -1
             if pid == 0:
                 requests.close()
-                self._fork_instance(json.loads(msg), fds[0], fds[1], fds[2])
+                self._fork_slot(json.loads(msg), fds[0])
                 return  # in the instance's runtime, which goes on to serve calls
             _close_all(fds)
 
-    def _fork_instance(self, request: dict[str, Any], ctl_fd: int, sock_fd: int, out_fd: int) -> None:
+    def _fork_slot(self, request: dict[str, Any], ctl_fd: int) -> None:
         """X, forked from V: like A (report our pid, wait for ``go``: we are in the
-        instance's cgroup), but the namespaces are made in a new user namespace of our
-        own -- V has no capability to give -- mapping the sandbox uid to itself; then
-        fork Y (the instance's pid 1, ``_fork_init``) and exit.  Returns only in the
+        slot's cgroup), but the namespaces are made in a new user namespace of our own
+        -- V has no capability to give -- mapping the sandbox uid to itself; then fork Y
+        (the instance's pid 1, ``_fork_init``) and exit.  Returns only in the
         instance's runtime process."""
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         ctl = socket.socket(fileno=ctl_fd)
@@ -393,61 +392,80 @@ class Zygote:
             _mount(None, "/", None, MS_REC | MS_PRIVATE)
             _loopback_up()
             if os.fork() == 0:
-                self._fork_init(ctl, request, sock_fd, out_fd)
+                self._fork_init(ctl, request)
                 return
         except BaseException as exc:
             _report(ctl.fileno(), _describe(exc))
             os._exit(1)
         os._exit(0)
 
-    def _fork_init(self, ctl: socket.socket, request: dict[str, Any], sock_fd: int, out_fd: int) -> None:
+    def _fork_init(self, ctl: socket.socket, request: dict[str, Any]) -> None:
         """Y, pid 1 of the forked instance: its own ``/proc``, ``/dev/pts``, ``/tmp`` (a
-        copy of what the init left in the template's), ``/dev/shm`` and Runtime API
-        socket, then, as B, fork the runtime (Z), send
-        ``ready`` and ``assigned``, lock down and reap until Z exits.  Returns only in Z,
-        made unique (``_become_instance``)."""
+        copy of what the init left in the template's) and ``/dev/shm``; fork the runtime
+        (Z), send ``ready`` and wait for the assignment -- JSON (``id``, ``env``) with
+        two descriptors, a detached mount of the Runtime API socket and the output
+        pipe.  Then, as B: attach the socket, answer ``assigned``, hand the rest to Z,
+        lock down and reap until Z exits.  Returns only in Z (``_become_instance``)."""
         code = 1
         try:
             _mount_proc_and_pts()
-            _move_mount(sock_fd, SOCKET_PATH)
-            os.close(sock_fd)
-            _mount(None, SOCKET_PATH, None,
-                   MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
             init_tmp = os.open("/tmp", os.O_RDONLY | os.O_DIRECTORY)  # the template's, hidden next
             _mount_scratch(request)
             _copy_tree(init_tmp, "/tmp")
             os.close(init_tmp)
+            to_runtime, for_runtime = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             runtime = os.fork()
             if runtime == 0:
                 ctl.close()
-                self._become_instance(request, out_fd)
+                to_runtime.close()
+                self._become_instance(for_runtime)
                 return
+            for_runtime.close()
             creds = struct.pack("3i", os.getpid(), os.getuid(), os.getgid())
             ctl.sendmsg([b"ready"], [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, creds)])
+            msg, ancdata, _, _ = ctl.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(FD_SIZE),
+                                             socket.MSG_CMSG_CLOEXEC)
+            if not msg:
+                raise SystemExit(0)  # the server gave the slot up
+            fds = _fds(ancdata)
+            if len(fds) != 2:
+                raise SetupError(f"expected 2 descriptors, got {len(fds)}")
+            _move_mount(fds[0], SOCKET_PATH)
+            _mount(None, SOCKET_PATH, None,
+                   MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
             ctl.send(b"assigned")
-            os.close(out_fd)
-            _set_title(self.arg_area, [b"impuls-init", str(request["id"]).encode()])
+            to_runtime.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fds[1]))])
+            _close_all(fds)
+            to_runtime.close()
+            _set_title(self.arg_area, [b"impuls-init", str(json.loads(msg)["id"]).encode()])
             _prctl(PR_SET_DUMPABLE, 0, what="dumpable")
             self.lock_down()
             status = _reap_until(runtime)
             with contextlib.suppress(OSError):
                 ctl.send(b"exit %d" % status)
             code = 0
+        except SystemExit:
+            code = 0
         except BaseException as exc:
             _report(ctl.fileno(), _describe(exc))
         os._exit(code)
 
-    def _become_instance(self, request: dict[str, Any], out_fd: int) -> None:
-        """Z: a new session, the instance's output pipe and environment, every
-        capability dropped and the instance filter on top of the template's; then
+    def _become_instance(self, assignment: socket.socket) -> None:
+        """Z: once assigned, a new session, the instance's output pipe and environment,
+        every capability dropped and the instance filter on top of the template's; then
         uniqueness re-established (``reseed``) before the runtime client goes on to
         serve calls on a fresh connection."""
         try:
+            msg, ancdata, _, _ = assignment.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(FD_SIZE))
+            fds = _fds(ancdata)
+            if not msg or len(fds) != 1:
+                os._exit(0)  # the slot was given up
+            assignment.close()
             os.setsid()
-            os.dup2(out_fd, 1)
-            os.dup2(out_fd, 2)
-            os.close(out_fd)
-            env: dict[str, str] = request["env"]
+            os.dup2(fds[0], 1)
+            os.dup2(fds[0], 2)
+            os.close(fds[0])
+            env: dict[str, str] = json.loads(msg)["env"]
             os.environ.clear()
             os.environ.update(env)
             time.tzset()
