@@ -17,6 +17,8 @@ import httpx
 import pytest
 
 from tests.helpers import Server, sandbox_unavailable
+from tests.sandbox.test_namespace import cmdline
+from tests.test_sandbox_faults import descendants, until
 
 pytestmark = pytest.mark.namespace
 
@@ -60,7 +62,7 @@ def handler(event, context):
 """
 #: Lambda's runtime hooks: one before the "snapshot" (the template), one after each "restore"
 HOOKS = """\
-import uuid
+import time, uuid
 from snapshot_restore_py import register_after_restore, register_before_snapshot
 
 state = {"before": [], "after": []}
@@ -79,6 +81,7 @@ register_after_restore(after, "instance-")
 
 
 def handler(event, context):
+    time.sleep(event.get("hold", 0))
     return state
 """
 FAILS = "import uuid\nprint('start', uuid.uuid4().hex, flush=True)\nraise ValueError('bad config')\n"
@@ -93,13 +96,15 @@ def server(make_server: Callable[..., Server], request: pytest.FixtureRequest) -
     yield make_server(args=["--sandbox", "namespace"])
 
 
-def invoke_all(server: Server, name: str, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def invoke_all(server: Server, name: str, events: list[dict[str, Any]],
+               qualifier: str = "") -> list[dict[str, Any]]:
     """Call ``name`` once per event, all at once (each on a client of its own)."""
     auth = {"Authorization": f"Bearer {server.admin_key}"}
+    path = f"/api/v1/functions/{name}/invoke" + (f"?qualifier={qualifier}" if qualifier else "")
 
     def call(event: dict[str, Any]) -> dict[str, Any]:
         with httpx.Client(base_url=server.url, headers=auth, timeout=120) as client:
-            reply = client.post(f"/api/v1/functions/{name}/invoke", json=event)
+            reply = client.post(path, json=event)
         assert reply.status_code == 200, reply.text
         body: dict[str, Any] = reply.json()
         assert body["status_code"] == 200, body
@@ -109,18 +114,30 @@ def invoke_all(server: Server, name: str, events: list[dict[str, Any]]) -> list[
         return list(pool.map(call, events))
 
 
+def first_then_forked(server: Server, name: str, qualifier: str = "",
+                      hold: float = 1.0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The first call of a version (a cold start that runs its own init while the version
+    template starts), then three at once: one takes the warm instance, two are new
+    instances, forked from the template.  (first reply, the two forked replies' bodies)"""
+    params = {"qualifier": qualifier} if qualifier else {}
+    first: dict[str, Any] = server.invoke(name, {}, **params).json()
+    assert first["status_code"] == 200 and first["cold_start"] is True, first
+    replies = invoke_all(server, name, [{"hold": hold}] * 3, qualifier)
+    forked = [r["body"] for r in replies if r["cold_start"]]
+    assert len(forked) == 2, replies
+    return first, forked
+
+
 def test_instances_forked_from_one_template_are_unique(server: Server) -> None:
     name = server.deploy(runtime="python3.11", handler="handler.handler", code=UNIQUE)["name"]
-    # three instances at once (each call holds its own), all forked from the one template
-    replies = invoke_all(server, name, [{"hold": 1.0}] * 3)
-    bodies = [r["body"] for r in replies]
-    assert all(r["cold_start"] for r in replies)
-    assert len({b["init_token"] for b in bodies}) == 1  # one init: the same import-time state
+    first, forked = first_then_forked(server, name)
+    # one init made the state both forked instances start from; the first call ran its own
+    assert forked[0]["init_token"] == forked[1]["init_token"] != first["body"]["init_token"]
     for key in ("random", "urandom", "uuid", "request_id", "log_stream"):
-        assert len({b[key] for b in bodies}) == 3, (key, bodies)
-    for body in bodies:  # each sees its own /tmp (only its own call's file) and its own pids
+        assert forked[0][key] != forked[1][key], (key, forked)
+    for body in forked:  # each sees its own /tmp (only its own call's file) and its own pids
         assert body["tmp"] == [body["request_id"]], body
-        assert body["pids"] == bodies[0]["pids"] and len(body["pids"]) <= 3, body
+        assert body["pids"] == forked[0]["pids"] and len(body["pids"]) <= 3, body
 
 
 def test_an_opted_out_function_runs_its_init_per_instance(server: Server) -> None:
@@ -128,47 +145,74 @@ def test_an_opted_out_function_runs_its_init_per_instance(server: Server) -> Non
     opted_out = server.deploy(runtime="python3.11", handler="handler.handler", code=code,
                               init_once=False)
     assert opted_out["init_once"] is False
-    name = opted_out["name"]
-    bodies = [r["body"] for r in invoke_all(server, name, [{"hold": 1.0}] * 3)]
-    assert len({b["token"] for b in bodies}) == 3  # three imports
-    assert [b["inits"] for b in bodies] == [1, 1, 1]  # each in its own /tmp
+    first, others = first_then_forked(server, opted_out["name"])
+    assert len({first["body"]["token"], *(b["token"] for b in others)}) == 3  # three imports
+    assert [b["inits"] for b in [first["body"], *others]] == [1, 1, 1]  # each in its own /tmp
     default = server.deploy(runtime="python3.11", handler="handler.handler", code=code)
     assert default["init_once"] is True
-    bodies = [r["body"] for r in invoke_all(server, default["name"], [{"hold": 1.0}] * 3)]
-    assert len({b["token"] for b in bodies}) == 1  # one import, forked three times
-    # each instance's /tmp starts as a copy of what the one init left there
-    assert [b["inits"] for b in bodies] == [1, 1, 1]
+    first, forked = first_then_forked(server, default["name"])
+    assert forked[0]["token"] == forked[1]["token"] != first["body"]["token"]  # one more import
+    # each forked instance's /tmp starts as a copy of what the template's init left there
+    assert [b["inits"] for b in forked] == [1, 1]
 
 
 def test_an_update_retires_the_template(server: Server) -> None:
     name = server.deploy(runtime="python3.11", handler="handler.handler",
                          code=COUNTED.format(sleep=0, version="v1"))["name"]
-    old = [r["body"] for r in invoke_all(server, name, [{"hold": 0.5}] * 2)]
-    assert {b["version"] for b in old} == {"v1"} and len({b["token"] for b in old}) == 1
+    first, old = first_then_forked(server, name, hold=0.5)
+    assert {b["version"] for b in old} == {"v1"}
     reply = server.request("PATCH", f"/api/v1/functions/{name}",
                            json={"code": COUNTED.format(sleep=0, version="v2")})
     assert reply.status_code == 200, reply.text
-    new = [r["body"] for r in invoke_all(server, name, [{"hold": 0.5}] * 2)]
-    assert {b["version"] for b in new} == {"v2"} and len({b["token"] for b in new}) == 1
+    first, new = first_then_forked(server, name, hold=0.5)
+    assert first["body"]["version"] == "v2" and {b["version"] for b in new} == {"v2"}
     assert new[0]["token"] != old[0]["token"]  # the new code's init ran; the old state is gone
     # a configuration change (no new code) is a new template too: a new init
     reply = server.request("PATCH", f"/api/v1/functions/{name}", json={"environment": {"A": "1"}})
     assert reply.status_code == 200, reply.text
-    again = server.invoke(name, {}).json()
-    assert again["cold_start"] is True and again["body"]["token"] != new[0]["token"]
+    _, again = first_then_forked(server, name, hold=0.5)
+    assert again[0]["token"] not in (new[0]["token"], old[0]["token"])
 
 
 def test_runtime_hooks_run_before_the_template_and_in_each_instance(server: Server) -> None:
     name = server.deploy(runtime="python3.11", handler="handler.handler", code=HOOKS)["name"]
-    states = [r["body"] for r in invoke_all(server, name, [{}] * 2)]
-    for state in states:  # the before hook ran once, in the template; the after hook once here
-        assert state["before"] == states[0]["before"] and len(state["before"]) == 1, states
-        assert len(state["after"]) == 1 and state["after"][0].startswith("instance-"), states
-    assert states[0]["after"] != states[1]["after"]
-    opted_out = server.deploy(runtime="python3.11", handler="handler.handler", code=HOOKS,
-                              init_once=False)["name"]
-    body = server.invoke(opted_out, {}).json()["body"]
-    assert body == {"before": [], "after": []}  # importable, never run without a template
+    first, forked = first_then_forked(server, name, hold=0.2)
+    assert first["body"] == {"before": [], "after": []}  # its own init: no hook runs
+    for state in forked:  # the before hook ran once, in the template; the after hook once here
+        assert state["before"] == forked[0]["before"] and len(state["before"]) == 1, forked
+        assert len(state["after"]) == 1 and state["after"][0].startswith("instance-"), forked
+    assert forked[0]["after"] != forked[1]["after"]
+
+
+def templates(server: Server) -> list[int]:
+    """The server's version template processes (named ``impuls-template <id>``)."""
+    assert server.proc is not None
+    return [pid for pid in descendants(server.proc.pid) if cmdline(pid)[:1] == [b"impuls-template"]]
+
+
+def test_versions_have_templates_of_their_own_and_a_delete_ends_them(server: Server) -> None:
+    name = server.deploy(runtime="python3.11", handler="handler.handler",
+                         code=COUNTED.format(sleep=0, version="v1"))["name"]
+    _, latest = first_then_forked(server, name, hold=0.2)
+    assert server.request("POST", f"/api/v1/functions/{name}/versions").status_code == 201
+    _, published = first_then_forked(server, name, qualifier="1", hold=0.2)
+    assert published[0]["token"] == published[1]["token"] != latest[0]["token"]
+    assert len(templates(server)) == 2
+    assert server.request("DELETE", f"/api/v1/functions/{name}").status_code in (200, 204)
+    until(lambda: not templates(server), "the deleted function's templates to end")
+
+
+def test_idle_templates_are_reaped(make_server: Callable[..., Server],
+                                   request: pytest.FixtureRequest) -> None:
+    reason = sandbox_unavailable("namespace", request)
+    if reason:
+        pytest.skip(f"namespace sandbox unavailable: {reason}")
+    server = make_server(env={"IMPULS_IDLE_TIMEOUT": "1"}, args=["--sandbox", "namespace"])
+    name = server.deploy(runtime="python3.11", handler="handler.handler",
+                         code=COUNTED.format(sleep=0, version="v1"))["name"]
+    assert server.invoke(name, {}).json()["cold_start"] is True
+    until(lambda: templates(server), "the version template")
+    until(lambda: not templates(server), "the idle template to be reaped")
 
 
 def error_of(server: Server, name: str) -> dict[str, Any]:
@@ -206,10 +250,11 @@ def test_later_cold_starts_do_not_run_a_slow_init_again(server: Server) -> None:
     first = server.invoke(name, {}).json()
     assert first["cold_start"] is True and time.monotonic() - started >= 1.0  # the init ran
     # one more call at a time than there are instances: each round starts a new instance,
-    # forked from the template, so no start sleeps its 1 s at import again
+    # forked from the template (whose init ran alongside the first call's), so no start
+    # sleeps its 1 s at import again
     hold = 0.2
+    tokens: set[str] = set()
     for calls in (2, 3, 4):
-        timed = []
 
         def call(event: dict[str, Any]) -> tuple[float, dict[str, Any]]:
             began = time.monotonic()
@@ -220,6 +265,7 @@ def test_later_cold_starts_do_not_run_a_slow_init_again(server: Server) -> None:
             timed = list(pool.map(call, [{"hold": hold}] * calls))
         cold = [(elapsed, body) for elapsed, body in timed if body["cold_start"]]
         assert cold, timed
-        assert {body["body"]["token"] for _, body in timed} == {first["body"]["token"]}
+        tokens.update(body["body"]["token"] for _, body in cold)
         for elapsed, _ in cold:
             assert elapsed < 1.0 + hold, timed  # less than its init alone would take
+    assert len(tokens) == 1 and first["body"]["token"] not in tokens  # all from one template

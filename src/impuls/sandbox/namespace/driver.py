@@ -255,8 +255,8 @@ class NamespaceDriver(SandboxDriver):
         before it took the function is replaced once at once; a second loss in a row is
         ``SandboxKilled`` (the engine may then start the instance again), as is a runtime
         killed from outside while it initialised.  An ``init_once`` Python function's
-        instance is forked from its version's template (docs/init-once.md), which is
-        started -- an instance start like any other, with the same errors -- if need be."""
+        instance is forked from its version's template (docs/init-once.md) once there is
+        one; the first start of a version runs its own init while the template starts."""
         try:
             return await self._start(spec)
         except SandboxLost as exc:  # a pre-built sandbox died under us: once more, on a new one
@@ -270,10 +270,12 @@ class NamespaceDriver(SandboxDriver):
         versions = self.versions
         if versions is None or not versions.serves(spec):
             return await self._create(spec)
-        try:
-            template = await versions.template(spec)
-        except LauncherUnavailable as exc:
-            await self._no_versions(versions, exc)
+        template = await versions.find(spec)
+        if versions.unavailable is not None:
+            await self._no_versions(versions, versions.unavailable)
+            return await self._create(spec)
+        if template is None:  # this start inits; the version's template starts meanwhile
+            versions.prepare(spec)
             return await self._create(spec)
         try:
             instance = await self._create(spec, lambda path: template.fork(spec, path))
@@ -287,9 +289,6 @@ class NamespaceDriver(SandboxDriver):
             await self._no_versions(versions, exc)
             return await self._create(spec)
         versions.forked_once = True
-        if template.init_output is not None:  # the start that ran the init shows its output
-            instance.output.feed(template.init_output)
-            template.init_output = None
         return instance
 
     async def _no_versions(self, versions: VersionTemplates, exc: SandboxStartFailed) -> None:

@@ -1,16 +1,15 @@
 """Init once, fork many: a Python function version's init runs once, in a *version
 template*, and its instances are forked from it (docs/init-once.md).
 
-A version template is an instance of the function like any other -- started from a
-slot of the template launcher that ``hosts_versions``, with the function's code,
-environment, cgroup and Runtime API socket, so that a failed, crashed or killed init
-ends exactly as it does for an instance started today -- except that once its init
-has succeeded it serves no call: it forks instance slots on requests that come on a
-channel of its own (:mod:`.zygote`, ``_serve_forks``), a few ahead of time.  Each forked
-instance gets its own user, mount,
-pid, network, ipc, uts and cgroup namespaces, cgroup, ``/tmp``, ``/dev/shm``, Runtime
-API socket and output pipe, the instance seccomp filter, and re-seeds its randomness
-before its first call.
+A version template is started, in the background, by a version's first cold start
+(which runs its own init as it always has).  It is an instance of the function like any
+other -- a slot of the template launcher that ``hosts_versions``, with the function's
+code, environment, cgroup and Runtime API socket -- except that once its init has
+succeeded it serves no call: it forks instance slots on requests that come on a channel
+of its own (:mod:`.zygote`, ``_serve_forks``), a few ahead of time.  Each forked
+instance gets its own user, mount, pid, network, ipc, uts and cgroup namespaces,
+cgroup, ``/tmp``, ``/dev/shm``, Runtime API socket and output pipe, the instance seccomp
+filter, and re-seeds its randomness before its first call.
 """
 
 from __future__ import annotations
@@ -30,12 +29,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from impuls.errors import SandboxStartFailed
+from impuls.errors import SandboxError, SandboxStartFailed
 from impuls.sandbox.base import InstanceSpec
 from impuls.sandbox.namespace import cgroups
 from impuls.sandbox.namespace.launch import (
     PIDS_MAX,
     Launched,
+    LauncherUnavailable,
     LaunchFailed,
     SandboxLost,
     close_fds,
@@ -57,6 +57,8 @@ POOL_SIZE = 1
 #: Instances each version template keeps forked ahead of time (each: two idle processes,
 #: their pages shared with the template until written)
 SLOTS = 2
+#: After a version template could not be started, the next attempt waits this long (s).
+RETRY_AFTER = 30.0
 
 
 def template_key(spec: InstanceSpec) -> TemplateKey:
@@ -82,9 +84,6 @@ class VersionTemplate:
         self.last_used = clock()
         self.forks = 0
         self.retired = False
-        instance.drain_output()
-        #: what the init wrote, for the logs of the first call (of the start that ran it)
-        self.init_output: bytes | None = instance.output.take()[0].encode()
         #: control sockets of the slots and instances forked from it that still have a process
         self.users: set[SlotControl] = set()
         self.on_idle: Callable[[VersionTemplate], None] | None = None
@@ -222,13 +221,16 @@ StartTemplate = Callable[[InstanceSpec, Callable[[Path], Awaitable[Launched]],
 class VersionTemplates:
     """The version templates of one namespace driver, one per function version at most.
 
-    ``template(spec)`` gives the version's template, starting it on first use (callers
-    that come meanwhile wait for the same start; a failed start is raised to each and
-    leaves nothing behind, so the next start tries again -- as every cold start does
-    today).  A template is retired by ``retire`` (the function was updated or deleted)
-    and by ``expire_idle`` (no instance forked from it for the idle timeout); a retired
-    template forks no more and ends once its last instance is gone.  ``start`` is the
-    driver's instance start (with its error handling), which the template goes through.
+    The first cold start of a version starts as it always has (its own init, its own
+    errors) and, meanwhile, ``prepare`` starts the version's template in the background;
+    ``find`` gives later starts the template once it is ready (or waits for the one being
+    started: its init began earlier than theirs would).  A template whose start failed
+    (the init raised, crashed, was killed...) is never used: it is logged and dropped,
+    and the next cold start after ``RETRY_AFTER`` seconds tries again.  A template is
+    retired by ``retire`` (the function was updated or deleted) and by ``expire_idle``
+    (no instance of it for the idle timeout); a retired template forks no more and ends
+    once its last instance is gone.  ``start`` is the driver's instance start (with its
+    error handling), which the template goes through.
     """
 
     def __init__(self, launcher: TemplateLauncher, host: cgroups.CgroupHost, start: StartTemplate,
@@ -238,10 +240,13 @@ class VersionTemplates:
         self._start = start
         self.clock = clock
         self._templates: dict[TemplateKey, VersionTemplate] = {}
-        self._starting: dict[TemplateKey, asyncio.Future[VersionTemplate]] = {}
+        self._starting: dict[TemplateKey, asyncio.Task[VersionTemplate | None]] = {}
+        self._failed: dict[TemplateKey, float] = {}  # when a start failed
         self._retired: set[VersionTemplate] = set()
         self._closing: set[asyncio.Task[None]] = set()
         self.forked_once = False  # an instance was forked on this host (forking works here)
+        #: why templates cannot be started on this host (the driver then gives them up)
+        self.unavailable: LauncherUnavailable | None = None
 
     def serves(self, spec: InstanceSpec) -> bool:
         return spec.init_once and self.launcher.preloads(spec.runtime)
@@ -249,33 +254,45 @@ class VersionTemplates:
     def cgroup_names(self) -> set[str]:
         return self.launcher.cgroup_names()
 
-    @property
-    def live(self) -> int:
-        """Templates running (serving or retired with instances left)."""
-        return len(self._templates) + len(self._retired)
-
-    async def template(self, spec: InstanceSpec) -> VersionTemplate:
+    async def find(self, spec: InstanceSpec) -> VersionTemplate | None:
+        """The ready template of ``spec``'s version; the one being started, once it is;
+        None when there is none (or its start failed)."""
         key = template_key(spec)
         current = self._templates.get(key)
         if current is not None:
             if current.usable:
-                current.last_used = self.clock()
                 return current
             self._retire(current)
         starting = self._starting.get(key)
-        if starting is not None:
-            return await asyncio.shield(starting)
-        future: asyncio.Future[VersionTemplate] = asyncio.get_running_loop().create_future()
-        self._starting[key] = future
+        return None if starting is None else await asyncio.shield(starting)
+
+    def prepare(self, spec: InstanceSpec) -> None:
+        """Start the template of ``spec``'s version in the background, unless one runs,
+        is being started, or failed less than ``RETRY_AFTER`` seconds ago."""
+        key = template_key(spec)
+        current = self._templates.get(key)
+        if (current is not None and current.usable) or key in self._starting or \
+                self.clock() < self._failed.get(key, -RETRY_AFTER) + RETRY_AFTER:
+            return
+        task = asyncio.get_running_loop().create_task(self._background(key, spec))
+        self._starting[key] = task
+        task.add_done_callback(lambda _: self._starting.pop(key, None))
+
+    async def _background(self, key: TemplateKey, spec: InstanceSpec) -> VersionTemplate | None:
         try:
             template = await self._new(key, spec)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: there may be no other waiter
-            raise
-        finally:
-            del self._starting[key]
-        future.set_result(template)
+        except LauncherUnavailable as exc:
+            self.unavailable = exc
+            return None
+        except asyncio.CancelledError:  # retired, or closing: waiting starts run their own init
+            return None
+        except Exception as exc:  # the init failed (its own start reports it), or the sandbox did
+            self._failed[key] = self.clock()
+            log.log(logging.INFO if isinstance(exc, SandboxError) else logging.WARNING,
+                    "version template of %s:%s not started (its instances run their own init): %s",
+                    *key[:2], exc, exc_info=not isinstance(exc, SandboxError))
+            return None
+        self._failed.pop(key, None)
         self._templates[key] = template
         return template
 
@@ -320,14 +337,20 @@ class VersionTemplates:
         return template
 
     def retire(self, function_name: str, version: str | None = None) -> None:
-        """Retire the templates of ``function_name``'s ``version`` (None: of every version)."""
+        """Retire the templates of ``function_name``'s ``version`` (None: of every version);
+        one being started is given up."""
         for key, template in list(self._templates.items()):
             if key[0] == function_name and version in (None, key[1]):
                 self._retire(template)
+        for key, task in list(self._starting.items()):
+            if key[0] == function_name and version in (None, key[1]):
+                task.cancel()
 
     def expire_idle(self, idle_timeout: float) -> int:
         """Retire templates that forked nothing, and have had no instance, for ``idle_timeout``."""
         now = self.clock()
+        for key in [k for k, failed in self._failed.items() if now - failed >= RETRY_AFTER]:
+            del self._failed[key]
         idle = [t for t in self._templates.values()
                 if (since := t.idle_since()) is not None and now - since >= idle_timeout]
         for template in idle:
@@ -349,6 +372,10 @@ class VersionTemplates:
             task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
+        starting = list(self._starting.values())
+        for task in starting:
+            task.cancel()
+        await asyncio.gather(*starting, return_exceptions=True)
         for template in [*self._templates.values(), *self._retired]:
             await template.close()
         self._templates.clear()

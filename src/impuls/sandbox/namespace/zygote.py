@@ -376,6 +376,7 @@ class Zygote:
         (the instance's pid 1, ``_fork_init``) and exit.  Returns only in the
         instance's runtime process."""
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        _set_title(self.arg_area, [b"impuls-slot"])  # only the template itself shows its name
         ctl = socket.socket(fileno=ctl_fd)
         try:
             creds = struct.pack("3i", os.getpid(), os.getuid(), os.getgid())
