@@ -1,7 +1,8 @@
 """Cold starts of a Python function whose module takes 1 s to import (docs/init-once.md).
 
-Through the HTTP API of the server being measured.  The function sleeps 1 s at import;
-its first call starts the version template (the init runs once).  Every later sample is
+Through the HTTP API of a namespace server of its own.  The function sleeps 1 s at
+import; its first call runs that import while the version template runs it alongside
+(once for every later instance).  Every later sample is
 a cold start forced by concurrency, not by an update (an update would retire the
 template): as many calls as the function has instances are sent first, each holding its
 instance for ``HOLD_S``, and once they have had ``SETTLE_S`` to take them, the measured

@@ -488,11 +488,11 @@ def markdown(results: Results) -> str:
     if results.init_once:
         parts += ["## Init once, fork many (namespace)\n",
                   "Cold starts of a Python function that sleeps 1 s at import, seen by the caller through "
-                  "the HTTP API. With `init_once` (the default) the first call runs the import in the "
-                  "version template; later cold starts, forced by concurrency (calls that hold every "
-                  "instance, then the measured call), are forked from it. With `init_once: false` every "
-                  "cold start (forced by an update) imports again. See docs/init-once.md "
-                  "(`bench/init_once.py`).\n", init_once_table(results), ""]
+                  "the HTTP API. With `init_once` (the default) the first call runs its own import while "
+                  "the version template imports alongside; later cold starts, forced by concurrency "
+                  "(calls that hold every instance, then the measured call), are forked from the "
+                  "template. With `init_once: false` every cold start (forced by an update) imports "
+                  "again. See docs/init-once.md (`bench/init_once.py`).\n", init_once_table(results), ""]
     if results.events:
         parts += ["## Asynchronous events\n",
                   "Accepted events per second at a concurrency (wrk, each answered 202 once its row is "
