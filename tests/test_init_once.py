@@ -25,11 +25,12 @@ pytestmark = pytest.mark.namespace
 #: reports what makes an instance unique, and its view of /tmp and of processes; holds
 #: the call for ``hold`` seconds (so that concurrent calls need instances of their own)
 UNIQUE = """\
-import os, random, time, uuid
+import os, random, tempfile, time, uuid
 
 INIT_PID = os.getpid()
 INIT_TOKEN = uuid.uuid4().hex  # made once, at import: the same in every forked instance
-random.random()  # the generator's state is part of what the template holds
+random.random()  # the generators' state is part of what the template holds
+tempfile.mktemp()
 
 
 def handler(event, context):
@@ -39,6 +40,7 @@ def handler(event, context):
     time.sleep(event.get("hold", 0))
     return {
         "random": random.random(), "urandom": os.urandom(16).hex(), "uuid": uuid.uuid4().hex,
+        "tempname": tempfile.mktemp(),
         "request_id": context.aws_request_id, "init_token": INIT_TOKEN,
         "tmp": sorted(os.listdir("/tmp")), "pids": sorted(p for p in os.listdir("/proc") if p.isdigit()),
         "log_stream": context.log_stream_name,
@@ -133,7 +135,7 @@ def test_instances_forked_from_one_template_are_unique(server: Server) -> None:
     first, forked = first_then_forked(server, name)
     # one init made the state both forked instances start from; the first call ran its own
     assert forked[0]["init_token"] == forked[1]["init_token"] != first["body"]["init_token"]
-    for key in ("random", "urandom", "uuid", "request_id", "log_stream"):
+    for key in ("random", "urandom", "uuid", "tempname", "request_id", "log_stream"):
         assert forked[0][key] != forked[1][key], (key, forked)
     for body in forked:  # each sees its own /tmp (only its own call's file) and its own pids
         assert body["tmp"] == [body["request_id"]], body

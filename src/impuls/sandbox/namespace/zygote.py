@@ -486,10 +486,15 @@ def reseed() -> None:
     """Make a forked instance's randomness its own: ``os.urandom``, ``secrets`` and
     ``uuid.uuid4`` read the kernel on every call and differ anyway; ``random``'s global
     generator and OpenSSL's pool are state copied from the template, so they are
-    seeded afresh from the kernel (only if the function imported them)."""
+    seeded afresh from the kernel, and ``tempfile``'s name generator is dropped (it
+    renews itself only when the pid changes, and every instance's runtime has the
+    template's pid in its own namespace) -- each only if the function imported it."""
     random = sys.modules.get("random")
     if random is not None:
         random.seed()
+    tempfile = sys.modules.get("tempfile")
+    if tempfile is not None:
+        tempfile._name_sequence = None  # type: ignore[attr-defined]
     ssl = sys.modules.get("ssl")
     if ssl is not None:
         ssl.RAND_add(os.urandom(32), 32.0)
