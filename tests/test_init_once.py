@@ -117,10 +117,12 @@ def invoke_all(server: Server, name: str, events: list[dict[str, Any]],
 
 
 def first_then_forked(server: Server, name: str, qualifier: str = "",
-                      hold: float = 1.0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                      hold: float = 2.0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The first call of a version (a cold start that runs its own init while the version
-    template starts), then three at once: one takes the warm instance, two are new
-    instances, forked from the template.  (first reply, the two forked replies' bodies)"""
+    template starts), then three at once, each holding its instance for ``hold`` seconds
+    (long enough for all three to arrive while the others hold theirs): one takes the warm
+    instance, two are new instances, forked from the template.  (first reply, the two
+    forked replies' bodies)"""
     params = {"qualifier": qualifier} if qualifier else {}
     first: dict[str, Any] = server.invoke(name, {}, **params).json()
     assert first["status_code"] == 200 and first["cold_start"] is True, first
@@ -161,24 +163,24 @@ def test_an_opted_out_function_runs_its_init_per_instance(server: Server) -> Non
 def test_an_update_retires_the_template(server: Server) -> None:
     name = server.deploy(runtime="python3.11", handler="handler.handler",
                          code=COUNTED.format(sleep=0, version="v1"))["name"]
-    first, old = first_then_forked(server, name, hold=0.5)
+    first, old = first_then_forked(server, name)
     assert {b["version"] for b in old} == {"v1"}
     reply = server.request("PATCH", f"/api/v1/functions/{name}",
                            json={"code": COUNTED.format(sleep=0, version="v2")})
     assert reply.status_code == 200, reply.text
-    first, new = first_then_forked(server, name, hold=0.5)
+    first, new = first_then_forked(server, name)
     assert first["body"]["version"] == "v2" and {b["version"] for b in new} == {"v2"}
     assert new[0]["token"] != old[0]["token"]  # the new code's init ran; the old state is gone
     # a configuration change (no new code) is a new template too: a new init
     reply = server.request("PATCH", f"/api/v1/functions/{name}", json={"environment": {"A": "1"}})
     assert reply.status_code == 200, reply.text
-    _, again = first_then_forked(server, name, hold=0.5)
+    _, again = first_then_forked(server, name)
     assert again[0]["token"] not in (new[0]["token"], old[0]["token"])
 
 
 def test_runtime_hooks_run_before_the_template_and_in_each_instance(server: Server) -> None:
     name = server.deploy(runtime="python3.11", handler="handler.handler", code=HOOKS)["name"]
-    first, forked = first_then_forked(server, name, hold=0.2)
+    first, forked = first_then_forked(server, name)
     assert first["body"] == {"before": [], "after": []}  # its own init: no hook runs
     for state in forked:  # the before hook ran once, in the template; the after hook once here
         assert state["before"] == forked[0]["before"] and len(state["before"]) == 1, forked
@@ -195,9 +197,9 @@ def templates(server: Server) -> list[int]:
 def test_versions_have_templates_of_their_own_and_a_delete_ends_them(server: Server) -> None:
     name = server.deploy(runtime="python3.11", handler="handler.handler",
                          code=COUNTED.format(sleep=0, version="v1"))["name"]
-    _, latest = first_then_forked(server, name, hold=0.2)
+    _, latest = first_then_forked(server, name)
     assert server.request("POST", f"/api/v1/functions/{name}/versions").status_code == 201
-    _, published = first_then_forked(server, name, qualifier="1", hold=0.2)
+    _, published = first_then_forked(server, name, qualifier="1")
     assert published[0]["token"] == published[1]["token"] != latest[0]["token"]
     assert len(templates(server)) == 2
     assert server.request("DELETE", f"/api/v1/functions/{name}").status_code in (200, 204)

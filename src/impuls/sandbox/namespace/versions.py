@@ -82,7 +82,6 @@ class VersionTemplate:
         self.host = host
         self.clock = clock
         self.last_used = clock()
-        self.forks = 0
         self.retired = False
         #: control sockets of the slots and instances forked from it that still have a process
         self.users: set[SlotControl] = set()
@@ -123,7 +122,6 @@ class VersionTemplate:
                 raise
             finally:
                 close_fds(sock_fd, out_r, out_w)
-            self.forks += 1
             self.last_used = self.clock()
             return Launched(slot.control, slot.cgroup)
         raise AssertionError("unreachable")
