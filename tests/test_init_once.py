@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.helpers import Server, sandbox_unavailable
-from tests.sandbox.test_namespace import cmdline
+from tests.sandbox.test_namespace import cmdline, sigkill
 from tests.test_sandbox_faults import descendants, until
 
 pytestmark = pytest.mark.namespace
@@ -204,6 +204,22 @@ def test_versions_have_templates_of_their_own_and_a_delete_ends_them(server: Ser
     assert len(templates(server)) == 2
     assert server.request("DELETE", f"/api/v1/functions/{name}").status_code in (200, 204)
     until(lambda: not templates(server), "the deleted function's templates to end")
+
+
+def test_a_template_killed_during_its_init_is_never_used(server: Server) -> None:
+    name = server.deploy(runtime="python3.11", handler="handler.handler",
+                         code=COUNTED.format(sleep=2, version="v1"))["name"]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        call = pool.submit(server.invoke, name, {})
+        (template,) = until(lambda: templates(server), "the version template to start")
+        assert sigkill(template, b"impuls-template")  # while its import sleeps
+        first = call.result().json()
+    assert first["status_code"] == 200 and first["cold_start"] is True, first  # unharmed
+    # the next cold starts run their own init (the failed template is not retried for 30 s)
+    replies = invoke_all(server, name, [{"hold": 2.0}] * 3)
+    cold = [r["body"]["token"] for r in replies if r["cold_start"]]
+    assert len(cold) == 2 and len({*cold, first["body"]["token"]}) == 3, replies
+    assert not templates(server)
 
 
 def test_idle_templates_are_reaped(make_server: Callable[..., Server],
