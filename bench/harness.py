@@ -19,7 +19,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import console, density, events, lambda_api, otlp, profiling, report, rotation, scale_out
+from bench import (
+    console,
+    density,
+    events,
+    init_once,
+    lambda_api,
+    otlp,
+    profiling,
+    report,
+    rotation,
+    scale_out,
+)
 from bench.loadgen import Client, LoadGenError, burst, lua_script, run_wrk, scratch_dir, wrk_path, wrk_version
 from bench.results import (
     FLOOR,
@@ -459,6 +470,28 @@ class Runner:
             log(f"namespace template {row.label}: cold start p50 {row.p50_ms:.1f} ms, "
                 f"p99 {row.p99_ms:.1f} ms over {row.samples}, {row.rotations} rotations")
 
+    def init_once_rows(self) -> None:
+        """Cold starts of a 1 s-init Python function, forked or not (``bench/init_once.py``)."""
+        self.wait_quiet()
+        server = ImpulsServer("namespace", self.work / "data-init-once", self.work / "impuls-init-once.log")
+        try:
+            server.start()
+        except ServerRefused as exc:
+            self.note(f"init-once rows: skipped, the server refused the namespace sandbox: {exc}")
+            return
+        try:
+            rows = init_once.measure(server, max(20, self.plan.cold_samples), self.plan.cold_budget_s + 30,
+                                     self.call_timeout())
+        except (OSError, RuntimeError, http.client.HTTPException) as exc:
+            self.note(f"init-once rows stopped: {exc}")
+            return
+        finally:
+            server.stop()
+        self.results.init_once.extend(rows)
+        for row in rows:
+            log(f"{row.label}: first call {row.first_ms:.0f} ms, cold start p50 {row.p50_ms:.1f} ms, "
+                f"p99 {row.p99_ms:.1f} ms over {row.samples} ({row.not_cold} found a warm instance)")
+
     def events(self, sandbox: str, postgres_url: str) -> None:
         """The asynchronous-event rows on SQLite, and on PostgreSQL when given (``bench/events.py``)."""
         stores = [("sqlite", "")] + ([("postgresql", postgres_url)] if postgres_url else [])
@@ -627,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
                     runner.postgres(sandbox, args.postgres_url)
                 if sandbox == "namespace" and sandbox in results.sandboxes:
                     runner.rotation()
+                    runner.init_once_rows()
                     if not args.no_density:
                         runner.density()
             if results.sandboxes and not args.no_events:

@@ -116,6 +116,14 @@ def rotation_table(results: Results) -> str:
                   "p99 vs default"], rows)
 
 
+def init_once_table(results: Results) -> str:
+    rows = [[r.label, str(r.samples), _ms(r.first_ms), _ms(r.p50_ms), _ms(r.p99_ms), str(r.not_cold),
+             f"≤ {r.target_ms:g} ms", Target("", "", "", r.met).verdict if r.init_once else NA]
+            for r in results.init_once]
+    return table(["function", "cold starts", "first call ms", "p50 ms", "p99 ms", "left out (warm)",
+                  "target (p50)", "verdict"], rows, {1, 2, 3, 4, 5})
+
+
 def events_table(results: Results) -> str:
     rows = [[r.store, str(r.concurrency), _int(r.accepted_per_s), str(r.errors), str(r.delay_samples),
              _ms(r.delay_p50_ms), _ms(r.delay_p99_ms)] for r in results.events]
@@ -241,6 +249,10 @@ def targets(results: Results) -> list[Target]:
         out.append(Target(f"accept to start of delivery p50, idle warm function ({row.store})",
                           f"≤ {EVENTS_DELAY_P50_GOAL_MS:g} ms", f"{_ms(row.delay_p50_ms)} ms",
                           row.delay_p50_ms <= EVENTS_DELAY_P50_GOAL_MS))
+    for forked in (r for r in results.init_once if r.init_once):
+        out.append(Target("cold start p50 of a Python function with a 1 s init, forked from its version "
+                          "template (namespace)", f"≤ {forked.target_ms:g} ms",
+                          f"{_ms(forked.p50_ms)} ms over {forked.samples}", forked.met))
     for dense in results.density:
         out.append(Target(f"{dense.target:,} idle warm instances of {dense.functions} functions, each then "
                           "answering warm (namespace)", "all live, no cold start, no error",
@@ -315,6 +327,9 @@ def tables(results: Results) -> str:
     if results.rotation:
         parts += ["", "Template rotation (namespace, Python cold starts in-process: create + first call)",
                   rotation_table(results)]
+    if results.init_once:
+        parts += ["", "Init once, fork many (namespace, Python, 1 s import; client time through HTTP)",
+                  init_once_table(results)]
     if results.events:
         parts += ["", "Asynchronous events", events_table(results)]
     if results.density:
@@ -494,6 +509,14 @@ def markdown(results: Results) -> str:
                   "HTTP), with the default limits and with the template replaced every few instances "
                   "(its replacement starts in the background during the next starts); compare the rows "
                   "with each other (`bench/rotation.py`).\n", rotation_table(results), ""]
+    if results.init_once:
+        parts += ["## Init once, fork many (namespace)\n",
+                  "Cold starts of a Python function that sleeps 1 s at import, seen by the caller through "
+                  "the HTTP API. With `init_once` (the default) the first call runs its own import while "
+                  "the version template imports alongside; later cold starts, forced by concurrency "
+                  "(calls that hold every instance, then the measured call), are forked from the "
+                  "template. With `init_once: false` every cold start (forced by an update) imports "
+                  "again. See docs/init-once.md (`bench/init_once.py`).\n", init_once_table(results), ""]
     if results.events:
         parts += ["## Asynchronous events\n",
                   "Accepted events per second at a concurrency (wrk, each answered 202 once its row is "

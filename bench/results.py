@@ -108,6 +108,25 @@ class RotationRow:
 
 
 @dataclass
+class InitOnceRow:
+    """Cold starts of a Python function that sleeps 1 s at import (``bench/init_once.py``)."""
+
+    label: str
+    init_once: bool
+    samples: int
+    first_ms: float  # the function's first call (its version's init)
+    p50_ms: float  # of the later cold starts
+    p99_ms: float
+    not_cold: int  # samples left out: they found a warm instance
+    target_ms: float
+
+    @property
+    def met(self) -> bool | None:
+        """The p50 is within the target (None: nothing measured)."""
+        return None if not self.samples else self.p50_ms <= self.target_ms
+
+
+@dataclass
 class EventRow:
     """Asynchronous events on one store (``bench/events.py``)."""
 
@@ -171,6 +190,7 @@ class Results:
     cold: list[ColdRow] = field(default_factory=list)
     memory: list[MemoryRow] = field(default_factory=list)
     rotation: list[RotationRow] = field(default_factory=list)  # the first row: the default limits
+    init_once: list[InitOnceRow] = field(default_factory=list)  # namespace sandbox
     events: list[EventRow] = field(default_factory=list)
     console: list[ConsoleRow] = field(default_factory=list)
     density: list[DensityRow] = field(default_factory=list)

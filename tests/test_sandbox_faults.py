@@ -6,7 +6,9 @@ the platform, not of the function: the call is served by a new instance (a new t
 fails as the sandbox (502 ``Sandbox.StartFailed``), and is never an init failure of the
 function replayed to later callers.  A real init failure (the module raises at import, or
 the runtime ends itself) still is one.  The driver-level cases are in
-``tests/sandbox/test_namespace.py``.
+``tests/sandbox/test_namespace.py``.  The functions here opt out of init once, fork many
+(``init_once: false``): their instances each run their init, from the shared template;
+version templates are covered by ``tests/test_init_once.py``.
 
 Only processes of the server under test are signalled (found under its own process tree).
 """
@@ -137,7 +139,8 @@ def test_a_runtime_killed_while_it_starts_is_started_again(on_sandbox: tuple[str
     """On the microVM, QEMU is killed as soon as it is there: whichever step of the start that
     falls in (restore, boot, load, the module's import), it is the sandbox's death."""
     kind, server = on_sandbox
-    name = server.deploy(runtime="python3.11", handler="handler.handler", code=SLOW_START)["name"]
+    name = server.deploy(runtime="python3.11", handler="handler.handler", code=SLOW_START,
+                         init_once=False)["name"]
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         call = pool.submit(server.invoke, name, {"n": 1})
         victim = until(lambda: starting(kind, server) or call.done(), "the instance to start", 180)
@@ -158,7 +161,8 @@ def test_a_runtime_killed_while_it_starts_is_started_again(on_sandbox: tuple[str
 def test_a_runtime_killed_at_every_start_is_a_sandbox_error_never_replayed(
         on_sandbox: tuple[str, Server]) -> None:
     kind, server = on_sandbox
-    name = server.deploy(runtime="python3.11", handler="handler.handler", code=SLOW_START)["name"]
+    name = server.deploy(runtime="python3.11", handler="handler.handler", code=SLOW_START,
+                         init_once=False)["name"]
     killed: set[int] = set()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         call = pool.submit(server.invoke, name)
@@ -195,7 +199,8 @@ def test_a_runtime_that_ends_itself_while_it_starts_is_an_init_failure(
 
 @pytest.mark.namespace
 def test_a_real_init_error_is_still_reported_and_replayed(server: Server) -> None:
-    name = server.deploy(runtime="python3.11", handler="handler.handler", code=BROKEN)["name"]
+    name = server.deploy(runtime="python3.11", handler="handler.handler", code=BROKEN,
+                         init_once=False)["name"]
     starts = []
     for _ in range(6):  # the back-off doubles from 1 s: some of these calls are replays
         reply = server.invoke(name)
@@ -210,7 +215,8 @@ def test_a_real_init_error_is_still_reported_and_replayed(server: Server) -> Non
 
 @pytest.mark.namespace
 def test_cold_starts_after_the_template_was_killed_succeed(server: Server) -> None:
-    names = [server.deploy(runtime="python3.11", handler="handler.handler", code=QUICK)["name"]
+    names = [server.deploy(runtime="python3.11", handler="handler.handler", code=QUICK,
+                           init_once=False)["name"]
              for _ in range(9)]
     warm = names.pop()
     assert server.invoke(warm, {"n": 0}).json()["status_code"] == 200
@@ -251,7 +257,8 @@ def test_cold_starts_after_the_templates_lookalikes_were_killed_succeed(server: 
     """The pre-built slots' processes waiting to become runtimes show the template's command
     line (they are forked from it), so whatever kills the template by its name kills them
     too.  Slots without them are never used: every cold start succeeds."""
-    names = [server.deploy(runtime="python3.11", handler="handler.handler", code=QUICK)["name"]
+    names = [server.deploy(runtime="python3.11", handler="handler.handler", code=QUICK,
+                           init_once=False)["name"]
              for _ in range(7)]
     warm = names.pop()
     assert server.invoke(warm, {"n": 0}).json()["status_code"] == 200

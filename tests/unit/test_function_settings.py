@@ -30,7 +30,7 @@ from impuls.functions.registry import FunctionRegistry
 from impuls.runtimes import default_registry
 from impuls.store.blobs import BlobStore
 from impuls.store.db import MIGRATIONS, migrate
-from tests.unit.test_registry import body
+from tests.unit.test_registry import body, invalid
 from tests.unit.test_versions import ALICE, Heard, published
 
 pytestmark = pytest.mark.skipif(not Path("/usr/bin/python3.11").is_file(),
@@ -248,6 +248,26 @@ def test_every_action_is_audited_with_its_actor_and_failures_are_not(store: Hear
 # --- migration ---------------------------------------------------------------------------------
 
 
+# --- init once ----------------------------------------------------------------------------------
+
+
+def test_init_once_is_on_by_default_and_kept_by_updates_and_versions(store: Heard) -> None:
+    assert store.registry.get("fn").init_once is True
+    off = store.registry.create(body("other", init_once=False))
+    assert off.init_once is False and off.to_api()["init_once"] is False
+    on = store.registry.update("other", {"init_once": True})
+    assert on.init_once is True and on.revision == off.revision + 1  # a new revision: a new template
+    assert store.registry.publish("other").init_once is True
+    store.registry.update("other", {"init_once": False})
+    assert store.registry.get("other", "1").init_once is True  # the version keeps its own
+    assert store.registry.get("other").init_once is False
+
+
+@pytest.mark.parametrize("value", ["false", 0, None])
+def test_init_once_must_be_a_boolean(store: Heard, value: Any) -> None:
+    invalid(lambda: store.registry.create(body("other", init_once=value)), "init_once")
+
+
 def test_migration_0004_makes_existing_functions_active(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/old.db"
     engine = create_engine(url)
@@ -275,6 +295,7 @@ def test_migration_0004_makes_existing_functions_active(tmp_path: Path) -> None:
     assert (fn.state, fn.last_update_status, fn.runtime_given, fn.revision) == (
         "Active", "Successful", "python3.11", 4)
     assert len(fn.revision_id) == 36 and fn.tags == {} and fn.role == "" and fn.reserved_concurrency is None
+    assert fn.init_once is True  # migration 0010: existing functions keep the default
     assert registry.publish("old").version == "1"
     assert json.loads(json.dumps(fn.to_api()))["state"] == "Active"
     assert registry.collect_garbage() == 0

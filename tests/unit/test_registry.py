@@ -396,7 +396,8 @@ def test_environment_at_the_size_limit_is_accepted(store: Store) -> None:
 
 def test_function_record_round_trips_every_field(store: Store) -> None:
     fields = {"description": "all set", "memory_mb": 1024, "timeout_sec": 900, "status": "inactive",
-              "max_concurrency": 1000, "ephemeral_storage_mb": 10240, "environment": {"X": "y"}}
+              "max_concurrency": 1000, "ephemeral_storage_mb": 10240, "environment": {"X": "y"},
+              "init_once": False}
     fn: Function = store.registry.create(body("full", **fields))
     assert {k: getattr(fn, k) for k in fields} == fields
     assert fn.config() == {"name": "full", "runtime": "python3.11", "handler": "handler.handler",

@@ -161,6 +161,8 @@ class Invoker:
         for key, pool in list(self._pools.items()):
             if key[0] == name and (retire is None or key[1] in retire):
                 pool.retire()
+        for driver in self._drivers():
+            driver.retire_templates(name, qualifier)
 
     async def _cached(self, name: str, load: Callable[[], _T], cache: dict[tuple[str, str], _T],
                       key: tuple[str, str]) -> _T:
@@ -208,7 +210,7 @@ class Invoker:
                 instance_id=instance_id, function_name=fn.name, revision=fn.revision,
                 runtime=version.runtime, handler=fn.handler, code_dir=version.code_dir,
                 memory_mb=fn.memory_mb, ephemeral_storage_mb=fn.ephemeral_storage_mb,
-                environment=fn.environment, version=fn.version,
+                environment=fn.environment, version=fn.version, init_once=fn.init_once,
             )
 
         pool = Pool(spec, driver, fn.concurrency_limit, self.capacity, self.settings.queue_size,
@@ -227,6 +229,8 @@ class Invoker:
     def expire_idle(self) -> int:
         """Destroy instances idle past the timeout; forget retired, empty pools."""
         expired = 0
+        for driver in self._drivers():
+            driver.expire_templates(self.settings.idle_timeout)
         for key, pool in list(self._pools.items()):
             expired += pool.expire_idle(self.settings.idle_timeout)
             if pool.retired and pool.empty:

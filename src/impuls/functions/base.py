@@ -73,7 +73,8 @@ def row_to_function(row: Row[Any]) -> Function:
         revision=m["revision"], created_at=utc(m["created_at"]), updated_at=utc(m["updated_at"]),
         version=LATEST, role=m["role"], runtime_given=m["runtime_given"] or m["runtime"],
         tags=json.loads(m["tags"]), reserved_concurrency=m["reserved_concurrency"],
-        revision_id=m["revision_id"], state=m["state"], state_reason=m["state_reason"],
+        revision_id=m["revision_id"], init_once=m["init_once"], state=m["state"],
+        state_reason=m["state_reason"],
         state_reason_code=m["state_reason_code"], last_update_status=m["last_update_status"],
         last_update_status_reason=m["last_update_status_reason"],
         last_update_status_reason_code=m["last_update_status_reason_code"],
@@ -97,7 +98,7 @@ def version_to_function(fn_row: Row[Any], row: Row[Any]) -> Function:
         created_at=utc(f["created_at"]), updated_at=utc(m["created_at"]), version=str(m["version"]),
         role=cfg.get("role", ""), runtime_given=cfg.get("runtime_given") or cfg["runtime"],
         tags=json.loads(f["tags"]), reserved_concurrency=f["reserved_concurrency"],
-        revision_id=m["revision_id"],
+        revision_id=m["revision_id"], init_once=cfg.get("init_once", True),
     )
 
 

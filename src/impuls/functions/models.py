@@ -63,6 +63,9 @@ class FunctionConfig(BaseModel):
     status: Literal["active", "inactive"] = "active"
     max_concurrency: int = Field(default=10, ge=1, le=1000)
     ephemeral_storage_mb: int = Field(default=512, ge=512, le=10240)
+    #: run the init once per version and fork instances from it (docs/init-once.md);
+    #: false for code whose import state cannot be shared (connections opened at import)
+    init_once: bool = True
 
     @field_validator("name")
     @classmethod
@@ -146,6 +149,7 @@ class Function:
     tags: dict[str, str] = field(default_factory=dict)
     reserved_concurrency: int | None = None
     revision_id: str = ""
+    init_once: bool = True
     state: str = ACTIVE
     state_reason: str | None = None
     state_reason_code: str | None = None

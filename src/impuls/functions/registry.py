@@ -446,7 +446,8 @@ class FunctionRegistry(VersionsMixin, AliasesMixin, EventConfigsMixin, UrlConfig
             if fn.pending is not None and fn.pending_code_sha256 is not None:
                 target = fn.as_pending()
                 self.package(target)
-                cfg = {k: fn.pending[k] for k in FunctionConfig.model_fields if k != "name"}
+                cfg = {k: fn.pending[k] for k in FunctionConfig.model_fields
+                       if k != "name" and k in fn.pending}
                 values.update(cfg)
                 values.update(environment=json.dumps(cfg["environment"]), role=target.role,
                               runtime_given=target.runtime_given, code_sha256=target.code_sha256,

@@ -109,6 +109,7 @@ class VersionsMixin(RegistryBase):
 def _unchanged(newest: Row[Any], fn: Function) -> bool:
     frozen = json.loads(newest.config)
     frozen.pop("revision", None)
+    frozen.setdefault("init_once", True)  # frozen before the setting existed
     same: bool = (newest.code_sha256 == fn.code_sha256 and newest.code_kind == fn.code_kind
                   and frozen == json.loads(json.dumps(fn.snapshot())))
     return same

@@ -75,6 +75,9 @@ class InstanceSpec:
     environment: Mapping[str, str]
     region: str = "us-east-1"
     version: str = "$LATEST"
+    #: run the function's init once per version and fork instances from it, where the
+    #: driver can (docs/init-once.md); others start every instance with its own init
+    init_once: bool = False
 
     def runtime_environment(self, api_address: str, task_root: str, tmpdir: str,
                             path: str = DEFAULT_PATH) -> dict[str, str]:
@@ -307,6 +310,16 @@ class SandboxDriver(ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release driver-wide resources (instances are destroyed by their owners first)."""
+
+    def retire_templates(self, function_name: str, version: str | None = None) -> None:  # noqa: B027
+        """Start no more instances from state prepared for ``function_name``'s ``version``
+        (None: any version), e.g. a version template (docs/init-once.md): it changed or
+        went.  Optional hook."""
+
+    def expire_templates(self, idle_timeout: float) -> int:
+        """Retire prepared state (version templates) unused for ``idle_timeout`` seconds;
+        returns how many.  Optional hook."""
+        return 0
 
     def describe(self) -> dict[str, Any]:
         """Facts for /health and the start-up line."""

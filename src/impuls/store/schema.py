@@ -14,6 +14,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    true,
 )
 
 metadata = MetaData()
@@ -57,6 +58,8 @@ functions = Table(
     Column("pending_code_sha256", String(64), nullable=True),
     Column("pending_code_size", Integer, nullable=True),
     Column("pending_code_kind", String(8), nullable=True),
+    # 0010: init once, fork many (docs/init-once.md)
+    Column("init_once", Boolean, nullable=False, server_default=true()),
 )
 
 function_versions = Table(

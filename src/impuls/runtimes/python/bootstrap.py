@@ -667,7 +667,11 @@ def _serve(conn: _Connection, handler: "Handler") -> None:
             _log(f"impuls runtime: POST /invocation/response answered HTTP {status}\n")
 
 
-def main() -> None:
+def main(after_init: "Callable[[], None] | None" = None) -> None:
+    """Load the handler (the function's init), then serve calls.  ``after_init`` is
+    called once the init succeeded, before the first call: the ``namespace`` sandbox's
+    version template forks its instances there (it returns in each of them, see
+    docs/init-once.md); the connection and the context fields are then set up afresh."""
     for stream in (sys.stdout, sys.stderr):  # stdout is a pipe: block buffered by default
         try:  # noqa: SIM105 (contextlib costs an import at start-up)
             stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
@@ -685,6 +689,71 @@ def main() -> None:
     else:
         sys.path.insert(0, task_root)
 
+    _context_from(environ)
+    conn = _Connection(api, unix_path)
+    hooks = _RuntimeHooks()
+    try:
+        handler = _load_handler(environ.get("_HANDLER", ""))
+        code = getattr(handler, "__code__", None)
+        if code is not None and code.co_flags & 0x380:  # CO_(ITERABLE_)COROUTINE, CO_ASYNC_GENERATOR
+            _run_awaitable(_noop())  # create the event loop during init, not on first call
+        if after_init is not None:
+            hooks.run(hooks.before_snapshot[::-1])
+    except BaseException as exc:
+        _init_error(conn, exc)
+    if after_init is not None:
+        after_init()  # returns in a forked instance
+        conn.close()
+        environ.pop("IMPULS_RUNTIME_API_SOCKET", None)
+        _context_from(environ)
+        try:
+            hooks.run(hooks.after_restore)
+        except BaseException as exc:
+            _init_error(conn, exc)
+    _serve(conn, handler)
+
+
+def _init_error(conn: _Connection, exc: BaseException) -> None:
+    """Report a failed init to the Runtime API and exit."""
+    error_body, error_headers = _error_request(exc)
+    _flush()
+    conn.post(_RUNTIME + b"/init/error", error_body, error_headers)
+    sys.exit(1)
+
+
+class _RuntimeHooks:
+    """The module ``snapshot_restore_py`` (as in Lambda's Python runtimes): functions register
+    hooks with ``register_before_snapshot`` and ``register_after_restore`` (as decorators or
+    calls with arguments).  Under init once (docs/init-once.md) the version template runs the
+    first after the init, last registered first, and every forked instance the second, in
+    order, before its first call; otherwise they never run.  A module of that name in the
+    function's own code is shadowed."""
+
+    def __init__(self) -> None:
+        self.before_snapshot: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = []
+        self.after_restore: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = []
+        module = type(sys)("snapshot_restore_py")
+        module.register_before_snapshot = self._register(self.before_snapshot)  # type: ignore[attr-defined]
+        module.register_after_restore = self._register(self.after_restore)  # type: ignore[attr-defined]
+        module.get_before_snapshot = lambda: list(self.before_snapshot)  # type: ignore[attr-defined]
+        module.get_after_restore = lambda: list(self.after_restore)  # type: ignore[attr-defined]
+        sys.modules["snapshot_restore_py"] = module
+
+    @staticmethod
+    def _register(hooks: "list[Any]") -> "Callable[..., Any]":
+        def register(func: "Callable[..., Any]", *args: "Any", **kwargs: "Any") -> "Callable[..., Any]":
+            hooks.append((func, args, kwargs))
+            return func
+        return register
+
+    @staticmethod
+    def run(hooks: "list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]]") -> None:
+        for func, args, kwargs in hooks:
+            func(*args, **kwargs)
+
+
+def _context_from(environ: "Any") -> None:
+    """The per-function fields of ``LambdaContext``, from the environment."""
     LambdaContext.function_name = environ.get("AWS_LAMBDA_FUNCTION_NAME", "")
     LambdaContext.function_version = environ.get("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
     try:
@@ -693,19 +762,6 @@ def main() -> None:
         LambdaContext.memory_limit_in_mb = 0
     LambdaContext.log_group_name = environ.get("AWS_LAMBDA_LOG_GROUP_NAME", "")
     LambdaContext.log_stream_name = environ.get("AWS_LAMBDA_LOG_STREAM_NAME", "")
-
-    conn = _Connection(api, unix_path)
-    try:
-        handler = _load_handler(environ.get("_HANDLER", ""))
-        code = getattr(handler, "__code__", None)
-        if code is not None and code.co_flags & 0x380:  # CO_(ITERABLE_)COROUTINE, CO_ASYNC_GENERATOR
-            _run_awaitable(_noop())  # create the event loop during init, not on first call
-    except BaseException as exc:
-        error_body, error_headers = _error_request(exc)
-        _flush()
-        conn.post(_RUNTIME + b"/init/error", error_body, error_headers)
-        sys.exit(1)
-    _serve(conn, handler)
 
 
 async def _noop() -> None:

@@ -99,6 +99,10 @@ class BwrapSpec:
       uid).  Only for a trusted *template* process that builds per-instance
       namespaces and drops everything before function code runs; never with
       function code as the command.
+    * ``nested_userns``: leave out ``--disable-userns``, so that processes
+      inside may create user namespaces (where the seccomp filter lets
+      them).  Only for the template that forks version templates
+      (docs/init-once.md): they make each forked instance's namespaces.
     """
 
     command: Sequence[str]
@@ -114,6 +118,7 @@ class BwrapSpec:
     seccomp_fd: int | None = None
     data_fds: Mapping[str, int] = field(default_factory=dict)
     cap_add: Sequence[str] = ()
+    nested_userns: bool = False
     bwrap: str = BWRAP
 
 
@@ -151,7 +156,8 @@ def build(spec: BwrapSpec) -> BwrapCommand:
     """Turn ``spec`` into the bwrap command line.  The sandbox it describes:
 
     * new user, pid, net (only ``lo``), ipc, uts (``--hostname``) and cgroup
-      namespaces; nested user namespaces disabled (``--disable-userns``);
+      namespaces; nested user namespaces disabled (``--disable-userns``)
+      unless ``nested_userns``;
     * runs as ``spec.uid``/``spec.gid`` with no capabilities (``--cap-drop
       ALL``), ``no_new_privs`` (bwrap sets it), a new session and SIGKILL when
       bwrap's parent dies;
@@ -186,7 +192,7 @@ def build(spec: BwrapSpec) -> BwrapCommand:
 
     o: list[str] = [
         "--unshare-user", "--uid", str(spec.uid), "--gid", str(spec.gid),
-        "--disable-userns",
+        *(() if spec.nested_userns else ("--disable-userns",)),
         "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
         "--unshare-cgroup-try",
         "--hostname", spec.hostname,

@@ -15,7 +15,7 @@ import shutil
 import signal
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +27,17 @@ from impuls.sandbox.namespace.bwrap_launch import BwrapLauncher, BwrapRuntime
 from impuls.sandbox.namespace.launch import (
     SANDBOX_GID,
     SANDBOX_UID,
+    Launched,
     LaunchedRuntime,
     Launcher,
     LauncherUnavailable,
     LaunchFailed,
     SandboxLost,
 )
-from impuls.sandbox.namespace.template import TEMPLATE_MAX_AGE, TEMPLATE_MAX_FORKS
+from impuls.sandbox.namespace.template import TEMPLATE_MAX_AGE, TEMPLATE_MAX_FORKS, TemplateLauncher
 from impuls.sandbox.namespace.tmpdisk import TmpDisks
+from impuls.sandbox.namespace.versions import POOL_SIZE as VERSION_POOL_SIZE
+from impuls.sandbox.namespace.versions import VersionTemplates
 from impuls.sandbox.runtime_api import Invocation, RuntimeAPI, RuntimeReply
 
 log = logging.getLogger("impuls.sandbox.namespace.driver")
@@ -219,6 +222,14 @@ class NamespaceDriver(SandboxDriver):
         else:
             self.launcher = launcher(host, runtimes, self.tmp_disks)
         self._live: dict[str, str] = {}  # instance id -> cgroup name
+        #: init once, fork many (docs/init-once.md): with the template launcher only
+        self.versions: VersionTemplates | None = None
+        if isinstance(self.launcher, TemplateLauncher) and self.launcher.python is not None:
+            self.versions = VersionTemplates(
+                TemplateLauncher(host, runtimes.available(), self.tmp_disks, pool_size=VERSION_POOL_SIZE,
+                                 template_max_forks=template_max_forks,
+                                 template_max_age=template_max_age, hosts_versions=True),
+                host, self._create)
         # A driver dropped without close() (tests) takes its sandboxes with it.
         self._finalizer = weakref.finalize(self, _remove_all, host)
 
@@ -226,17 +237,56 @@ class NamespaceDriver(SandboxDriver):
         """Start an instance (see ``SandboxDriver.create``).  A pre-built sandbox that died
         before it took the function is replaced once at once; a second loss in a row is
         ``SandboxKilled`` (the engine may then start the instance again), as is a runtime
-        killed from outside while it initialised."""
+        killed from outside while it initialised.  An ``init_once`` Python function's
+        instance is forked from its version's template (docs/init-once.md) once there is
+        one; the first start of a version runs its own init while the template starts."""
         try:
-            return await self._create(spec)
+            return await self._start(spec)
         except SandboxLost as exc:  # a pre-built sandbox died under us: once more, on a new one
             log.info("instance %s: %s; retrying", spec.instance_id, exc)
         try:
-            return await self._create(spec)
+            return await self._start(spec)
         except SandboxLost as exc:
             raise SandboxKilled(f"{exc.message}, twice in a row", exc.logs) from exc
 
-    async def _create(self, spec: InstanceSpec) -> Instance:
+    async def _start(self, spec: InstanceSpec) -> Instance:
+        versions = self.versions
+        if versions is None or not versions.serves(spec):
+            return await self._create(spec)
+        template = await versions.find(spec)
+        if versions.unavailable is not None:
+            await self._no_versions(versions, versions.unavailable)
+            return await self._create(spec)
+        if template is None:  # this start inits; the version's template starts meanwhile
+            versions.prepare(spec)
+            return await self._create(spec)
+        try:
+            instance = await self._create(spec, lambda path: template.fork(spec, path))
+        except SandboxLost:
+            raise
+        except SandboxStartFailed as exc:
+            if versions.forked_once:
+                raise
+            # The very first fork failed: this host cannot fork instances from a version
+            # template (no nested user namespaces, say).  Start them as before.
+            await self._no_versions(versions, exc)
+            return await self._create(spec)
+        versions.forked_once = True
+        return instance
+
+    async def _no_versions(self, versions: VersionTemplates, exc: SandboxStartFailed) -> None:
+        """Give up version templates on this host: every instance runs its own init."""
+        if self.versions is versions:
+            log.warning("namespace sandbox: cannot fork instances from version templates here (%s); "
+                        "every instance runs its own init instead", exc)
+            self.versions = None
+            await versions.close()
+
+    async def _create(self, spec: InstanceSpec,
+                      launch: Callable[[Path], Awaitable[Launched]] | None = None,
+                      prepare: Callable[[NamespaceInstance], None] | None = None) -> NamespaceInstance:
+        """Start one instance with ``launch`` (default: the launcher's) and wait until it
+        is ready; ``prepare`` sees it before the wait."""
         api = RuntimeAPI()
         run_dir = self.run_root / spec.instance_id
         try:
@@ -244,12 +294,15 @@ class NamespaceDriver(SandboxDriver):
             socket_path = run_dir / "runtime.sock"
             with _bindable(socket_path) as bind_path:
                 await api.listen_unix(bind_path)
-            try:
-                launched = await self.launcher.launch(spec, socket_path)
-            except LauncherUnavailable as exc:
-                if not self._fall_back(exc):
-                    raise
-                launched = await self.launcher.launch(spec, socket_path)
+            if launch is not None:
+                launched = await launch(socket_path)
+            else:
+                try:
+                    launched = await self.launcher.launch(spec, socket_path)
+                except LauncherUnavailable as exc:
+                    if not self._fall_back(exc):
+                        raise
+                    launched = await self.launcher.launch(spec, socket_path)
         except (OSError, SandboxStartFailed, ValueError) as exc:
             api.close()
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -257,6 +310,8 @@ class NamespaceDriver(SandboxDriver):
                 raise
             raise SandboxStartFailed(f"cannot start a {spec.runtime.id} sandbox: {exc}") from exc
         instance = NamespaceInstance(spec, api, launched.cgroup, launched.runtime, run_dir, self._live)
+        if prepare is not None:
+            prepare(instance)
         await instance.ready_or_destroyed(INIT_TIMEOUT)
         return instance
 
@@ -264,7 +319,8 @@ class NamespaceDriver(SandboxDriver):
         """Kill and remove every cgroup and socket directory this data directory's
         previous server left behind; only this server's own cgroup parent,
         ``impuls/<hash of the work dir>``, is touched."""
-        keep = frozenset({*self._live.values(), *self.launcher.cgroup_names()})
+        keep = frozenset({*self._live.values(), *self.launcher.cgroup_names(),
+                          *(self.versions.cgroup_names() if self.versions is not None else ())})
         try:
             removed = await asyncio.to_thread(self.cgroups.reap_stale, keep)
         except cgroups.CgroupError as exc:
@@ -293,9 +349,19 @@ class NamespaceDriver(SandboxDriver):
         self.launcher = BwrapLauncher(self.cgroups)
         return True
 
+    def retire_templates(self, function_name: str, version: str | None = None) -> None:
+        if self.versions is not None:
+            self.versions.retire(function_name, version)
+
+    def expire_templates(self, idle_timeout: float) -> int:
+        return self.versions.expire_idle(idle_timeout) if self.versions is not None else 0
+
     async def close(self) -> None:
-        """Stop the launcher; the cgroup parent goes too once no instance is left in it."""
+        """Stop the launchers; the cgroup parent goes too once no instance is left in it."""
+        if self.versions is not None:
+            await self.versions.close()
         await self.launcher.close()
+        self.tmp_disks.close()
         if not self._live:
             await asyncio.to_thread(self._finalizer)
 

@@ -14,8 +14,10 @@ from impuls.errors import SandboxStartFailed
 __all__ = [
     "DENIED_SYSCALLS",
     "NAMESPACE_CLONE_FLAGS",
+    "TEMPLATE_ALLOWED_SYSCALLS",
     "SeccompError",
     "build_filter_bpf",
+    "build_version_template_filter_bpf",
 ]
 
 
@@ -63,10 +65,18 @@ NAMESPACE_CLONE_FLAGS: dict[str, int] = {
     "CLONE_NEWNET": 0x40000000,
 }
 
+#: What the filter of a version template (a Python function initialised once, see
+#: docs/init-once.md) allows beyond the instance filter: to make the namespaces of each
+#: instance it forks, it may ``unshare`` -- only together with a new user namespace, so
+#: that every namespace it makes is owned by that user namespace and grants nothing
+#: over the template's own -- and mount inside them.  Each instance installs the full
+#: filter on top (filters stack, the strictest answer wins) before it serves a call.
+TEMPLATE_ALLOWED_SYSCALLS: tuple[str, ...] = ("unshare", "mount", "move_mount")
+
 _PERSONALITY_QUERY = 0xFFFFFFFF
 
 _lock = threading.Lock()
-_cached: bytes | None = None
+_cached: dict[bool, bytes] = {}
 
 
 def build_filter_bpf() -> bytes:
@@ -85,16 +95,27 @@ def build_filter_bpf() -> bytes:
     to EOF; a descriptor is consumed by one bwrap run (see
     ``impuls.sandbox.namespace.bwrap.data_fd``).
     """
-    global _cached
-    if _cached is not None:
-        return _cached
+    return _cached_filter(version_template=False)
+
+
+def build_version_template_filter_bpf() -> bytes:
+    """The filter of a version template process (as ``build_filter_bpf``, same contract):
+    the instance filter but for ``TEMPLATE_ALLOWED_SYSCALLS``, and ``unshare`` only with
+    ``CLONE_NEWUSER``."""
+    return _cached_filter(version_template=True)
+
+
+def _cached_filter(version_template: bool) -> bytes:
+    cached = _cached.get(version_template)
+    if cached is not None:
+        return cached
     with _lock:
-        if _cached is None:
-            _cached = _build()
-        return _cached
+        if version_template not in _cached:
+            _cached[version_template] = _build(version_template)
+        return _cached[version_template]
 
 
-def _build() -> bytes:
+def _build(version_template: bool = False) -> bytes:
     # pyseccomp (a ctypes binding to libseccomp.so.2) is imported here, so that
     # importing this module never fails on a host without libseccomp.
     try:
@@ -125,8 +146,11 @@ def _build() -> bytes:
 
         for name in DENIED_SYSCALLS:
             nr = _resolve(sc, name)
-            if nr is not None:
+            if nr is not None and not (version_template and name in TEMPLATE_ALLOWED_SYSCALLS):
                 flt.add_rule(eperm, nr)
+        if version_template:
+            new_user = NAMESPACE_CLONE_FLAGS["CLONE_NEWUSER"]
+            flt.add_rule(eperm, _require(sc, "unshare"), sc.Arg(0, sc.MASKED_EQ, new_user, 0))
 
         # clone3's flags live in a struct in memory that seccomp cannot inspect,
         # so it cannot be filtered by flag: ENOSYS makes glibc (>= 2.34) and musl

@@ -127,7 +127,8 @@ class SlotControl:
     # --- assignment --------------------------------------------------------------------
 
     def send_assignment(self, request: bytes, fds: list[int], output_fd: int) -> None:
-        """Send the assignment: JSON and four descriptors (code, socket, output pipe, /tmp)."""
+        """Send the assignment: JSON and four descriptors (code, socket, output pipe, /tmp;
+        a version template's fork channel fifth)."""
         if self._ctl is None or self.exited.done():
             raise SlotGone(f"the sandbox slot is gone{': ' + self.error if self.error else ''}")
         if not self.runtime_waiting:
@@ -141,6 +142,11 @@ class SlotControl:
             if exc.errno in _GONE:
                 raise SlotGone(f"the sandbox slot is gone: {exc}") from exc
             raise LaunchFailed(f"cannot hand the function to its sandbox: {exc}") from exc
+        self._pump = OutputPump(self.loop, output_fd)
+
+    def read_output(self, output_fd: int) -> None:
+        """Capture the instance's output from ``output_fd`` (a forked instance's: it
+        gets no assignment)."""
         self._pump = OutputPump(self.loop, output_fd)
 
     # --- control messages ----------------------------------------------------------------
@@ -262,16 +268,18 @@ class Slot:
             not self.control.exited.done() and self.control.runtime_waiting
 
     def assign(self, request: bytes, code_dir: Path, socket_path: Path, memory_mb: int,
-               cpu_weight: int, tmp_fd: int) -> None:
+               cpu_weight: int, tmp_fd: int, channel: int | None = None) -> None:
         """Bind the slot to one instance: limits, code, Runtime API socket, output pipe,
-        ``/tmp`` (a detached mount, closed here).  Raises ``LaunchFailed``, never ``OSError``."""
+        ``/tmp`` (a detached mount, closed here) (and, for a version template, the
+        ``channel`` its fork requests come on).  Raises ``LaunchFailed``, never ``OSError``."""
         code_fd = sock_fd = out_r = out_w = -1
         try:
             self.cgroup.set_limits(memory_mb, cpu_weight)
             code_fd = detached_mount(code_dir)
             sock_fd = detached_mount(socket_path)
             out_r, out_w = os.pipe2(os.O_CLOEXEC)
-            self.control.send_assignment(request, [code_fd, sock_fd, out_w, tmp_fd], out_r)
+            fds = [code_fd, sock_fd, out_w, tmp_fd, *([] if channel is None else [channel])]
+            self.control.send_assignment(request, fds, out_r)
         except OSError as exc:
             close_fds(out_r)
             raise LaunchFailed(f"cannot prepare the sandbox: {exc}") from exc

@@ -140,9 +140,12 @@ class TemplateProcess:
 
     @classmethod
     async def start(cls, host: cgroups.CgroupHost, runtimes: list[Runtime], interpreter: str,
-                    uid: int, gid: int, name: str | None = None) -> TemplateProcess:
+                    uid: int, gid: int, name: str | None = None,
+                    hosts_versions: bool = False) -> TemplateProcess:
         """Start a template on ``interpreter`` knowing ``runtimes``' clients, in cgroup
-        ``name`` (default: a new ``template-*``); TemplateUnavailable."""
+        ``name`` (default: a new ``template-*``); TemplateUnavailable.  One that
+        ``hosts_versions`` forks version templates (docs/init-once.md): its sandbox
+        allows nested user namespaces and holds the version template filter."""
         cgroup = host.create(name or f"template-{uuid.uuid4().hex[:8]}", TEMPLATE_MEMORY_MB,
                              TEMPLATE_PIDS_MAX, 100)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -151,13 +154,13 @@ class TemplateProcess:
         args_r = args_w = out_r = out_w = -1
         proc: subprocess.Popen[bytes] | None = None
         try:
-            fds = _template_files(runtimes, uid, gid)
+            fds = _template_files(runtimes, uid, gid, hosts_versions)
             command = bwrap.build(bwrap.BwrapSpec(
                 command=[interpreter, f"{RUNTIME_DIR}/zygote.py", str(theirs.fileno()),
                          "impuls-namespace-template"],
                 code_dir=None, host_paths=sorted({p for rt in runtimes for p in rt.host_paths}),
                 tmp_mb=1, shm_mb=0, uid=uid, gid=gid, env={"PATH": DEFAULT_PATH, "LANG": "C.UTF-8"},
-                data_fds=fds, cap_add=TEMPLATE_CAPS))
+                data_fds=fds, cap_add=TEMPLATE_CAPS, nested_userns=hosts_versions))
             args_r, args_w = os.pipe()
             out_r, out_w = os.pipe()
             argv, payload = command.argv_with_args_fd(args_r)
@@ -350,12 +353,15 @@ class _LogCapture(OutputCapture):
         log.warning("template process: %s", data.decode("utf-8", "replace").rstrip())
 
 
-def _template_files(runtimes: list[Runtime], uid: int, gid: int) -> dict[str, int]:
-    """The template sandbox's generated files: /etc, runtime clients, filter, mount point."""
+def _template_files(runtimes: list[Runtime], uid: int, gid: int,
+                    hosts_versions: bool = False) -> dict[str, int]:
+    """The template sandbox's generated files: /etc, runtime clients, filters, mount point."""
     files = dict(bwrap.etc_files(uid, gid))
     files[bwrap.RUNTIME_SOCKET] = b""
     files[f"{RUNTIME_DIR}/zygote.py"] = ZYGOTE_SOURCE.read_bytes()
     files[f"{RUNTIME_DIR}/seccomp.bpf"] = seccomp.build_filter_bpf()
+    if hosts_versions:
+        files[f"{RUNTIME_DIR}/seccomp-template.bpf"] = seccomp.build_version_template_filter_bpf()
     for rt in runtimes:
         if rt.bootstrap is not None:
             files[f"{RUNTIME_DIR}/{rt.bootstrap.name}"] = rt.bootstrap.read_bytes()
@@ -413,7 +419,7 @@ class TemplateLauncher:
                  uid: int = SANDBOX_UID, gid: int = SANDBOX_GID, pool_size: int = POOL_SIZE,
                  template_max_forks: int = TEMPLATE_MAX_FORKS,
                  template_max_age: float = TEMPLATE_MAX_AGE,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, hosts_versions: bool = False) -> None:
         if template_max_forks < 1 or not template_max_age > 0:
             raise ValueError("template_max_forks must be at least 1 and template_max_age positive")
         self.host = host
@@ -427,6 +433,8 @@ class TemplateLauncher:
         self.uid, self.gid = uid, gid
         self.tmp_disks = tmp_disks
         self.pool_size = pool_size
+        #: its template forks version templates (``launch(..., channel=)``), not instances
+        self.hosts_versions = hosts_versions
         self.max_forks, self.max_age, self.clock = template_max_forks, template_max_age, clock
         self.rotations = 0  # templates replaced so far
         self.rotation_failures = 0  # replacements that could not be started
@@ -458,14 +466,15 @@ class TemplateLauncher:
         self._refill()
         self.tmp_disks.want(DEFAULT_TMP_MB)
 
-    async def launch(self, spec: InstanceSpec, socket_path: Path) -> Launched:
+    async def launch(self, spec: InstanceSpec, socket_path: Path, channel: int | None = None) -> Launched:
         """Take a slot (or build one at once when the pool is empty), set its cgroup's
         limits and hand it the function: a detached read-only mount of its code
         (``open_tree``, made by the server, so code below a 0700 parent works), a
         detached mount of the Runtime API socket, the output pipe and the
         environment.  Raises ``LaunchFailed`` (never ``OSError``), leaving nothing
-        behind."""
-        request = self._request(spec)
+        behind.  With ``channel`` (a socket), the slot becomes a version template
+        of ``spec``'s Python function (docs/init-once.md) that takes fork requests on it."""
+        request = self._request(spec, template=channel is not None)
         for attempt in range(1, BUILD_ATTEMPTS + 1):
             if self._closed:
                 raise LaunchFailed("the namespace sandbox is closed")
@@ -473,7 +482,7 @@ class TemplateLauncher:
             try:
                 tmp_fd = await self.tmp_disks.take(spec.ephemeral_storage_mb)
                 slot.assign(request, spec.code_dir, socket_path, spec.memory_mb, cpu_weight(spec.memory_mb),
-                            tmp_fd)
+                            tmp_fd, channel)
             except SlotGone as exc:  # killed (or its template was) since it was built
                 await slot.discard()
                 if attempt == BUILD_ATTEMPTS:
@@ -491,7 +500,6 @@ class TemplateLauncher:
 
     async def close(self) -> None:
         self._closed = True
-        self.tmp_disks.close()
         if self._timer is not None:
             self._timer.cancel()
         tasks = [*self._fillers, *([self._rotation] if self._rotation is not None else [])]
@@ -639,7 +647,7 @@ class TemplateLauncher:
         self._starting.add(name)
         try:
             return await TemplateProcess.start(self.host, self.runtimes, self.interpreter, self.uid,
-                                               self.gid, name)
+                                               self.gid, name, self.hosts_versions)
         finally:
             self._starting.discard(name)
 
@@ -766,15 +774,23 @@ class TemplateLauncher:
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
 
-    def _request(self, spec: InstanceSpec) -> bytes:
+    def preloads(self, runtime: Runtime) -> bool:
+        """Instances of ``runtime`` run in the template's own interpreter, its client
+        already imported (rather than ``exec`` of their own)."""
+        return (self.python is not None and runtime.bootstrap == self.python.bootstrap
+                and runtime.interpreter == self.python.interpreter == self.interpreter)
+
+    def _request(self, spec: InstanceSpec, template: bool = False) -> bytes:
         rt = spec.runtime
         argv = sandbox_command(spec)
         if rt.bootstrap is not None and rt.bootstrap.name not in self._bootstraps:
             raise LaunchFailed(f"runtime {rt.id} is not known to the sandbox template")
-        preloaded = (self.python is not None and rt.bootstrap == self.python.bootstrap
-                     and rt.interpreter == self.python.interpreter == self.interpreter)
+        preloaded = self.preloads(rt)
+        if template and not (preloaded and self.hosts_versions):
+            raise LaunchFailed(f"runtime {rt.id} cannot be initialised once in this sandbox template")
+        mode = "template" if template else "python" if preloaded else "exec"
         return json.dumps({
-            "id": spec.instance_id, "mode": "python" if preloaded else "exec", "argv": argv,
+            "id": spec.instance_id, "mode": mode, "argv": argv,
             "env": sandbox_env(spec), "relay": not rt.unix_socket_client,
             "shm_mb": SHM_MB,
         }).encode()

@@ -16,6 +16,7 @@ import resource
 import selectors
 import signal
 import socket
+import stat
 import struct
 import sys
 import time
@@ -25,14 +26,20 @@ RUNTIME_DIR = "/var/runtime"
 TASK_DIR = "/var/task"
 SOCKET_PATH = "/run/impuls/runtime.sock"
 SECCOMP_FILE = RUNTIME_DIR + "/seccomp.bpf"
+#: the filter of a version template: SECCOMP_FILE's but for unshare with a new user
+#: namespace and mounting (impuls.sandbox.namespace.seccomp.TEMPLATE_ALLOWED_SYSCALLS)
+TEMPLATE_SECCOMP_FILE = RUNTIME_DIR + "/seccomp-template.bpf"
 PYTHON_BOOTSTRAP = RUNTIME_DIR + "/bootstrap.py"
 MAX_REQUEST = 256 * 1024
-FD_SIZE = struct.calcsize("4i")
+FD_SIZE = struct.calcsize("5i")  # at most: code, socket, output, /tmp, a fork channel
 RELAY_ADDRESS = ("127.0.0.1", 9001)
 RELAY_CHUNK = 65536
 
 CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS = 0x00020000, 0x02000000, 0x04000000
 CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x08000000, 0x20000000, 0x40000000
+CLONE_NEWUSER = 0x10000000
+#: the descriptor a version template's fork requests arrive on (kept across closerange)
+TEMPLATE_FD = 3
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 AT_FDCWD, MOVE_MOUNT_F_EMPTY_PATH, SYS_MOVE_MOUNT = -100, 4, 429
@@ -103,13 +110,16 @@ class Zygote:
 
     def __init__(self, control_fd: int) -> None:
         self.control = socket.socket(fileno=control_fd)
-        with open(SECCOMP_FILE, "rb") as f:
-            bpf = f.read()
-        self._bpf = ctypes.create_string_buffer(bpf, len(bpf))
-        self.fprog = _SockFprog(len(bpf) // 8, ctypes.addressof(self._bpf))
+        self._filters = [_load_filter(SECCOMP_FILE)]
+        self.fprog = self._filters[0][1]
+        self.template_fprog: _SockFprog | None = None
+        if os.path.exists(TEMPLATE_SECCOMP_FILE):
+            self._filters.append(_load_filter(TEMPLATE_SECCOMP_FILE))
+            self.template_fprog = self._filters[1][1]
         with open("/proc/sys/kernel/cap_last_cap") as f:
             self.cap_last = int(f.read())
         self.bootstrap: Any = None
+        self._argv: list[bytes] = []  # a version template's runtime command line
         if os.path.exists(PYTHON_BOOTSTRAP):
             self.bootstrap = importlib.import_module("bootstrap")  # sys.path[0] is /var/runtime
         self.arg_area = _arg_area()
@@ -184,10 +194,11 @@ class Zygote:
         and send ``ready`` with our credentials (the server can then kill the whole
         instance by killing B).
 
-        Then the assignment: JSON (``id``, ``argv``, ``env``, ``mode``, ``tmp_mb``,
-        ``shm_mb``, ``relay``) with three descriptors -- a detached read-only mount
-        of the code directory (``open_tree``), a detached mount of the Runtime API
-        socket, and the write end of the stdout/stderr pipe.  B attaches them
+        Then the assignment: JSON (``id``, ``argv``, ``env``, ``mode``, ``shm_mb``,
+        ``relay``) with four descriptors -- a detached read-only mount of the code
+        directory (``open_tree``), a detached mount of the Runtime API socket, the write
+        end of the stdout/stderr pipe and a detached mount of the instance's ``/tmp``
+        disk (a version template: its fork channel fifth).  B attaches them
         (``_assign``), answers ``assigned``, hands the assignment to C, drops its
         privileges like C, and becomes the namespace's reaper: when C exits it
         sends ``exit <status>`` and exits, which kills whatever is left in the
@@ -197,15 +208,10 @@ class Zygote:
         """
         code = 1
         try:
-            _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-            for name in PROC_READ_ONLY:
-                path = f"/proc/{name}"
-                if os.path.exists(path):
-                    _mount(path, path, None, MS_BIND | MS_REC)
-                    _mount(None, path, None,
-                           MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
-            _mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC,
-                   "newinstance,ptmxmode=0666,mode=620")
+            # A version template's /proc must be "fully visible" (no read-only entries
+            # over it): the kernel lets the instances it forks, in user namespaces of their
+            # own, mount a /proc only then; they make their own entries read-only.
+            _mount_proc_and_pts(read_only_entries=self.template_fprog is None)
             to_runtime, for_runtime = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             runtime = os.fork()
             if runtime == 0:
@@ -221,13 +227,13 @@ class Zygote:
             if not msg:
                 raise SystemExit(0)  # the server gave the slot up
             fds = _fds(ancdata)
-            if len(fds) != 4:
-                raise SetupError(f"expected 4 descriptors, got {len(fds)}")
+            if len(fds) not in (4, 5):  # code, socket, output, /tmp (a version template: its channel)
+                raise SetupError(f"expected 4 or 5 descriptors, got {len(fds)}")
             request = json.loads(msg)
             listener = self._assign(request, fds[0], fds[1], fds[3])
             ctl.send(b"assigned")
             to_runtime.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                        struct.pack("i", fds[2]))])
+                                        struct.pack(f"{len(fds) - 3}i", fds[2], *fds[4:]))])
             _close_all(fds)
             to_runtime.close()
             _set_title(self.arg_area, [b"impuls-init", str(request["id"]).encode()])
@@ -252,10 +258,7 @@ class Zygote:
         _move_mount(sock_fd, SOCKET_PATH)  # connect() needs no write access to the mount
         _mount(None, SOCKET_PATH, None,
                MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
-        flags = MS_NOSUID | MS_NODEV
-        _move_mount(tmp_fd, "/tmp")
-        _mount("tmpfs", "/dev/shm", "tmpfs", flags | MS_NOEXEC,
-               f"size={int(request['shm_mb'])}m,mode=0755")
+        _mount_scratch(tmp_fd, int(request["shm_mb"]))
         return _relay_listener() if request.get("relay") else None
 
     # --- C: the runtime ----------------------------------------------------------------------
@@ -264,28 +267,45 @@ class Zygote:
         """C: once assigned, start a new session, take the pipe as stdout/stderr,
         ``/dev/null`` as stdin, ``/var/task`` as working directory and exactly the
         instance's environment, ``lock_down``, and only then either call the
-        preloaded runtime client's ``main()`` (``mode: python``) or ``execve`` argv."""
+        preloaded runtime client's ``main()`` (``mode: python``) or ``execve`` argv.
+
+        ``mode: template`` makes C a version template (docs/init-once.md): it locks
+        down with the template filter, runs the client's init (the function's
+        import) and, instead of serving calls, forks instances on the requests that
+        come on the fourth descriptor of the assignment (``_serve_forks``)."""
         code = 1
         try:
             msg, ancdata, _, _ = assignment.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(FD_SIZE))
             fds = _fds(ancdata)
-            if not msg or len(fds) != 1:
+            if not msg or len(fds) not in (1, 2):
                 raise SystemExit(0)  # the slot was given up
             assignment.close()
             request = json.loads(msg)
+            template = request["mode"] == "template"
+            if template and (len(fds) != 2 or self.template_fprog is None or self.bootstrap is None):
+                raise SetupError("this sandbox cannot host a version template")
             os.setsid()
             null = os.open("/dev/null", os.O_RDONLY)
             os.dup2(null, 0)
             os.dup2(fds[0], 1)
             os.dup2(fds[0], 2)
-            os.closerange(3, _max_fd())
+            if template:
+                os.dup2(fds[1], TEMPLATE_FD)
+            os.closerange(TEMPLATE_FD + 1 if template else 3, _max_fd())
             os.chdir(TASK_DIR)
             env: dict[str, str] = request["env"]
             os.environ.clear()
             os.environ.update(env)
             time.tzset()
-            self.lock_down()
+            self.lock_down(self.template_fprog if template else None)
             argv = [a.encode() for a in request["argv"]]
+            if template:  # named apart from the runtimes that serve calls
+                _set_title(self.arg_area, [b"impuls-template", str(request["id"]).encode()])
+                self._argv = argv
+                sys.argv = list(request["argv"][1:])
+                fork_server = socket.socket(fileno=TEMPLATE_FD)
+                code = _run_python(self.bootstrap, lambda: self._serve_forks(fork_server))
+                return
             if request["mode"] != "python" or self.bootstrap is None:
                 try:
                     os.execve(argv[0], argv, env)
@@ -303,9 +323,10 @@ class Zygote:
         finally:
             os._exit(code)
 
-    def lock_down(self) -> None:
+    def lock_down(self, fprog: _SockFprog | None = None) -> None:
         """Drop every capability for good (bounding, ambient, effective, permitted,
-        inheritable), set no_new_privs, install the seccomp filter."""
+        inheritable), set no_new_privs, install the seccomp filter (``fprog``: another
+        one, the version template's)."""
         for cap in range(self.cap_last + 1):
             _prctl(PR_CAPBSET_DROP, cap, what="drop bounding capability")
         _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, what="clear ambient capabilities")
@@ -314,17 +335,185 @@ class Zygote:
         _check(_libc.capset(ctypes.byref(header), ctypes.byref(data)), "capset")
         resource.setrlimit(resource.RLIMIT_NOFILE, (INSTANCE_OPEN_FILES, INSTANCE_OPEN_FILES))
         _prctl(PR_SET_NO_NEW_PRIVS, 1, what="no_new_privs")
-        _prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(self.fprog), what="seccomp")
+        _prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog or self.fprog), what="seccomp")
+
+    # --- V: a version template and the instances it forks ----------------------------------
+
+    def _serve_forks(self, requests: socket.socket) -> None:
+        """V, the version template, once the function's init succeeded: say ``ready`` on
+        ``requests`` and fork one instance slot per request -- JSON (``shm_mb``) with two
+        descriptors, the slot's control socket and its ``/tmp`` (a detached mount of its
+        disk, which gets a copy of what the init left in ``/tmp``).  Returns only in a
+        forked instance's runtime process, once it is assigned and ready to serve
+        (``_fork_slot``); exits when the server closes ``requests``."""
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # its children are reaped by the kernel
+        requests.send(b"ready")
+        while True:
+            try:
+                msg, ancdata, _, _ = requests.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(FD_SIZE),
+                                                      socket.MSG_CMSG_CLOEXEC)
+            except InterruptedError:
+                continue
+            if not msg:
+                _flush_output()
+                os._exit(0)  # retired: the server closed the channel
+            fds = _fds(ancdata)
+            if len(fds) != 2:  # the slot's control socket, its /tmp
+                _close_all(fds)
+                continue
+            _flush_output()
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                _report(fds[0], f"fork failed: {exc}")
+                pid = -1
+            if pid == 0:
+                requests.close()
+                self._fork_slot(json.loads(msg), fds[0], fds[1])
+                return  # in the instance's runtime, which goes on to serve calls
+            _close_all(fds)
+
+    def _fork_slot(self, request: dict[str, Any], ctl_fd: int, tmp_fd: int) -> None:
+        """X, forked from V: like A (report our pid, wait for ``go``: we are in the
+        slot's cgroup), but the namespaces are made in a new user namespace of our own
+        -- V has no capability to give -- mapping the sandbox uid to itself; then fork Y
+        (the instance's pid 1, ``_fork_init``) and exit.  Returns only in the
+        instance's runtime process."""
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        _set_title(self.arg_area, [b"impuls-slot"])  # only the template itself shows its name
+        ctl = socket.socket(fileno=ctl_fd)
+        try:
+            creds = struct.pack("3i", os.getpid(), os.getuid(), os.getgid())
+            ctl.sendmsg([b"pid"], [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, creds)])
+            if ctl.recv(16) != b"go":
+                raise SetupError("the server did not confirm the cgroup")
+            uid, gid = os.geteuid(), os.getegid()
+            _check(_libc.unshare(ctypes.c_int(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC
+                                              | CLONE_NEWUTS | CLONE_NEWPID | CLONE_NEWCGROUP)), "unshare")
+            for name, text in (("uid_map", f"{uid} {uid} 1"), ("setgroups", "deny"),
+                               ("gid_map", f"{gid} {gid} 1")):
+                with open(f"/proc/self/{name}", "w") as f:
+                    f.write(text)
+            _mount(None, "/", None, MS_REC | MS_PRIVATE)
+            _loopback_up()
+            if os.fork() == 0:
+                self._fork_init(ctl, request, tmp_fd)
+                return
+        except BaseException as exc:
+            _report(ctl.fileno(), _describe(exc))
+            os._exit(1)
+        os._exit(0)
+
+    def _fork_init(self, ctl: socket.socket, request: dict[str, Any], tmp_fd: int) -> None:
+        """Y, pid 1 of the forked instance: its own ``/proc``, ``/dev/pts``, ``/tmp`` (a
+        copy of what the init left in the template's) and ``/dev/shm``; fork the runtime
+        (Z), send ``ready`` and wait for the assignment -- JSON (``id``, ``env``) with
+        two descriptors, a detached mount of the Runtime API socket and the output
+        pipe.  Then, as B: attach the socket, answer ``assigned``, hand the rest to Z,
+        lock down and reap until Z exits.  Returns only in Z (``_become_instance``)."""
+        code = 1
+        try:
+            _mount_proc_and_pts()
+            init_tmp = os.open("/tmp", os.O_RDONLY | os.O_DIRECTORY)  # the template's, hidden next
+            _mount_scratch(tmp_fd, int(request["shm_mb"]))
+            os.close(tmp_fd)
+            _copy_tree(init_tmp, "/tmp")
+            os.close(init_tmp)
+            to_runtime, for_runtime = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            runtime = os.fork()
+            if runtime == 0:
+                ctl.close()
+                to_runtime.close()
+                self._become_instance(for_runtime)
+                return
+            for_runtime.close()
+            creds = struct.pack("3i", os.getpid(), os.getuid(), os.getgid())
+            ctl.sendmsg([b"ready"], [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, creds)])
+            msg, ancdata, _, _ = ctl.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(FD_SIZE),
+                                             socket.MSG_CMSG_CLOEXEC)
+            if not msg:
+                raise SystemExit(0)  # the server gave the slot up
+            fds = _fds(ancdata)
+            if len(fds) != 2:
+                raise SetupError(f"expected 2 descriptors, got {len(fds)}")
+            _move_mount(fds[0], SOCKET_PATH)
+            _mount(None, SOCKET_PATH, None,
+                   MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+            ctl.send(b"assigned")
+            to_runtime.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fds[1]))])
+            _close_all(fds)
+            to_runtime.close()
+            _set_title(self.arg_area, [b"impuls-init", str(json.loads(msg)["id"]).encode()])
+            _prctl(PR_SET_DUMPABLE, 0, what="dumpable")
+            self.lock_down()
+            status = _reap_until(runtime)
+            with contextlib.suppress(OSError):
+                ctl.send(b"exit %d" % status)
+            code = 0
+        except SystemExit:
+            code = 0
+        except BaseException as exc:
+            _report(ctl.fileno(), _describe(exc))
+        os._exit(code)
+
+    def _become_instance(self, assignment: socket.socket) -> None:
+        """Z: once assigned, a new session, the instance's output pipe and environment,
+        every capability dropped and the instance filter on top of the template's; then
+        uniqueness re-established (``reseed``) before the runtime client goes on to
+        serve calls on a fresh connection."""
+        try:
+            msg, ancdata, _, _ = assignment.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(FD_SIZE))
+            fds = _fds(ancdata)
+            if not msg or len(fds) != 1:
+                os._exit(0)  # the slot was given up
+            assignment.close()
+            os.setsid()
+            os.dup2(fds[0], 1)
+            os.dup2(fds[0], 2)
+            os.close(fds[0])
+            env: dict[str, str] = json.loads(msg)["env"]
+            os.environ.clear()
+            os.environ.update(env)
+            time.tzset()
+            _set_title(self.arg_area, self._argv)
+            self.lock_down()
+            reseed()
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                os.write(2, f"impuls: sandbox setup failed: {_describe(exc)}\n".encode())
+            os._exit(1)
 
 
 # --- helpers ---------------------------------------------------------------------------
 
 
-def _run_python(bootstrap: Any) -> int:
-    """Run the runtime client's main() as if it were the program; its exit status."""
+def reseed() -> None:
+    """Make a forked instance's randomness its own: ``os.urandom``, ``secrets`` and
+    ``uuid.uuid4`` read the kernel on every call and differ anyway; ``random``'s global
+    generator and OpenSSL's pool are state copied from the template, so they are
+    seeded afresh from the kernel, and ``tempfile``'s name generator is dropped (it
+    renews itself only when the pid changes, and every instance's runtime has the
+    template's pid in its own namespace) -- each only if the function imported it."""
+    random = sys.modules.get("random")
+    if random is not None:
+        random.seed()
+    tempfile = sys.modules.get("tempfile")
+    if tempfile is not None:
+        tempfile._name_sequence = None  # type: ignore[attr-defined]
+    ssl = sys.modules.get("ssl")
+    if ssl is not None:
+        ssl.RAND_add(os.urandom(32), 32.0)
+
+
+def _run_python(bootstrap: Any, after_init: Any = None) -> int:
+    """Run the runtime client's main() as if it were the program; its exit status.
+    ``after_init`` goes to ``main`` (a version template's fork loop)."""
     code = 0
     try:
-        bootstrap.main()
+        if after_init is None:
+            bootstrap.main()
+        else:
+            bootstrap.main(after_init)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if isinstance(exc.code, str):
@@ -439,6 +628,68 @@ def _relay_until(listener: socket.socket, child: int) -> int:
                     data = b""
                 if not data:
                     drop(sock)
+
+
+def _flush_output() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
+def _load_filter(path: str) -> tuple[Any, _SockFprog]:
+    """A BPF filter file, as a buffer and the ``sock_fprog`` pointing into it."""
+    with open(path, "rb") as f:
+        bpf = f.read()
+    buffer = ctypes.create_string_buffer(bpf, len(bpf))
+    return buffer, _SockFprog(len(bpf) // 8, ctypes.addressof(buffer))
+
+
+def _mount_proc_and_pts(read_only_entries: bool = True) -> None:
+    """A ``/proc`` of the current pid namespace (``PROC_READ_ONLY`` entries read-only, as
+    bwrap does, if ``read_only_entries``) and a fresh devpts."""
+    _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    for name in PROC_READ_ONLY if read_only_entries else ():
+        path = f"/proc/{name}"
+        if os.path.exists(path):
+            _mount(path, path, None, MS_BIND | MS_REC)
+            _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    _mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620")
+
+
+def _mount_scratch(tmp_fd: int, shm_mb: int) -> None:
+    """The instance's ``/tmp`` (a detached mount of its disk, see :mod:`.tmpdisk`) and an
+    empty, size-capped tmpfs on ``/dev/shm``."""
+    _move_mount(tmp_fd, "/tmp")
+    _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, f"size={shm_mb}m,mode=0755")
+
+
+def _copy_tree(source_fd: int, target: str) -> None:
+    """Copy the directory tree open at ``source_fd`` into the directory ``target``
+    (files, directories, symlinks and their modes)."""
+    for path, dirs, files, dir_fd in os.fwalk(".", dir_fd=source_fd):
+        there = os.path.join(target, path)
+        for name in dirs:
+            mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+            if stat.S_ISLNK(mode):
+                os.symlink(os.readlink(name, dir_fd=dir_fd), os.path.join(there, name))
+            else:
+                os.mkdir(os.path.join(there, name), stat.S_IMODE(mode))
+        for name in files:
+            mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+            if stat.S_ISLNK(mode):
+                os.symlink(os.readlink(name, dir_fd=dir_fd), os.path.join(there, name))
+            elif stat.S_ISREG(mode):
+                source = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
+                try:
+                    copy = os.open(os.path.join(there, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                                   stat.S_IMODE(mode))
+                    try:
+                        while chunk := os.read(source, 1 << 20):
+                            os.write(copy, chunk)
+                    finally:
+                        os.close(copy)
+                finally:
+                    os.close(source)
 
 
 def _loopback_up() -> None:
