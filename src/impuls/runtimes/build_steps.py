@@ -167,7 +167,9 @@ def java_package(package: Path, handler: str, cache: Path) -> str:
                 *map(str, sorted(package.glob("*.jar")))]
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             argfile = Path(tmp) / "sources"
-            argfile.write_text("".join(f'"{path.relative_to(package).as_posix()}"\n' for path in sources))
+            quoted = (path.relative_to(package).as_posix().replace("\\", "\\\\").replace('"', '\\"')
+                      for path in sources)  # javac's @argfile syntax
+            argfile.write_text("".join(f'"{name}"\n' for name in quoted))
             log = _run([str(JAVA_HOME / "bin" / "javac"), "--release", "17", "-encoding", "UTF-8",
                         "-d", ".", "-cp", ":".join(jars), f"@{argfile}"], package, _tool_env(cache), "javac")
         for source in sources:

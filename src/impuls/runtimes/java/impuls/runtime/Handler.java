@@ -4,8 +4,8 @@ import com.amazonaws.services.lambda.runtime.Context;
 import com.amazonaws.services.lambda.runtime.RequestHandler;
 import com.amazonaws.services.lambda.runtime.RequestStreamHandler;
 import com.fasterxml.jackson.databind.DeserializationFeature;
-import com.fasterxml.jackson.databind.JavaType;
 import com.fasterxml.jackson.databind.ObjectMapper;
+import com.fasterxml.jackson.databind.ObjectReader;
 import java.io.ByteArrayInputStream;
 import java.io.ByteArrayOutputStream;
 import java.io.InputStream;
@@ -30,7 +30,8 @@ final class Handler {
     private final Method method;
     private final boolean stream;
     private final boolean takesContext;
-    private final JavaType inputType;
+    /** reads the event into the handler's parameter type (its deserializer made at init); null: no event */
+    private final ObjectReader input;
 
     private Handler(Object target, Method method, boolean stream) {
         this.target = target;
@@ -39,7 +40,7 @@ final class Handler {
         int count = method.getParameterCount();
         this.takesContext = count > 0 && method.getParameterTypes()[count - 1] == Context.class;
         int events = stream ? 0 : count - (takesContext ? 1 : 0);
-        this.inputType = events == 1 ? JSON.constructType(method.getGenericParameterTypes()[0]) : null;
+        this.input = events == 1 ? JSON.readerFor(JSON.constructType(method.getGenericParameterTypes()[0])) : null;
     }
 
     /** Load the class named by {@code spec} and find its handler method (init errors as UserError). */
@@ -140,19 +141,16 @@ final class Handler {
             args = takesContext ? new Object[] {new ByteArrayInputStream(event), output, context}
                     : new Object[] {new ByteArrayInputStream(event), output};
         } else {
-            Object input = null;
-            if (inputType != null) {
-                try {
-                    input = JSON.readValue(event, inputType);
-                } catch (Exception e) {
-                    throw new UserError("Runtime.UnmarshalError",
-                            "Unable to unmarshal input into " + inputType.getTypeName() + ": " + e.getMessage(), e);
-                }
-            }
-            if (inputType == null) {
+            if (input == null) {
                 args = takesContext ? new Object[] {context} : new Object[0];
             } else {
-                args = takesContext ? new Object[] {input, context} : new Object[] {input};
+                Object value;
+                try {
+                    value = input.readValue(event);
+                } catch (Exception e) {
+                    throw new UserError("Runtime.UnmarshalError", "Unable to unmarshal input: " + e.getMessage(), e);
+                }
+                args = takesContext ? new Object[] {value, context} : new Object[] {value};
             }
         }
         Object result;

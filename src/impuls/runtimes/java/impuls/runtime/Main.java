@@ -34,6 +34,8 @@ public final class Main {
             System.exit(1);
             return;
         }
+        // Jackson's writer is made now, in init, not in the first call (as the reader was, by Handler)
+        Handler.JSON.writeValueAsBytes(Map.of("init", List.of(true)));
         Map<String, String> none = Collections.emptyMap();
         while (true) {
             RuntimeApi.Response next = api.request("GET", API + "invocation/next", none, null);
