@@ -86,7 +86,7 @@ final class Handler {
         return new Handler(target, method, stream);
     }
 
-    private static Method interfaceMethod(Class<?> cls) throws UserError {
+    private static Method interfaceMethod(Class<?> cls) {
         if (RequestStreamHandler.class.isAssignableFrom(cls)) {
             return method(cls, "handleRequest", InputStream.class, OutputStream.class, Context.class);
         }
