@@ -58,9 +58,9 @@ CORES = os.cpu_count() or 1
 OTHER_LOAD_WARNING_PCT = 10.0
 QUIET_LOAD_PCT = 10.0
 QUIET_WINDOW_S = 0.5
-BOOTSTRAP_MARK = {"python": "bootstrap.py", "node": "bootstrap.js"}
+BOOTSTRAP_MARK = {"python": "bootstrap.py", "node": "bootstrap.js", "java": "impuls.runtime.Main"}
 # a microVM instance is its QEMU process, told apart by its guest root file system
-MICROVM_MARK = {"python": "rootfs-python", "node": "rootfs-nodejs"}
+MICROVM_MARK = {"python": "rootfs-python", "node": "rootfs-nodejs", "java": "rootfs-java"}
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,19 @@ func Handler(ctx context.Context, event map[string]interface{}) (interface{}, er
 	return map[string]bool{"ok": true}, nil
 }
 """
+JAVA_HANDLER = """package bench;
+
+import com.amazonaws.services.lambda.runtime.Context;
+import com.amazonaws.services.lambda.runtime.RequestHandler;
+import java.util.Map;
+
+public class Handler implements RequestHandler<Map<String, Object>, Map<String, Boolean>> {
+    @Override
+    public Map<String, Boolean> handleRequest(Map<String, Object> event, Context context) {
+        return Map.of("ok", true);
+    }
+}
+"""
 
 
 @dataclass(frozen=True)
@@ -30,5 +43,6 @@ class Workload:
 PYTHON = Workload("python3.11", "python", "handler.handler", PYTHON_HANDLER)
 NODE = Workload("nodejs20", "node", "index.handler", NODE_HANDLER)
 GO = Workload("go1.x", "go", "Handler", GO_HANDLER)  # compiled once at create
-WORKLOADS = (PYTHON, NODE, GO)
+JAVA = Workload("java17", "java", "bench.Handler", JAVA_HANDLER)  # compiled once at create
+WORKLOADS = (PYTHON, NODE, GO, JAVA)
 EXPECTED_BODY = {"ok": True}

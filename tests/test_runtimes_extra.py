@@ -1,4 +1,4 @@
-"""Go, custom (``provided``) runtimes, awslambdaric, and dependency packages, through the HTTP API."""
+"""Go, Java, custom (``provided``) runtimes, awslambdaric, and dependency packages, through the HTTP API."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import subprocess
 import sys
 import zipfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from impuls.runtimes import build_steps
 from tests.helpers import Server, make_zip
 
 GO_OK = """package main
@@ -218,3 +220,160 @@ def test_failing_dependency_build(srv: Server) -> None:
     assert "pip install failed" in message and "impuls-no-such-package-anywhere" in message
     assert srv.invoke(name).json()["body"] == "old"
 
+
+
+# --- Java 17 -------------------------------------------------------------------------------
+
+JAVA_HELLO = """package example;
+
+import com.amazonaws.services.lambda.runtime.Context;
+import com.amazonaws.services.lambda.runtime.RequestHandler;
+import java.util.Map;
+
+public class Hello implements RequestHandler<Hello.Order, Hello.Receipt> {
+    public static class Order {
+        public String item;
+        public int quantity;
+        public String fail;
+        public boolean unmarshalable;
+    }
+
+    public static class Receipt {
+        public String line;
+        public Map<String, Object> context;
+        public Object extra;
+    }
+
+    @Override
+    public Receipt handleRequest(Order order, Context context) {
+        context.getLogger().log("java handling " + order.item + "\\n");
+        if (order.fail != null) throw new IllegalStateException("failed on purpose: " + order.fail);
+        Receipt receipt = new Receipt();
+        receipt.line = order.quantity + " x " + order.item;
+        receipt.context = Map.of("function", context.getFunctionName(),
+            "version", context.getFunctionVersion(), "memory", context.getMemoryLimitInMB(),
+            "arn", context.getInvokedFunctionArn(),
+            "group", context.getLogGroupName(), "stream", context.getLogStreamName(),
+            "remaining", context.getRemainingTimeInMillis() > 0, "request", context.getAwsRequestId());
+        if (order.unmarshalable) receipt.extra = new Object();  // Jackson cannot write an empty bean
+        return receipt;
+    }
+}
+"""
+
+
+def test_java_sources_success_errors_and_cache(srv: Server) -> None:
+    fn = srv.deploy(runtime="java17", handler="example.Hello", code=JAVA_HELLO, memory_mb=128)
+    assert fn["runtime"] == "java17" and fn["build"]["status"] == "success" and "javac" in fn["build"]["log"]
+    name = fn["name"]
+    doc = srv.invoke(name, {"item": "tea", "quantity": 2, "ignored": True}).json()
+    assert doc["status_code"] == 200, doc
+    body = doc["body"]
+    assert body["line"] == "2 x tea" and body["extra"] is None
+    context = body["context"]
+    assert (context["function"], context["version"], context["memory"]) == (name, "$LATEST", 128)
+    assert context["arn"].endswith(f":function:{name}") and context["group"] == f"/aws/lambda/{name}"
+    assert context["stream"] and context["remaining"] is True and context["request"] == doc["request_id"]
+    assert "java handling tea" in doc["logs"]
+    doc = srv.invoke(name, {"item": "x", "fail": "now"}).json()
+    assert (doc["status_code"], doc["error_type"]) == (500, "java.lang.IllegalStateException"), doc
+    assert doc["error"] == "failed on purpose: now" and "example.Hello.handleRequest" in doc["stack"][0]
+    doc = srv.invoke(name, {"item": "x", "unmarshalable": True}).json()
+    assert (doc["status_code"], doc["error_type"]) == (500, "Runtime.MarshalError"), doc
+    doc = srv.invoke(name, {"quantity": "many"}).json()
+    assert (doc["status_code"], doc["error_type"]) == (500, "Runtime.UnmarshalError"), doc
+    doc = srv.invoke(name, {"item": "again", "quantity": 1}).json()
+    assert doc["body"]["line"] == "1 x again" and doc["cold_start"] is False  # the instance served on
+
+    before = package_meta(srv, name)
+    again = srv.deploy(runtime="java", handler="example.Hello", code=JAVA_HELLO)  # same code: no rebuild
+    assert again["build"] == fn["build"] and package_meta(srv, again["name"]) == before
+
+
+def test_java_compile_and_init_errors(srv: Server) -> None:
+    name = srv.deploy(runtime="java17", handler="example.Hello", code=JAVA_HELLO)["name"]
+    broken = JAVA_HELLO.replace("int quantity;", "int")
+    r = srv.request("PATCH", f"/api/v1/functions/{name}", json={"code": broken})
+    assert r.status_code == 400
+    assert "javac failed" in r.json()["message"] and "Hello.java" in r.json()["message"]
+    assert srv.invoke(name, {"item": "kept", "quantity": 1}).json()["body"]["line"] == "1 x kept"
+    r = srv.create(name="java-bad-handler", runtime="java17", handler="example/Hello.handle", code=JAVA_HELLO)
+    assert r.status_code == 400 and "package.Class::method" in r.json()["message"]
+    package = make_zip({"example/Hello.java": JAVA_HELLO})
+    for handler, error_type in [("example.Nope::handleRequest", "Runtime.ImportModuleError"),
+                                ("example.Hello::nope", "Runtime.HandlerNotFound")]:
+        wrong = srv.deploy(runtime="java17", handler=handler, code_zip=package)
+        doc = srv.invoke(wrong["name"], {}).json()
+        assert (doc["status_code"], doc["error_type"]) == (500, error_type), doc
+        assert doc["logs"], "the runtime's output is returned"
+
+
+def _javac(sources: dict[str, str], classpath: list[Path], out: Path) -> None:
+    src = out.parent / f"{out.name}-src"
+    for rel, text in sources.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(text)
+    done = subprocess.run([str(build_steps.JAVA_HOME / "bin" / "javac"), "--release", "17", "-d", str(out),
+                           "-cp", ":".join(map(str, classpath)), *map(str, src.rglob("*.java"))],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+def _jar(classes: Path, extra: dict[str, bytes] | None = None) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for path in sorted(classes.rglob("*.class")):
+            zf.write(path, path.relative_to(classes).as_posix())
+        for name, data in (extra or {}).items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+GREETER = """package greeting;
+
+public class Greeter {
+    public static String greet(String who) { return "hello " + who; }
+}
+"""
+STREAM_HANDLER = """package example;
+
+import com.amazonaws.services.lambda.runtime.Context;
+import com.amazonaws.services.lambda.runtime.RequestStreamHandler;
+import com.fasterxml.jackson.databind.ObjectMapper;
+import java.io.InputStream;
+import java.io.OutputStream;
+import java.util.Map;
+
+public class Upper implements RequestStreamHandler {
+    public void handleRequest(InputStream in, OutputStream out, Context context) throws java.io.IOException {
+        Map<?, ?> event = new ObjectMapper().readValue(in, Map.class);
+        out.write(new ObjectMapper().writeValueAsBytes(Map.of("greeting",
+            greeting.Greeter.greet(String.valueOf(event.get("who"))).toUpperCase())));
+    }
+}
+"""
+STATIC_HANDLER = """package example;
+
+public class Static {
+    public static String greet(String who) { return greeting.Greeter.greet(who); }
+}
+"""
+
+
+def test_java_jar_and_lib_dependency(srv: Server, tmp_path: Path) -> None:
+    """Lambda's package forms: a jar of classes (the handler a RequestStreamHandler, its dependency
+    in lib/), and sources compiled at deploy against a jar in lib/ (a static Class::method)."""
+    _javac({"greeting/Greeter.java": GREETER}, [], tmp_path / "lib")
+    lib = _jar(tmp_path / "lib")
+    api = [build_steps.java_client_jar(tmp_path / "cache"), *map(Path, build_steps.JACKSON_JARS)]
+    _javac({"example/Upper.java": STREAM_HANDLER}, [*api, tmp_path / "lib"], tmp_path / "app")
+    jar = _jar(tmp_path / "app", {"lib/greeting.jar": lib})
+    fn = srv.deploy(runtime="java17", handler="example.Upper", code_zip=base64.b64encode(jar).decode())
+    doc = srv.invoke(fn["name"], {"who": "jar"}).json()
+    assert doc["status_code"] == 200 and doc["body"] == {"greeting": "HELLO JAR"}, doc
+    fn = srv.deploy(runtime="java17", handler="example.Static::greet",
+                    code_zip=make_zip({"src/main/java/example/Static.java": STATIC_HANDLER,
+                                       "lib/greeting.jar": lib}))
+    assert fn["build"]["status"] == "success"
+    doc = srv.invoke(fn["name"], "sources").json()
+    assert doc["status_code"] == 200 and doc["body"] == "hello sources", doc

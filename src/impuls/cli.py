@@ -20,6 +20,7 @@ from rich.table import Table
 from impuls import __version__
 from impuls.config import Settings
 from impuls.errors import ImpulsError
+from impuls.sandbox.microvm.images import GUEST_RUNTIMES
 
 # piped output is never cut to 80 columns: scripts grep it
 console = Console(width=None if sys.stdout.isatty() else 10_000)
@@ -752,7 +753,7 @@ def _images_settings(images_dir: Path | None, data_dir: Path | None) -> Settings
 
 
 @images.command("build")
-@click.option("--runtime", "runtimes", multiple=True, type=click.Choice(["python", "nodejs"]),
+@click.option("--runtime", "runtimes", multiple=True, type=click.Choice(list(GUEST_RUNTIMES)),
               help="build only these guest runtimes (repeatable; default: all)")
 @click.option("--force", is_flag=True, help="rebuild even what is up to date")
 @_IMAGES_DIR

@@ -129,6 +129,39 @@ func Handler(ctx context.Context, event map[string]interface{}) (interface{}, er
 }
 """
 
+JAVA_OK = """package example;
+
+import com.amazonaws.services.lambda.runtime.Context;
+import java.util.Map;
+import java.util.TreeMap;
+
+public class Handler {
+    static int count = 0;
+    static { System.out.println("init output"); }
+
+    public Object handleRequest(Map<String, Object> event, Context context) throws Exception {
+        count++;
+        System.out.println("called " + count);
+        if (event.containsKey("env")) return System.getenv();
+        if (event.containsKey("raise")) throw new IllegalArgumentException("bad " + event.get("raise"));
+        if (event.get("sleep") instanceof Number n) Thread.sleep((long) (n.doubleValue() * 1000));
+        if (event.containsKey("spawn")) {
+            new ProcessBuilder("sleep", (String) event.get("spawn")).start();
+            return "spawned";
+        }
+        if (event.containsKey("exit")) {
+            System.out.println("about to die");
+            System.exit(3);
+        }
+        Map<String, Object> out = new TreeMap<>();
+        out.put("count", count);
+        out.put("echo", event);
+        out.put("request_id", context.getAwsRequestId());
+        return out;
+    }
+}
+"""
+
 # A custom runtime: Python by hand over the Runtime API, as a user could write one.
 PROVIDED_OK = """#!/usr/bin/python3
 import json, os, time, urllib.request
@@ -178,7 +211,7 @@ async def call(instance: Instance, event: object, timeout: float = 5.0) -> Runti
 
 SOURCES = {"python3.11": {"handler.py": PY_OK}, "nodejs20": {"index.js": NODE_OK},
            "nodejs22": {"index.js": NODE_OK}, "go1.x": {"main.go": GO_OK},
-           "provided": {"bootstrap": PROVIDED_OK}}
+           "java17": {"Handler.java": JAVA_OK}, "provided": {"bootstrap": PROVIDED_OK}}
 
 
 @pytest.fixture(params=list(SOURCES))
@@ -242,9 +275,10 @@ def test_function_error_keeps_instance(driver_kind: str, make_spec: SpecFactory,
             reply = await call(instance, {"raise": "input"})
             assert not reply.ok
             doc = json.loads(reply.body)
-            assert doc["errorType"] in ("ValueError", "TypeError", "errorString")
+            assert doc["errorType"] in ("ValueError", "TypeError", "errorString",
+                                        "java.lang.IllegalArgumentException")
             assert doc["errorMessage"] == "bad input"
-            if runtime in ("python3.11", "nodejs20", "nodejs22"):
+            if runtime in ("python3.11", "nodejs20", "nodejs22", "java17"):
                 assert doc["stackTrace"]
             assert (await call(instance, {})).ok  # still serving
 
@@ -266,6 +300,20 @@ CONTEXT_HANDLERS = {
         "  return {custom: cc.Custom, env: cc.env, installation: cc.client.installation_id,\n"
         "          arn: context.invokedFunctionArn};\n"
         "};\n")},
+    "java17": {"Handler.java": (
+        "package example;\n"
+        "import com.amazonaws.services.lambda.runtime.ClientContext;\n"
+        "import com.amazonaws.services.lambda.runtime.Context;\n"
+        "import java.util.Map;\n"
+        "public class Handler {\n"
+        "    public Map<String, Object> handleRequest(Object event, Context context) {\n"
+        "        ClientContext cc = context.getClientContext();\n"
+        "        if (cc == null) return null;\n"
+        "        return Map.of(\"custom\", cc.getCustom(), \"env\", cc.getEnvironment(),\n"
+        "                      \"installation\", cc.getClient().getInstallationId(),\n"
+        "                      \"arn\", context.getInvokedFunctionArn());\n"
+        "    }\n"
+        "}\n")},
 }
 
 
@@ -292,22 +340,36 @@ def test_client_context_reaches_the_handler(driver_kind: str, make_spec: SpecFac
     run(scenario())
 
 
+JAVA_PLAIN = "package example;\npublic class Handler {\n    public String other(String s) { return s; }\n}\n"
+JAVA_FAILING_INIT = ("package example;\npublic class Handler {\n"
+                     "    static { if (true) throw new IllegalStateException(\"no config\"); }\n"
+                     "    public String handle(String s) { return s; }\n}\n")
+
+
 @pytest.mark.parametrize(
-    ("files", "handler", "error_type"),
+    ("runtime", "files", "handler", "error_type"),
     [
-        ({"handler.py": "def handler(e, c)\n  return 1\n"}, "handler.handler", "Runtime.UserCodeSyntaxError"),
-        ({"handler.py": "import no_such_module_x\n"}, "handler.handler", "Runtime.ImportModuleError"),
-        ({"handler.py": "x = 1\n"}, "handler.handler", "Runtime.HandlerNotFound"),
-        ({"handler.py": "x = 1\n"}, "missing.handler", "Runtime.ImportModuleError"),
-        ({"index.js": "exports.handler = async (e => 1;\n"}, "index.handler", "Runtime.UserCodeSyntaxError"),
-        ({"index.js": "require('no-such-module-x');\n"}, "index.handler", "Runtime.ImportModuleError"),
-        ({"index.js": "exports.other = 1;\n"}, "index.handler", "Runtime.HandlerNotFound"),
+        ("python3.11", {"handler.py": "def handler(e, c)\n  return 1\n"}, "handler.handler",
+         "Runtime.UserCodeSyntaxError"),
+        ("python3.11", {"handler.py": "import no_such_module_x\n"}, "handler.handler",
+         "Runtime.ImportModuleError"),
+        ("python3.11", {"handler.py": "x = 1\n"}, "handler.handler", "Runtime.HandlerNotFound"),
+        ("python3.11", {"handler.py": "x = 1\n"}, "missing.handler", "Runtime.ImportModuleError"),
+        ("nodejs20", {"index.js": "exports.handler = async (e => 1;\n"}, "index.handler",
+         "Runtime.UserCodeSyntaxError"),
+        ("nodejs20", {"index.js": "require('no-such-module-x');\n"}, "index.handler",
+         "Runtime.ImportModuleError"),
+        ("nodejs20", {"index.js": "exports.other = 1;\n"}, "index.handler", "Runtime.HandlerNotFound"),
+        # Java source errors fail the build (javac); these are the errors left for start-up
+        ("java17", {"Handler.java": JAVA_PLAIN}, "example.Missing::other", "Runtime.ImportModuleError"),
+        ("java17", {"Handler.java": JAVA_PLAIN}, "example.Handler::handle", "Runtime.HandlerNotFound"),
+        ("java17", {"Handler.java": JAVA_PLAIN}, "example.Handler", "Runtime.HandlerNotFound"),
+        ("java17", {"Handler.java": JAVA_FAILING_INIT}, "example.Handler::handle",
+         "java.lang.IllegalStateException"),
     ],
 )
-def test_init_errors(driver_kind: str, make_spec: SpecFactory, world_dir: Path, files: dict[str, str],
-                     handler: str, error_type: str) -> None:
-    runtime = "python3.11" if handler.startswith(("handler", "missing")) else "nodejs20"
-
+def test_init_errors(driver_kind: str, make_spec: SpecFactory, world_dir: Path, runtime: str,
+                     files: dict[str, str], handler: str, error_type: str) -> None:
     async def scenario() -> None:
         driver = driver_for(driver_kind, world_dir)
         with pytest.raises(InitFailed) as info:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from impuls.runtimes import RUNTIMES_DIR, node_dist
+from impuls.runtimes import RUNTIMES_DIR, build_steps, node_dist
 from impuls.runtimes.guest import AGENT, INIT_SCRIPT, PROTOCOL
 from impuls.runtimes.guest.protocol import (
     API_SOCKET,
@@ -443,6 +443,11 @@ def _runtime_versions(tree: Path, runtime: str) -> tuple[dict[str, str], list[st
     for release in _guest_releases(runtime):
         versions[f"nodejs{release.major}"] = release.version
         ids.append(f"nodejs{release.major}")
+    java = tree / str(build_steps.JAVA_HOME / "bin" / "java").lstrip("/")
+    if runtime == "java" and java.exists() and all((tree / jar.lstrip("/")).exists()
+                                                  for jar in build_steps.JACKSON_JARS):
+        versions["java17"] = _dpkg_version(tree, "openjdk-17-jre-headless")
+        ids.append("java17")  # packages are built on the host into a ./bootstrap that starts java
     return versions, ids
 
 

@@ -2,7 +2,7 @@
 
 A runtime is a Lambda Runtime API client plus what runs it: an interpreter
 and a client file under ``runtimes/<language>/`` (Python, Node.js), or the
-package's own ``bootstrap`` executable (Go, built by Impuls; ``provided``,
+package's own ``bootstrap`` executable (Go and Java, built by Impuls; ``provided``,
 brought by the user).  Only runtimes whose tools are installed are
 *available*; create and update accept nothing else.  New runtimes are added
 here, in :func:`_builtin_runtimes`, and nowhere else (see
@@ -30,6 +30,8 @@ _MODULE_HANDLER = re.compile(
     rf"^(?P<module>{_SEGMENT}(?:/{_SEGMENT})*)\.(?P<func>[A-Za-z_$][A-Za-z0-9_$]*)$")
 _GO_HANDLER = re.compile(r"^[A-Z][A-Za-z0-9_]*$")
 _ANY_HANDLER = re.compile(r"^[^\s\x00-\x1f]{1,256}$")
+_JAVA_NAME = r"[A-Za-z_$][A-Za-z0-9_$]*"
+_JAVA_HANDLER = re.compile(rf"^(?P<cls>{_JAVA_NAME}(?:\.{_JAVA_NAME})*)(?:::{_JAVA_NAME})?$")
 
 #: (package dir, handler, tool cache dir) -> build log; raises build_steps.BuildStepFailed
 BuildStep = Callable[[Path, str, Path], str]
@@ -50,7 +52,7 @@ class Runtime:
     version: str = ""
     extension: str = ""
     module_extensions: tuple[str, ...] = ()
-    handler_rule: Literal["module", "go", "any"] = "module"
+    handler_rule: Literal["module", "go", "java", "any"] = "module"
     build: BuildStep | None = None
     #: the client can reach the Runtime API over IMPULS_RUNTIME_API_SOCKET (else TCP only)
     unix_socket_client: bool = True
@@ -73,6 +75,12 @@ class Runtime:
                 raise InvalidInput("handler: must name an exported Go function such as 'Handler' "
                                    f"(^[A-Z][A-Za-z0-9_]*$), got {handler!r}")
             return handler
+        if self.handler_rule == "java":
+            java = _JAVA_HANDLER.match(handler)
+            if not java:
+                raise InvalidInput("handler: must be 'package.Class' or 'package.Class::method', "
+                                   f"got {handler!r}")
+            return java["cls"]
         if self.handler_rule == "any":
             if not _ANY_HANDLER.match(handler):
                 raise InvalidInput("handler: 1-256 characters without spaces or control characters")
@@ -86,9 +94,12 @@ class Runtime:
         return match["module"]
 
     def code_filename(self, handler: str) -> str:
-        """The file name a single-file ``code`` is stored under (``index.js``, ``main.go``)."""
+        """The file name a single-file ``code`` is stored under (``index.js``, ``main.go``,
+        ``Hello.java`` for ``example.Hello::handleRequest``: a public class's file is its simple name)."""
         if self.handler_rule == "go":
             return "main.go"
+        if self.handler_rule == "java":
+            return self.check_handler(handler).rsplit(".", 1)[-1] + self.extension
         if self.handler_rule == "any":
             return "bootstrap"
         return self.check_handler(handler) + self.extension
@@ -145,6 +156,23 @@ def _go() -> Runtime:
     )
 
 
+def _java() -> Runtime:
+    """Debian's OpenJDK 17 and Jackson; the package is built into a ``bootstrap`` that starts the
+    client (:func:`impuls.runtimes.build_steps.java_package`)."""
+    java = _find([str(build_steps.JAVA_HOME / "bin" / "java")])
+    javac = _find([str(build_steps.JAVA_HOME / "bin" / "javac")])
+    jackson = all(Path(jar).is_file() for jar in build_steps.JACKSON_JARS)
+    return Runtime(
+        id="java17", aliases=("java",), language="java", interpreter=None, bootstrap=None,
+        installed=bool(java and javac and jackson),
+        version=_version_of([java, "-version"]).partition("\n")[0] if java else "",
+        extension=".java", handler_rule="java", build=build_steps.java_package,
+        sandboxes=("process", "namespace", "microvm"),
+        # the JDK's configuration is linked from /usr/lib/jvm into /etc
+        host_paths=("/usr", "/etc/java-17-openjdk"),
+    )
+
+
 def _provided() -> Runtime:
     return Runtime(
         id="provided", aliases=("provided.al2", "provided.al2023"), language="provided",
@@ -156,7 +184,7 @@ def _provided() -> Runtime:
 
 def _builtin_runtimes() -> list[Runtime]:
     return [_python(), _node(node_dist.RELEASES["20"], ("nodejs",)), _node(node_dist.RELEASES["22"], ()),
-            _go(), _provided()]
+            _go(), _java(), _provided()]
 
 
 class RuntimeRegistry:

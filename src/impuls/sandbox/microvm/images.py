@@ -24,11 +24,13 @@ class GuestRuntime:
     packages: tuple[str, ...]
 
 
-#: The agent is Python, so every rootfs has python3; ``nodejs`` adds Debian's node.
+#: The agent is Python, so every rootfs has python3; ``nodejs`` adds the pinned Node.js builds,
+#: ``java`` Debian's OpenJDK 17 runtime and Jackson (the host's javac builds the packages).
 GUEST_RUNTIMES: dict[str, GuestRuntime] = {
     "python": GuestRuntime("python", ("python3",)),
     # Node.js itself is not Debian's: the pinned builds (impuls.runtimes.node_dist) are copied in
     "nodejs": GuestRuntime("nodejs", ("python3", "libstdc++6")),
+    "java": GuestRuntime("java", ("python3", "openjdk-17-jre-headless", "libjackson2-databind-java")),
 }
 
 
