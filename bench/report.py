@@ -21,12 +21,12 @@ FLOOR_RATIO_GOAL = 2.0
 SPAWN_SPEEDUP_GOAL = 20.0
 THROUGHPUT_GOAL = 2000.0
 THROUGHPUT_LEVEL = 32
-# issue 4 (namespace sandbox): only evaluated for sandboxes other than process
+# the namespace sandbox's own targets: only evaluated for sandboxes other than process
 NS_COLD_P50_GOAL_MS = 20.0
 NS_WARM_OVERHEAD_GOAL = 1.10
 NS_STARTS_PER_S_GOAL = 100.0
 NS_PSS_GOAL_MIB = 15.0
-# issue 5 (microvm sandbox), the targets under TCG (software emulation)
+# the microvm sandbox's targets under TCG (software emulation)
 VM_TCG_RESTORE_P50_GOAL_MS = 300.0
 VM_TCG_WARM_P50_GOAL_MS = 10.0
 # the Lambda API: a SigV4-signed Invoke against the native invoke of the same function
@@ -40,6 +40,12 @@ EVENTS_DELAY_P50_GOAL_MS = 5.0
 DENSITY_PSS_GOAL_MIB = 5.0
 # the web console: the function list's first paint with 1,000 functions
 CONSOLE_FIRST_PAINT_GOAL_MS = 300.0
+# no tail, a lean median, throughput, Node cold starts (process and namespace)
+TAIL_P99_FLOOR_GOAL = 3.0
+TAIL_LEVELS = (1, 8, 32)
+MEDIAN_FLOOR_GOAL = 1.5
+FAST_THROUGHPUT_GOAL = 8000.0
+NODE_COLD_P50_GOAL_MS = 15.0
 X = "\u00d7"  # multiplication sign
 NA = "\u2013"  # en dash: not measured
 
@@ -265,16 +271,18 @@ def targets(results: Results) -> list[Target]:
         out.append(Target(f"console function list first paint, {paint.functions:,} functions",
                           f"≤ {CONSOLE_FIRST_PAINT_GOAL_MS:g} ms", f"{paint.first_paint_p50_ms:.0f} ms (p50)",
                           paint.first_paint_p50_ms <= CONSOLE_FIRST_PAINT_GOAL_MS))
+    out.extend(_speed_targets(results))
     if "namespace" in results.sandboxes:
-        out.extend(_issue4_targets(results, "namespace"))
+        out.extend(_namespace_targets(results, "namespace"))
     if "microvm" in results.sandboxes:
         out.extend(_microvm_targets(results))
     return out
 
 
 def _microvm_targets(results: Results) -> list[Target]:
-    """Issue 5's targets under TCG; a cold start is a snapshot restore (its note says so)."""
-    label = "(microvm, issue 5, TCG targets)"
+    """The microvm sandbox's targets under TCG; a cold start is a snapshot restore (its note
+    says so)."""
+    label = "(microvm, TCG targets)"
     cold = results.find_cold("microvm", "python")
     warm = results.find_warm(IMPULS, "python", 1, "microvm")
     return [
@@ -287,8 +295,41 @@ def _microvm_targets(results: Results) -> list[Target]:
     ]
 
 
-def _issue4_targets(results: Results, sandbox: str) -> list[Target]:
-    label = f"({sandbox}, issue 4)"
+def _speed_targets(results: Results) -> list[Target]:
+    """Warm p99 within 3x the floor's at concurrency 1, 8 and 32; warm p50 within 1.5x the
+    floor's; 8,000 inv/s at concurrency 32; Node cold start p50 (namespace)."""
+    out = []
+    for sandbox in (s for s in ("process", "namespace") if s in results.sandboxes):
+        for level in TAIL_LEVELS:
+            warm = results.find_warm(IMPULS, "python", level, sandbox)
+            floor = results.find_warm(FLOOR, "python", level)
+            name = f"warm Python p99 at concurrency {level} vs the floor's p99 ({sandbox})"
+            goal = f"≤ {TAIL_P99_FLOOR_GOAL:g}{X}"
+            if warm and floor:
+                ratio = warm.p99_ms / floor.p99_ms
+                measured = f"{ratio:.1f}{X} ({_ms(warm.p99_ms)} ms vs {_ms(floor.p99_ms)} ms)"
+                out.append(Target(name, goal, measured, ratio <= TAIL_P99_FLOOR_GOAL))
+            else:
+                out.append(Target(name, goal, NA, None))
+        warm, floor = results.find_warm(IMPULS, "python", 1, sandbox), results.find_warm(FLOOR, "python", 1)
+        out.append(Target(f"warm Python p50 at concurrency 1 vs the floor's ({sandbox})",
+                          f"≤ {MEDIAN_FLOOR_GOAL:g}{X}",
+                          f"{warm.p50_ms / floor.p50_ms:.2f}{X}" if warm and floor else NA,
+                          warm.p50_ms / floor.p50_ms <= MEDIAN_FLOOR_GOAL if warm and floor else None))
+    if "namespace" in results.sandboxes:
+        busy = results.find_warm(IMPULS, "python", THROUGHPUT_LEVEL, "namespace")
+        out.append(Target(f"Python throughput at concurrency {THROUGHPUT_LEVEL} (namespace)",
+                          f"≥ {FAST_THROUGHPUT_GOAL:,.0f} inv/s", f"{busy.rps:,.0f} inv/s" if busy else NA,
+                          (busy.rps >= FAST_THROUGHPUT_GOAL and busy.errors == 0) if busy else None))
+        node = results.find_cold("namespace", "node")
+        out.append(Target("Node.js cold start p50 (namespace)", f"≤ {NODE_COLD_P50_GOAL_MS:g} ms",
+                          f"{_ms(node.client_p50_ms)} ms" if node else NA,
+                          node.client_p50_ms <= NODE_COLD_P50_GOAL_MS if node else None))
+    return out
+
+
+def _namespace_targets(results: Results, sandbox: str) -> list[Target]:
+    label = f"({sandbox})"
     out = []
     cold = results.find_cold(sandbox, "python")
     out.append(Target(f"Python cold start p50 {label}", f"≤ {NS_COLD_P50_GOAL_MS:g} ms",
