@@ -98,7 +98,7 @@ def test_idle_expiry_follows_monotonic_time_not_the_wall_clock(tmp_path: Path, w
         wall.offset = -HOURS  # and it stays back
         await until(lambda: w.invoker.stats()["instances"] == 0, "the idle instance to expire")
         assert time.monotonic() - before >= w.settings.idle_timeout  # not before the timeout
-        assert w.driver.instances[0].destroyed
+        await until(lambda: w.driver.instances[0].destroyed, "the expired instance destroyed")
 
     run(w, scenario)
 

@@ -302,22 +302,20 @@ class Dispatcher:
         async with self._gate(event.function_name, fn.concurrency_limit):
             started = self.clock()
             until = started + timedelta(seconds=fn.timeout_sec) + self.lease
-            # marked running (and its lease stretched past the timeout) while it already runs:
-            # the write is not on the way from accept to start
-            marked = asyncio.ensure_future(self._write(store.running, event, self.node, started, until))
+            # marked running (and its lease stretched past the timeout) before it runs: a node
+            # that dies after the function started leaves it running, so that the node taking
+            # it over counts the possible duplicate (one group-committed write, ~1 ms)
+            await self._write(store.running, event, self.node, started, until)
             try:
                 result = await self.invoker.invoke(event.function_name, event.payload,
                                                    qualifier=event.qualifier, request_id=event.request_id,
                                                    traceparent=traceparent)
             except _SYSTEM as exc:
-                await marked
                 await self._write(self._system_retry, event, started, policy, exc)
                 return _system_outcome(exc)
             except ImpulsError as exc:
-                await marked
                 await self._write(self._refused, event, started, policy, exc)
                 return "refused"
-            await marked
         await self._write(self._outcome, event, started, policy, result)
         return result.outcome.value
 
