@@ -17,6 +17,18 @@ func Handler(ctx context.Context, event map[string]interface{}) (interface{}, er
 	return map[string]bool{"ok": true}, nil
 }
 """
+RUBY_HANDLER = "def handler(event:, context:)\n  { ok: true }\nend\n"
+CSHARP_HANDLER = """using System.Collections.Generic;
+using Amazon.Lambda.Core;
+
+public class Function
+{
+    public Dictionary<string, bool> Handler(Dictionary<string, object> input, ILambdaContext context)
+    {
+        return new Dictionary<string, bool> { { "ok", true } };
+    }
+}
+"""
 
 
 @dataclass(frozen=True)
@@ -30,5 +42,8 @@ class Workload:
 PYTHON = Workload("python3.11", "python", "handler.handler", PYTHON_HANDLER)
 NODE = Workload("nodejs20", "node", "index.handler", NODE_HANDLER)
 GO = Workload("go1.x", "go", "Handler", GO_HANDLER)  # compiled once at create
-WORKLOADS = (PYTHON, NODE, GO)
+RUBY = Workload("ruby3.1", "ruby", "function.handler", RUBY_HANDLER)
+# compiled once at create
+CSHARP = Workload("dotnet-mono", "csharp", "Function::Function::Handler", CSHARP_HANDLER)
+WORKLOADS = (PYTHON, NODE, GO, RUBY, CSHARP)
 EXPECTED_BODY = {"ok": True}

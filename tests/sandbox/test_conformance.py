@@ -129,6 +129,56 @@ func Handler(ctx context.Context, event map[string]interface{}) (interface{}, er
 }
 """
 
+RUBY_OK = """
+puts "init output"
+$count = 0
+def handler(event:, context:)
+  $count += 1
+  puts "called #{$count}"
+  return ENV.to_h if event["env"]
+  raise TypeError, "bad #{event["raise"]}" if event["raise"]
+  sleep(event["sleep"]) if event["sleep"]
+  if event["exit"]
+    puts "about to die"
+    exit!(3)
+  end
+  { count: $count, echo: event, request_id: context.aws_request_id }
+end
+"""
+
+CSHARP_OK = """
+using System;
+using System.Collections.Generic;
+using System.Threading;
+using Amazon.Lambda.Core;
+
+namespace Conformance
+{
+    public class Function
+    {
+        int count;
+
+        public Function() { Console.WriteLine("init output"); }
+
+        public object Handler(Dictionary<string, object> input, ILambdaContext context)
+        {
+            count++;
+            Console.WriteLine("called " + count);
+            if (input.ContainsKey("env")) return Environment.GetEnvironmentVariables();
+            if (input.ContainsKey("raise")) throw new ArgumentException("bad " + input["raise"]);
+            if (input.ContainsKey("sleep")) Thread.Sleep((int)(Convert.ToDouble(input["sleep"]) * 1000));
+            if (input.ContainsKey("exit"))
+            {
+                Console.WriteLine("about to die");
+                Environment.Exit(3);
+            }
+            return new Dictionary<string, object> {
+                { "count", count }, { "echo", input }, { "request_id", context.AwsRequestId } };
+        }
+    }
+}
+"""
+
 # A custom runtime: Python by hand over the Runtime API, as a user could write one.
 PROVIDED_OK = """#!/usr/bin/python3
 import json, os, time, urllib.request
@@ -178,6 +228,7 @@ async def call(instance: Instance, event: object, timeout: float = 5.0) -> Runti
 
 SOURCES = {"python3.11": {"handler.py": PY_OK}, "nodejs20": {"index.js": NODE_OK},
            "nodejs22": {"index.js": NODE_OK}, "go1.x": {"main.go": GO_OK},
+           "ruby3.1": {"function.rb": RUBY_OK}, "dotnet-mono": {"Function.cs": CSHARP_OK},
            "provided": {"bootstrap": PROVIDED_OK}}
 
 
@@ -242,9 +293,9 @@ def test_function_error_keeps_instance(driver_kind: str, make_spec: SpecFactory,
             reply = await call(instance, {"raise": "input"})
             assert not reply.ok
             doc = json.loads(reply.body)
-            assert doc["errorType"] in ("ValueError", "TypeError", "errorString")
+            assert doc["errorType"] in ("ValueError", "TypeError", "errorString", "ArgumentException")
             assert doc["errorMessage"] == "bad input"
-            if runtime in ("python3.11", "nodejs20", "nodejs22"):
+            if runtime in ("python3.11", "nodejs20", "nodejs22", "ruby3.1", "dotnet-mono"):
                 assert doc["stackTrace"]
             assert (await call(instance, {})).ok  # still serving
 
@@ -302,11 +353,25 @@ def test_client_context_reaches_the_handler(driver_kind: str, make_spec: SpecFac
         ({"index.js": "exports.handler = async (e => 1;\n"}, "index.handler", "Runtime.UserCodeSyntaxError"),
         ({"index.js": "require('no-such-module-x');\n"}, "index.handler", "Runtime.ImportModuleError"),
         ({"index.js": "exports.other = 1;\n"}, "index.handler", "Runtime.HandlerNotFound"),
+        ({"function.rb": "def handler(event:, context:\n"}, "function.handler",
+         "Runtime.UserCodeSyntaxError"),
+        ({"function.rb": "require 'no_such_gem_x'\n"}, "function.handler", "Runtime.ImportModuleError"),
+        ({"function.rb": "X = 1\n"}, "function.handler_x", "Runtime.HandlerNotFound"),
+        ({"function.rb": "X = 1\n"}, "function.No::Such.handler", "Runtime.HandlerNotFound"),
+        ({"function.rb": "X = 1\n"}, "missing.handler", "Runtime.ImportModuleError"),
+        # C#: a syntax error fails the build (mcs), before any instance
+        ({"Function.cs": CSHARP_OK}, "Function::No.Such::Handler", "Runtime.HandlerNotFound"),
+        ({"Function.cs": CSHARP_OK}, "Function::Conformance.Function::Nope",
+         "Runtime.HandlerNotFound"),
+        ({"Function.cs": "public class F {\n  public F() { throw new System.InvalidOperationException(); }\n"
+                         "  public int H() { return 1; } }\n"}, "Function::F::H",
+         "InvalidOperationException"),
     ],
 )
 def test_init_errors(driver_kind: str, make_spec: SpecFactory, world_dir: Path, files: dict[str, str],
                      handler: str, error_type: str) -> None:
-    runtime = "python3.11" if handler.startswith(("handler", "missing")) else "nodejs20"
+    runtime = {".py": "python3.11", ".js": "nodejs20", ".rb": "ruby3.1",
+               ".cs": "dotnet-mono"}[Path(next(iter(files))).suffix]
 
     async def scenario() -> None:
         driver = driver_for(driver_kind, world_dir)

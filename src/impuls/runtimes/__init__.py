@@ -29,6 +29,13 @@ _SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
 _MODULE_HANDLER = re.compile(
     rf"^(?P<module>{_SEGMENT}(?:/{_SEGMENT})*)\.(?P<func>[A-Za-z_$][A-Za-z0-9_$]*)$")
 _GO_HANDLER = re.compile(r"^[A-Z][A-Za-z0-9_]*$")
+# Lambda's .NET form: Assembly::Namespace.Class::Method
+_DOTNET_HANDLER = re.compile(
+    r"^(?P<assembly>[A-Za-z0-9_][A-Za-z0-9_.-]*)::[A-Za-z_][A-Za-z0-9_.+]*::[A-Za-z_][A-Za-z0-9_]*$")
+# Lambda's Ruby form: FILE.METHOD or FILE.Module::Class.METHOD (FILE may contain '/', no '.')
+_RUBY_HANDLER = re.compile(
+    r"^(?P<module>[A-Za-z0-9_][A-Za-z0-9_-]*(?:/[A-Za-z0-9_][A-Za-z0-9_-]*)*)"
+    r"\.(?:[A-Z][A-Za-z0-9_]*(?:::[A-Z][A-Za-z0-9_]*)*\.)?[a-z_][A-Za-z0-9_]*[?!]?$")
 _ANY_HANDLER = re.compile(r"^[^\s\x00-\x1f]{1,256}$")
 
 #: (package dir, handler, tool cache dir) -> build log; raises build_steps.BuildStepFailed
@@ -50,7 +57,7 @@ class Runtime:
     version: str = ""
     extension: str = ""
     module_extensions: tuple[str, ...] = ()
-    handler_rule: Literal["module", "go", "any"] = "module"
+    handler_rule: Literal["module", "ruby", "dotnet", "go", "any"] = "module"
     build: BuildStep | None = None
     #: the client can reach the Runtime API over IMPULS_RUNTIME_API_SOCKET (else TCP only)
     unix_socket_client: bool = True
@@ -73,10 +80,22 @@ class Runtime:
                 raise InvalidInput("handler: must name an exported Go function such as 'Handler' "
                                    f"(^[A-Z][A-Za-z0-9_]*$), got {handler!r}")
             return handler
+        if self.handler_rule == "dotnet":
+            match = _DOTNET_HANDLER.match(handler)
+            if not match:
+                raise InvalidInput("handler: must be 'Assembly::Namespace.Class::Method' such as "
+                                   f"'Function::Example.Function::Handler', got {handler!r}")
+            return handler
         if self.handler_rule == "any":
             if not _ANY_HANDLER.match(handler):
                 raise InvalidInput("handler: 1-256 characters without spaces or control characters")
             return handler
+        if self.handler_rule == "ruby":
+            match = _RUBY_HANDLER.match(handler)
+            if not match:
+                raise InvalidInput("handler: must be 'file.method' or 'file.Module::Class.method' (file may "
+                                   f"contain '/' for sub-folders), got {handler!r}")
+            return match["module"]
         match = _MODULE_HANDLER.match(handler)
         if not match or any(part in ("", ".", "..") for part in match["module"].split("/")):
             raise InvalidInput(
@@ -89,6 +108,8 @@ class Runtime:
         """The file name a single-file ``code`` is stored under (``index.js``, ``main.go``)."""
         if self.handler_rule == "go":
             return "main.go"
+        if self.handler_rule == "dotnet":
+            return "Function.cs"
         if self.handler_rule == "any":
             return "bootstrap"
         return self.check_handler(handler) + self.extension
@@ -135,6 +156,31 @@ def _node(release: node_dist.Release, aliases: tuple[str, ...]) -> Runtime:
     )
 
 
+def _ruby() -> Runtime:
+    ruby = _find(["/usr/bin/ruby3.1", "/usr/bin/ruby"])
+    return Runtime(
+        id="ruby3.1", aliases=("ruby",), language="ruby",
+        interpreter=ruby, bootstrap=RUNTIMES_DIR / "ruby" / "bootstrap.rb",
+        installed=ruby is not None, version=_version_of([ruby, "--version"]) if ruby else "",
+        extension=".rb", module_extensions=(".rb",), handler_rule="ruby",
+        sandboxes=("process", "namespace", "microvm"),
+    )
+
+
+def _dotnet_mono() -> Runtime:
+    """C# on Mono (Debian 12's 6.8: mcs's C# 7 and the .NET Framework 4.x class library), not .NET."""
+    mono, mcs = _find(["/usr/bin/mono"]), _find(["/usr/bin/mcs"])
+    installed = mono is not None and mcs is not None and build_steps.NEWTONSOFT_JSON.is_file()
+    version = (_version_of([mono, "--version"]).splitlines() or [""])[0] if mono else ""
+    return Runtime(
+        id="dotnet-mono", aliases=(), language="dotnet", interpreter=None, bootstrap=None,
+        installed=installed, version=version, extension=".cs", handler_rule="dotnet",
+        build=build_steps.dotnet_assembly, sandboxes=("process", "namespace", "microvm"),
+        # /etc/mono/config maps "libc" and co. to their sonames: without it, sockets fail
+        host_paths=("/usr", "/etc/mono"),
+    )
+
+
 def _go() -> Runtime:
     go = _find(["/usr/bin/go", "/usr/local/go/bin/go", "go"])
     return Runtime(
@@ -156,7 +202,7 @@ def _provided() -> Runtime:
 
 def _builtin_runtimes() -> list[Runtime]:
     return [_python(), _node(node_dist.RELEASES["20"], ("nodejs",)), _node(node_dist.RELEASES["22"], ()),
-            _go(), _provided()]
+            _ruby(), _dotnet_mono(), _go(), _provided()]
 
 
 class RuntimeRegistry:

@@ -24,11 +24,18 @@ class GuestRuntime:
     packages: tuple[str, ...]
 
 
-#: The agent is Python, so every rootfs has python3; ``nodejs`` adds Debian's node.
+#: The agent is Python, so every rootfs has python3; the others add their language.
 GUEST_RUNTIMES: dict[str, GuestRuntime] = {
     "python": GuestRuntime("python", ("python3",)),
     # Node.js itself is not Debian's: the pinned builds (impuls.runtimes.node_dist) are copied in
     "nodejs": GuestRuntime("nodejs", ("python3", "libstdc++6")),
+    # Debian's Ruby 3.1 (the host's too); a rootfs of its own keeps the Python one (which also
+    # serves go1.x and provided) small and its snapshots valid
+    "ruby": GuestRuntime("ruby", ("python3", "ruby")),
+    # Debian's Mono 6.8 and the class libraries dotnet-mono builds reference (build_steps.py);
+    # the function's package brings the compiled client and its ./bootstrap
+    "dotnet": GuestRuntime("dotnet", ("python3", "mono-runtime", "libnewtonsoft-json5.0-cil",
+                                      "libmono-microsoft-csharp4.0-cil")),
 }
 
 
