@@ -254,7 +254,8 @@ def test_ruby_success_error_and_context(srv: Server) -> None:
     assert any("function.rb" in line for line in doc["stack"])
     doc = srv.invoke(name, {"nan": True}).json()
     assert doc["status_code"] == 500 and doc["error_type"] == "Runtime.MarshalError", doc
-    assert srv.invoke(name, {"name": "again"}).json()["cold_start"] is False  # the instance serves on
+    again = srv.invoke(name, {"name": "wörld ✓"}).json()
+    assert again["cold_start"] is False and again["body"]["hello"] == "wörld ✓"  # serves on, in UTF-8
 
 
 def test_ruby_init_errors_and_handler_form(srv: Server) -> None:
@@ -357,7 +358,8 @@ def test_csharp_success_error_and_context(srv: Server) -> None:
     assert doc["status_code"] == 500 and doc["error_type"] == "Runtime.MarshalError", doc
     doc = srv.invoke(name, "not an order").json()
     assert doc["status_code"] == 500 and doc["error_type"] == "Runtime.UnmarshalError", doc
-    assert srv.invoke(name, {"name": "again"}).json()["cold_start"] is False  # the instance serves on
+    again = srv.invoke(name, {"name": "wörld ✓"}).json()
+    assert again["cold_start"] is False and again["body"]["Hello"] == "wörld ✓"  # serves on, in UTF-8
 
     raw = srv.deploy(runtime="dotnet-mono", handler="Function::Example.Function::Raw", code=CSHARP_APP)
     assert srv.invoke(raw["name"], {"a": 1}).json()["body"] == [{"a": 1}, {"a": 1}]

@@ -25,7 +25,7 @@ module ImpulsRuntime
       @unix_path = unix_path
       @host = unix_path ? "localhost" : api
       @sock = nil
-      @buf = +""
+      @buf = String.new
     end
 
     attr_reader :host
@@ -65,7 +65,7 @@ module ImpulsRuntime
         @sock.setsockopt(Socket::IPPROTO_TCP, Socket::TCP_NODELAY, 1)
       end
       @sock.binmode
-      @buf = +""
+      @buf = String.new
       @sock
     end
 
@@ -75,7 +75,7 @@ module ImpulsRuntime
       nil
     ensure
       @sock = nil
-      @buf = +""
+      @buf = String.new
     end
 
     def fill(sock)
@@ -100,7 +100,7 @@ module ImpulsRuntime
              elsif headers["transfer-encoding"].to_s.downcase.include?("chunked")
                read_chunked(sock)
              else
-               +""
+               String.new
              end
       close if headers["connection"].to_s.downcase == "close"
       [status, headers, body]
@@ -108,7 +108,7 @@ module ImpulsRuntime
 
     def take(length)
       data = @buf.byteslice(0, length)
-      @buf = @buf.byteslice(length..) || +""
+      @buf = @buf.byteslice(length..) || String.new
       data
     end
 
@@ -120,7 +120,7 @@ module ImpulsRuntime
     end
 
     def read_chunked(sock)
-      body = +""
+      body = String.new
       loop do
         size = read_line(sock).split(";", 2).first.to_i(16)
         if size.zero?
