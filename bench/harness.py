@@ -77,7 +77,7 @@ class Plan:
         if args.quick:
             plan = cls(quick=True, concurrency=levels, duration_s=1, warmup_s=0, prewarm_rounds=1,
                        server_time_calls=10, cold_samples=4, cold_budget_s=10.0, cold_burst=8,
-                       settle_s=0.02, quiet_budget_s=0.0, repeats=0, sandbox_budget_s=60.0)
+                       settle_s=0.02, quiet_budget_s=0.0, repeats=0, sandbox_budget_s=120.0)
         else:
             plan = cls(quick=False, concurrency=levels, duration_s=5, warmup_s=2, prewarm_rounds=2,
                        server_time_calls=200, cold_samples=40, cold_budget_s=30.0, cold_burst=32,
@@ -547,7 +547,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "(default 6; --quick 0)")
     parser.add_argument("--sandbox-budget", type=float,
                         help="seconds per sandbox after which its remaining rows are skipped with a note, "
-                        "for slow sandboxes such as microVMs without KVM (default 150; --quick 60)")
+                        "for slow sandboxes such as microVMs without KVM (default 150; --quick 120)")
     parser.add_argument("--no-baselines", action="store_true", help="skip the floor and spawn-per-call rows")
     parser.add_argument("--no-events", action="store_true", help="skip the asynchronous-event rows")
     parser.add_argument("--no-density", action="store_true",
