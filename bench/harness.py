@@ -58,9 +58,11 @@ CORES = os.cpu_count() or 1
 OTHER_LOAD_WARNING_PCT = 10.0
 QUIET_LOAD_PCT = 10.0
 QUIET_WINDOW_S = 0.5
-BOOTSTRAP_MARK = {"python": "bootstrap.py", "node": "bootstrap.js", "java": "impuls.runtime.Main"}
+BOOTSTRAP_MARK = {"python": "bootstrap.py", "node": "bootstrap.js", "java": "impuls.runtime.Main",
+                  "ruby": "bootstrap.rb", "csharp": "impuls_bootstrap.exe"}
 # a microVM instance is its QEMU process, told apart by its guest root file system
-MICROVM_MARK = {"python": "rootfs-python", "node": "rootfs-nodejs", "java": "rootfs-java"}
+MICROVM_MARK = {"python": "rootfs-python", "node": "rootfs-nodejs", "java": "rootfs-java",
+                "ruby": "rootfs-ruby", "csharp": "rootfs-dotnet"}
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,7 @@ class Plan:
         if args.quick:
             plan = cls(quick=True, concurrency=levels, duration_s=1, warmup_s=0, prewarm_rounds=1,
                        server_time_calls=10, cold_samples=4, cold_budget_s=10.0, cold_burst=8,
-                       settle_s=0.02, quiet_budget_s=0.0, repeats=0, sandbox_budget_s=60.0)
+                       settle_s=0.02, quiet_budget_s=0.0, repeats=0, sandbox_budget_s=120.0)
         else:
             plan = cls(quick=False, concurrency=levels, duration_s=5, warmup_s=2, prewarm_rounds=2,
                        server_time_calls=200, cold_samples=40, cold_budget_s=30.0, cold_burst=32,
@@ -109,8 +111,10 @@ def log(message: str) -> None:
 
 
 class Runner:
-    def __init__(self, plan: Plan, results: Results, work: Path, profile: bool) -> None:
+    def __init__(self, plan: Plan, results: Results, work: Path, profile: bool,
+                 workloads: tuple[Workload, ...] = WORKLOADS) -> None:
         self.plan = plan
+        self.workloads = workloads
         self.results = results
         self.work = work
         self.script = lua_script(EVENT, work)
@@ -263,8 +267,8 @@ class Runner:
         self.deadline = time.monotonic() + self.plan.sandbox_budget_s
         try:
             offered = set((server.health_doc or {}).get("runtimes") or [])
-            workloads = [w for w in WORKLOADS if not offered or w.runtime in offered]
-            for workload in sorted(set(WORKLOADS) - set(workloads), key=WORKLOADS.index):
+            workloads = [w for w in self.workloads if not offered or w.runtime in offered]
+            for workload in sorted(set(self.workloads) - set(workloads), key=WORKLOADS.index):
                 self.note(f"sandbox {sandbox}: {workload.runtime} is not available on this host")
             # cold starts first: for a slow sandbox (a microVM without KVM) they matter most
             for workload in workloads:
@@ -595,6 +599,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run of a few seconds (1 s rows, no warm-up, few cold starts); "
                         "writes no docs unless --output is given")
+    parser.add_argument("--runtime", default="",
+                        help="comma-separated runtime ids whose rows to measure (default: every one in "
+                        f"bench/workloads.py: {','.join(w.runtime for w in WORKLOADS)})")
     parser.add_argument("--concurrency", default="1,8,32", help="warm concurrency levels (default 1,8,32)")
     parser.add_argument("--duration", type=int, help="seconds per measured row (default 5; --quick 1)")
     parser.add_argument("--warmup", type=int,
@@ -609,7 +616,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "(default 6; --quick 0)")
     parser.add_argument("--sandbox-budget", type=float,
                         help="seconds per sandbox after which its remaining rows are skipped with a note, "
-                        "for slow sandboxes such as microVMs without KVM (default 150; --quick 60)")
+                        "for slow sandboxes such as microVMs without KVM (default 150; --quick 120)")
     parser.add_argument("--no-baselines", action="store_true", help="skip the floor and spawn-per-call rows")
     parser.add_argument("--no-events", action="store_true", help="skip the asynchronous-event rows")
     parser.add_argument("--no-density", action="store_true",
@@ -639,6 +646,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     plan = Plan.make(args)
     sandboxes = [s for s in args.sandbox.split(",") if s] or list(ALL_SANDBOXES)
+    wanted = {r for r in args.runtime.split(",") if r}
+    if unknown := wanted - {w.runtime for w in WORKLOADS}:
+        print(f"bench: unknown runtime {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
+    workloads = tuple(w for w in WORKLOADS if not wanted or w.runtime in wanted)
     results = Results(machine(runtime_versions(), wrk_version()), command_line(argv), {
         "concurrency": list(plan.concurrency), "duration_s": plan.duration_s, "warmup_s": plan.warmup_s,
         "cold_samples": plan.cold_samples, "cold_burst": plan.cold_burst, "settle_s": plan.settle_s,
@@ -648,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         with scratch_dir() as tmp:
-            runner = Runner(plan, results, Path(tmp), args.profile)
+            runner = Runner(plan, results, Path(tmp), args.profile, workloads)
             results.ipc_rtt_us = ipc_round_trips()
             if not args.no_baselines:
                 runner.baselines()

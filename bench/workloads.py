@@ -30,6 +30,18 @@ public class Handler implements RequestHandler<Map<String, Object>, Map<String, 
     }
 }
 """
+RUBY_HANDLER = "def handler(event:, context:)\n  { ok: true }\nend\n"
+CSHARP_HANDLER = """using System.Collections.Generic;
+using Amazon.Lambda.Core;
+
+public class Function
+{
+    public Dictionary<string, bool> Handler(Dictionary<string, object> input, ILambdaContext context)
+    {
+        return new Dictionary<string, bool> { { "ok", true } };
+    }
+}
+"""
 
 
 @dataclass(frozen=True)
@@ -44,5 +56,8 @@ PYTHON = Workload("python3.11", "python", "handler.handler", PYTHON_HANDLER)
 NODE = Workload("nodejs20", "node", "index.handler", NODE_HANDLER)
 GO = Workload("go1.x", "go", "Handler", GO_HANDLER)  # compiled once at create
 JAVA = Workload("java17", "java", "bench.Handler", JAVA_HANDLER)  # compiled once at create
-WORKLOADS = (PYTHON, NODE, GO, JAVA)
+RUBY = Workload("ruby3.1", "ruby", "function.handler", RUBY_HANDLER)
+# compiled once at create
+CSHARP = Workload("dotnet-mono", "csharp", "Function::Function::Handler", CSHARP_HANDLER)
+WORKLOADS = (PYTHON, NODE, GO, JAVA, RUBY, CSHARP)
 EXPECTED_BODY = {"ok": True}

@@ -1,4 +1,5 @@
-"""Go, Java, custom (``provided``) runtimes, awslambdaric, and dependency packages, through the HTTP API."""
+"""Go, Java, custom (``provided``), Ruby and C# (Mono) runtimes, awslambdaric, and dependency
+packages, through the HTTP API."""
 
 from __future__ import annotations
 
@@ -377,3 +378,193 @@ def test_java_jar_and_lib_dependency(srv: Server, tmp_path: Path) -> None:
     assert fn["build"]["status"] == "success"
     doc = srv.invoke(fn["name"], "sources").json()
     assert doc["status_code"] == 200 and doc["body"] == "hello sources", doc
+
+
+RUBY_APP = """
+require "json"
+
+def handler(event:, context:)
+  puts "ruby handling #{event["name"]}"
+  raise ArgumentError, "bad input: #{event["fail"]}" if event["fail"]
+  return Float::NAN if event["nan"]
+  { hello: event["name"], function_name: context.function_name, version: context.function_version,
+    memory: context.memory_limit_in_mb, arn: context.invoked_function_arn,
+    log_group: context.log_group_name, log_stream: !context.log_stream_name.empty?,
+    remaining: context.get_remaining_time_in_millis.between?(1, 30_000),
+    request_id: context.aws_request_id }
+end
+"""
+
+
+def test_ruby_success_error_and_context(srv: Server) -> None:
+    fn = srv.deploy(runtime="ruby", handler="function.handler", code=RUBY_APP, memory_mb=256, timeout_sec=30)
+    name = fn["name"]
+    assert fn["runtime"] == "ruby3.1"
+    doc = srv.invoke(name, {"name": "rubyist"}).json()
+    assert doc["status_code"] == 200, doc
+    body = doc["body"]
+    assert body.pop("request_id") == doc["request_id"]
+    assert body == {"hello": "rubyist", "function_name": name, "version": "$LATEST", "memory": "256",
+                    "arn": body["arn"], "log_group": f"/aws/lambda/{name}", "log_stream": True,
+                    "remaining": True}
+    assert body["arn"].endswith(f":function:{name}") and "ruby handling rubyist" in doc["logs"]
+    doc = srv.invoke(name, {"fail": 7}).json()
+    assert (doc["status_code"], doc["error_type"], doc["error"]) == (500, "ArgumentError", "bad input: 7")
+    assert any("function.rb" in line for line in doc["stack"])
+    doc = srv.invoke(name, {"nan": True}).json()
+    assert doc["status_code"] == 500 and doc["error_type"] == "Runtime.MarshalError", doc
+    again = srv.invoke(name, {"name": "wörld ✓"}).json()
+    assert again["cold_start"] is False and again["body"]["hello"] == "wörld ✓"  # serves on, in UTF-8
+
+
+def test_ruby_init_errors_and_handler_form(srv: Server) -> None:
+    doc = srv.invoke(srv.deploy(runtime="ruby3.1", handler="function.handler",
+                                code="def handler(event:, context:\n")["name"]).json()
+    assert doc["status_code"] == 500 and doc["error_type"] == "Runtime.UserCodeSyntaxError", doc
+    doc = srv.invoke(srv.deploy(runtime="ruby3.1", handler="function.handler",
+                                code="X = 1\n")["name"]).json()
+    assert doc["error_type"] == "Runtime.HandlerNotFound", doc
+    r = srv.create(name="ruby-bad-handler", runtime="ruby3.1", handler="function", code="X = 1\n")
+    assert r.status_code == 400 and "file.method" in r.json()["message"]
+    r = srv.create(name="ruby-no-file", runtime="ruby3.1", handler="app.handler",
+                   code_zip=make_zip({"function.rb": "X = 1\n"}))
+    assert r.status_code == 400 and "app.rb" in r.json()["message"]
+
+
+def test_ruby_multi_file_package_and_vendored_gem(srv: Server) -> None:
+    """``require_relative`` across the package, a class-level handler in a sub-folder, and a gem
+    vendored under vendor/bundle (as ``bundle install --path vendor/bundle`` leaves it)."""
+    archive = make_zip({
+        "lib/app.rb": 'require_relative "greeting"\nrequire "tiny_gem"\n'
+                      "module Shop\n  class Orders\n    def self.process(event:, context:)\n"
+                      '      { text: Greeting.for(event["who"]), gem: TinyGem::VERSION }\n'
+                      "    end\n  end\nend\n",
+        "lib/greeting.rb": 'module Greeting\n  def self.for(who) = "hello, #{who}"\nend\n',
+        "vendor/bundle/ruby/3.1.0/gems/tiny_gem-0.1.0/lib/tiny_gem.rb":
+            'module TinyGem\n  VERSION = "0.1.0"\nend\n',
+        "Gemfile": 'source "https://rubygems.org"\ngem "tiny_gem"\n',
+    })
+    fn = srv.deploy(runtime="ruby", handler="lib/app.Shop::Orders.process", code_zip=archive)
+    doc = srv.invoke(fn["name"], {"who": "world"}).json()
+    assert doc["status_code"] == 200, doc
+    assert doc["body"] == {"text": "hello, world", "gem": "0.1.0"}
+    before = package_meta(srv, fn["name"])
+    again = srv.deploy(runtime="ruby", handler="lib/app.Shop::Orders.process", code_zip=archive)
+    assert package_meta(srv, again["name"]) == before  # the same package, not unpacked again
+
+
+CSHARP_APP = """
+using System;
+using System.IO;
+using System.Text;
+using Amazon.Lambda.Core;
+
+[assembly: LambdaSerializer(typeof(Amazon.Lambda.Serialization.SystemTextJson.DefaultLambdaJsonSerializer))]
+
+namespace Example
+{
+    public class Order
+    {
+        public string Name { get; set; }
+        public int Fail { get; set; }
+        public bool Loop { get; set; }
+    }
+
+    public class Node { public Node Next { get; set; } }
+
+    public class Function
+    {
+        public object Handler(Order order, ILambdaContext context)
+        {
+            context.Logger.LogLine("csharp handling " + order.Name);
+            if (order.Fail > 0) throw new InvalidOperationException("bad input: " + order.Fail);
+            if (order.Loop) { var node = new Node(); node.Next = node; return node; }
+            return new {
+                Hello = order.Name, context.FunctionName, context.FunctionVersion, context.MemoryLimitInMB,
+                context.InvokedFunctionArn, context.LogGroupName, LogStream = context.LogStreamName != "",
+                Remaining = context.RemainingTime > TimeSpan.Zero && context.RemainingTime.TotalSeconds <= 30,
+                context.AwsRequestId };
+        }
+
+        public static Stream Raw(Stream input)
+        {
+            var text = new StreamReader(input).ReadToEnd();
+            return new MemoryStream(Encoding.UTF8.GetBytes("[" + text + "," + text + "]"));
+        }
+    }
+}
+"""
+
+
+def test_csharp_success_error_and_context(srv: Server) -> None:
+    fn = srv.deploy(runtime="dotnet-mono", handler="Function::Example.Function::Handler",
+                    code=CSHARP_APP, memory_mb=256, timeout_sec=30)
+    name = fn["name"]
+    assert fn["build"]["status"] == "success" and "mcs" in fn["build"]["log"]
+    doc = srv.invoke(name, {"name": "sharp"}).json()
+    assert doc["status_code"] == 200, doc
+    body = doc["body"]
+    assert body.pop("AwsRequestId") == doc["request_id"]
+    assert body == {"Hello": "sharp", "FunctionName": name, "FunctionVersion": "$LATEST",
+                    "MemoryLimitInMB": 256, "InvokedFunctionArn": body["InvokedFunctionArn"],
+                    "LogGroupName": f"/aws/lambda/{name}", "LogStream": True, "Remaining": True}
+    assert body["InvokedFunctionArn"].endswith(f":function:{name}") and "csharp handling sharp" in doc["logs"]
+    doc = srv.invoke(name, {"name": "x", "fail": 7}).json()
+    assert (doc["status_code"], doc["error_type"]) == (500, "InvalidOperationException")
+    assert doc["error"] == "bad input: 7"
+    assert doc["stack"][0].startswith("at Example.Function.Handler"), doc["stack"]
+    doc = srv.invoke(name, {"loop": True}).json()
+    assert doc["status_code"] == 500 and doc["error_type"] == "Runtime.MarshalError", doc
+    doc = srv.invoke(name, "not an order").json()
+    assert doc["status_code"] == 500 and doc["error_type"] == "Runtime.UnmarshalError", doc
+    again = srv.invoke(name, {"name": "wörld ✓"}).json()
+    assert again["cold_start"] is False and again["body"]["Hello"] == "wörld ✓"  # serves on, in UTF-8
+
+    raw = srv.deploy(runtime="dotnet-mono", handler="Function::Example.Function::Raw", code=CSHARP_APP)
+    assert srv.invoke(raw["name"], {"a": 1}).json()["body"] == [{"a": 1}, {"a": 1}]
+
+
+def test_csharp_build_and_init_errors(srv: Server) -> None:
+    name = srv.deploy(runtime="dotnet-mono", handler="Function::Example.Function::Raw",
+                      code=CSHARP_APP)["name"]
+    broken = CSHARP_APP.replace("public class Node {", "public class Node {{")
+    r = srv.request("PATCH", f"/api/v1/functions/{name}", json={"code": broken})
+    assert r.status_code == 400
+    assert "mcs failed" in r.json()["message"] and "error CS" in r.json()["message"]
+    assert srv.invoke(name, {"still": 1}).json()["body"] == [{"still": 1}, {"still": 1}]
+    doc = srv.invoke(srv.deploy(runtime="dotnet-mono", handler="Function::Example.Missing::Handler",
+                                code=CSHARP_APP)["name"]).json()
+    assert doc["status_code"] == 500 and doc["error_type"] == "Runtime.HandlerNotFound", doc
+    r = srv.create(name="cs-bad-handler", runtime="dotnet-mono", handler="Example.Function.Handler",
+                   code=CSHARP_APP)
+    assert r.status_code == 400 and "Assembly::Namespace.Class::Method" in r.json()["message"]
+
+
+def test_csharp_multi_file_package_with_a_dll(srv: Server, tmp_path: Any) -> None:
+    """Sources in sub-folders compiled into one assembly, an async handler, and a library built
+    elsewhere shipped as a .dll at the package root."""
+    (tmp_path / "Greeter.cs").write_text(
+        "namespace Lib { public static class Greeter {\n"
+        '  public static string For(string who) { return "hello, " + who; } } }\n')
+    mcs = subprocess.run(["mcs", "-target:library", "-out:Greeter.dll", "Greeter.cs"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert mcs.returncode == 0, mcs.stdout + mcs.stderr
+    archive = make_zip({
+        "src/Models/Request.cs": "namespace Shop.Models {\n"
+                                 "  public class Request { public string Who { get; set; } }\n"
+                                 "  public class Reply { public string Text { get; set; } } }\n",
+        "src/Orders.cs": "using System.Threading.Tasks;\nusing Amazon.Lambda.Core;\nusing Shop.Models;\n"
+                         "namespace Shop { public class Orders {\n"
+                         "  public async Task<Reply> Process(Request request, ILambdaContext context) {\n"
+                         "    await Task.Delay(1);\n"
+                         "    return new Reply { Text = Lib.Greeter.For(request.Who) }; } } }\n",
+        "Greeter.dll": (tmp_path / "Greeter.dll").read_bytes(),
+    })
+    fn = srv.deploy(runtime="dotnet-mono", handler="ShopFunctions::Shop.Orders::Process", code_zip=archive)
+    doc = srv.invoke(fn["name"], {"Who": "world"}).json()
+    assert doc["status_code"] == 200, doc
+    assert doc["body"] == {"Text": "hello, world"}
+    before = package_meta(srv, fn["name"])
+    again = srv.deploy(runtime="dotnet-mono", handler="ShopFunctions::Shop.Orders::Process",
+                       code_zip=archive)
+    assert again["build"] == fn["build"] and package_meta(srv, again["name"]) == before  # not rebuilt

@@ -66,7 +66,8 @@ def test_image_build_is_idempotent_and_listed(images_dir: Path) -> None:
     console = Console(record=True, width=300)
     assert images_cli.listing(console, images_dir) == 0
     text = console.export_text()
-    for name in ("kernel", "initramfs", "rootfs-python", "rootfs-nodejs", "rootfs-java"):
+    for name in ("kernel", "initramfs", "rootfs-python", "rootfs-nodejs", "rootfs-java", "rootfs-ruby",
+                 "rootfs-dotnet"):
         assert name in text
     assert " MB" in text
 

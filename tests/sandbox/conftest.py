@@ -20,7 +20,8 @@ from tests.helpers import sandbox_unavailable
 
 T = TypeVar("T")
 DEFAULT_HANDLER = {"python": "handler.handler", "nodejs": "index.handler", "go": "Handler",
-                   "java": "example.Handler::handleRequest", "provided": "function.handler"}
+                   "java": "example.Handler::handleRequest", "ruby": "function.handler",
+                   "dotnet": "Function::Conformance.Function::Handler", "provided": "function.handler"}
 BUILD_CACHE = Path(tempfile.gettempdir()) / "impuls-test-build-cache"
 DRIVERS = ["process", "namespace", "microvm"]
 

@@ -162,6 +162,56 @@ public class Handler {
 }
 """
 
+RUBY_OK = """
+puts "init output"
+$count = 0
+def handler(event:, context:)
+  $count += 1
+  puts "called #{$count}"
+  return ENV.to_h if event["env"]
+  raise TypeError, "bad #{event["raise"]}" if event["raise"]
+  sleep(event["sleep"]) if event["sleep"]
+  if event["exit"]
+    puts "about to die"
+    exit!(3)
+  end
+  { count: $count, echo: event, request_id: context.aws_request_id }
+end
+"""
+
+CSHARP_OK = """
+using System;
+using System.Collections.Generic;
+using System.Threading;
+using Amazon.Lambda.Core;
+
+namespace Conformance
+{
+    public class Function
+    {
+        int count;
+
+        public Function() { Console.WriteLine("init output"); }
+
+        public object Handler(Dictionary<string, object> input, ILambdaContext context)
+        {
+            count++;
+            Console.WriteLine("called " + count);
+            if (input.ContainsKey("env")) return Environment.GetEnvironmentVariables();
+            if (input.ContainsKey("raise")) throw new ArgumentException("bad " + input["raise"]);
+            if (input.ContainsKey("sleep")) Thread.Sleep((int)(Convert.ToDouble(input["sleep"]) * 1000));
+            if (input.ContainsKey("exit"))
+            {
+                Console.WriteLine("about to die");
+                Environment.Exit(3);
+            }
+            return new Dictionary<string, object> {
+                { "count", count }, { "echo", input }, { "request_id", context.AwsRequestId } };
+        }
+    }
+}
+"""
+
 # A custom runtime: Python by hand over the Runtime API, as a user could write one.
 PROVIDED_OK = """#!/usr/bin/python3
 import json, os, time, urllib.request
@@ -211,7 +261,8 @@ async def call(instance: Instance, event: object, timeout: float = 5.0) -> Runti
 
 SOURCES = {"python3.11": {"handler.py": PY_OK}, "nodejs20": {"index.js": NODE_OK},
            "nodejs22": {"index.js": NODE_OK}, "go1.x": {"main.go": GO_OK},
-           "java17": {"Handler.java": JAVA_OK}, "provided": {"bootstrap": PROVIDED_OK}}
+           "java17": {"Handler.java": JAVA_OK}, "ruby3.1": {"function.rb": RUBY_OK},
+           "dotnet-mono": {"Function.cs": CSHARP_OK}, "provided": {"bootstrap": PROVIDED_OK}}
 
 
 @pytest.fixture(params=list(SOURCES))
@@ -275,10 +326,10 @@ def test_function_error_keeps_instance(driver_kind: str, make_spec: SpecFactory,
             reply = await call(instance, {"raise": "input"})
             assert not reply.ok
             doc = json.loads(reply.body)
-            assert doc["errorType"] in ("ValueError", "TypeError", "errorString",
+            assert doc["errorType"] in ("ValueError", "TypeError", "errorString", "ArgumentException",
                                         "java.lang.IllegalArgumentException")
             assert doc["errorMessage"] == "bad input"
-            if runtime in ("python3.11", "nodejs20", "nodejs22", "java17"):
+            if runtime in ("python3.11", "nodejs20", "nodejs22", "java17", "ruby3.1", "dotnet-mono"):
                 assert doc["stackTrace"]
             assert (await call(instance, {})).ok  # still serving
 
@@ -366,6 +417,21 @@ JAVA_FAILING_INIT = ("package example;\npublic class Handler {\n"
         ("java17", {"Handler.java": JAVA_PLAIN}, "example.Handler", "Runtime.HandlerNotFound"),
         ("java17", {"Handler.java": JAVA_FAILING_INIT}, "example.Handler::handle",
          "java.lang.IllegalStateException"),
+        ("ruby3.1", {"function.rb": "def handler(event:, context:\n"}, "function.handler",
+         "Runtime.UserCodeSyntaxError"),
+        ("ruby3.1", {"function.rb": "require 'no_such_gem_x'\n"}, "function.handler",
+         "Runtime.ImportModuleError"),
+        ("ruby3.1", {"function.rb": "X = 1\n"}, "function.handler_x", "Runtime.HandlerNotFound"),
+        ("ruby3.1", {"function.rb": "X = 1\n"}, "function.No::Such.handler", "Runtime.HandlerNotFound"),
+        ("ruby3.1", {"function.rb": "X = 1\n"}, "missing.handler", "Runtime.ImportModuleError"),
+        # C#: a syntax error fails the build (mcs), before any instance
+        ("dotnet-mono", {"Function.cs": CSHARP_OK}, "Function::No.Such::Handler", "Runtime.HandlerNotFound"),
+        ("dotnet-mono", {"Function.cs": CSHARP_OK}, "Function::Conformance.Function::Nope",
+         "Runtime.HandlerNotFound"),
+        ("dotnet-mono", {"Function.cs": "public class F {\n"
+                                        "  public F() { throw new System.InvalidOperationException(); }\n"
+                                        "  public int H() { return 1; } }\n"}, "Function::F::H",
+         "InvalidOperationException"),
     ],
 )
 def test_init_errors(driver_kind: str, make_spec: SpecFactory, world_dir: Path, runtime: str,

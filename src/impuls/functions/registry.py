@@ -475,7 +475,7 @@ class FunctionRegistry(VersionsMixin, AliasesMixin, EventConfigsMixin, UrlConfig
 
     def _check_package(self, runtime: Runtime, handler: str, code: Code) -> None:
         """The handler's file must exist in a zip package (source files are named after it)."""
-        if code.kind == "source" or runtime.handler_rule != "module":
+        if code.kind == "source" or runtime.handler_rule not in ("module", "ruby"):
             return
         names = {i.filename for i in check_zip(code.data)}
         module = runtime.check_handler(handler)

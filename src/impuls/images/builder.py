@@ -311,6 +311,8 @@ class Builder:
         }
         if runtime == "nodejs":
             files["nodejs/bootstrap.js"] = ((RUNTIMES_DIR / "nodejs" / "bootstrap.js").read_bytes(), 0o644)
+        if runtime == "ruby":
+            files["ruby/bootstrap.rb"] = ((RUNTIMES_DIR / "ruby" / "bootstrap.rb").read_bytes(), 0o644)
         return files
 
     def _rootfs_key(self, runtime: str) -> str:
@@ -448,6 +450,14 @@ def _runtime_versions(tree: Path, runtime: str) -> tuple[dict[str, str], list[st
                                                   for jar in build_steps.JACKSON_JARS):
         versions["java17"] = _dpkg_version(tree, "openjdk-17-jre-headless")
         ids.append("java17")  # packages are built on the host into a ./bootstrap that starts java
+    ruby = sorted((tree / "usr" / "bin").glob("ruby[0-9].[0-9]*")) if runtime == "ruby" else []
+    if ruby:  # Debian's /usr/bin/ruby3.1, the interpreter the ruby3.1 runtime names
+        minor = ruby[-1].name.removeprefix("ruby")
+        versions["ruby"] = _dpkg_version(tree, f"ruby{minor}").split("-")[0] or minor
+        ids.append(f"ruby{minor}")
+    if runtime == "dotnet" and (tree / "usr" / "bin" / "mono").exists():
+        versions["mono"] = _dpkg_version(tree, "mono-runtime").split("+")[0]
+        ids.append("dotnet-mono")
     return versions, ids
 
 

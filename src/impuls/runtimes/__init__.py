@@ -29,6 +29,13 @@ _SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
 _MODULE_HANDLER = re.compile(
     rf"^(?P<module>{_SEGMENT}(?:/{_SEGMENT})*)\.(?P<func>[A-Za-z_$][A-Za-z0-9_$]*)$")
 _GO_HANDLER = re.compile(r"^[A-Z][A-Za-z0-9_]*$")
+# Lambda's .NET form: Assembly::Namespace.Class::Method
+_DOTNET_HANDLER = re.compile(
+    r"^(?P<assembly>[A-Za-z0-9_][A-Za-z0-9_.-]*)::[A-Za-z_][A-Za-z0-9_.+]*::[A-Za-z_][A-Za-z0-9_]*$")
+# Lambda's Ruby form: FILE.METHOD or FILE.Module::Class.METHOD (FILE may contain '/', no '.')
+_RUBY_HANDLER = re.compile(
+    r"^(?P<module>[A-Za-z0-9_][A-Za-z0-9_-]*(?:/[A-Za-z0-9_][A-Za-z0-9_-]*)*)"
+    r"\.(?:[A-Z][A-Za-z0-9_]*(?:::[A-Z][A-Za-z0-9_]*)*\.)?[a-z_][A-Za-z0-9_]*[?!]?$")
 _ANY_HANDLER = re.compile(r"^[^\s\x00-\x1f]{1,256}$")
 _JAVA_NAME = r"[A-Za-z_$][A-Za-z0-9_$]*"
 _JAVA_HANDLER = re.compile(rf"^(?P<cls>{_JAVA_NAME}(?:\.{_JAVA_NAME})*)(?:::{_JAVA_NAME})?$")
@@ -52,7 +59,7 @@ class Runtime:
     version: str = ""
     extension: str = ""
     module_extensions: tuple[str, ...] = ()
-    handler_rule: Literal["module", "go", "java", "any"] = "module"
+    handler_rule: Literal["module", "ruby", "dotnet", "go", "java", "any"] = "module"
     build: BuildStep | None = None
     #: the client can reach the Runtime API over IMPULS_RUNTIME_API_SOCKET (else TCP only)
     unix_socket_client: bool = True
@@ -81,10 +88,22 @@ class Runtime:
                 raise InvalidInput("handler: must be 'package.Class' or 'package.Class::method', "
                                    f"got {handler!r}")
             return java["cls"]
+        if self.handler_rule == "dotnet":
+            match = _DOTNET_HANDLER.match(handler)
+            if not match:
+                raise InvalidInput("handler: must be 'Assembly::Namespace.Class::Method' such as "
+                                   f"'Function::Example.Function::Handler', got {handler!r}")
+            return handler
         if self.handler_rule == "any":
             if not _ANY_HANDLER.match(handler):
                 raise InvalidInput("handler: 1-256 characters without spaces or control characters")
             return handler
+        if self.handler_rule == "ruby":
+            match = _RUBY_HANDLER.match(handler)
+            if not match:
+                raise InvalidInput("handler: must be 'file.method' or 'file.Module::Class.method' (file may "
+                                   f"contain '/' for sub-folders), got {handler!r}")
+            return match["module"]
         match = _MODULE_HANDLER.match(handler)
         if not match or any(part in ("", ".", "..") for part in match["module"].split("/")):
             raise InvalidInput(
@@ -100,6 +119,8 @@ class Runtime:
             return "main.go"
         if self.handler_rule == "java":
             return self.check_handler(handler).rsplit(".", 1)[-1] + self.extension
+        if self.handler_rule == "dotnet":
+            return "Function.cs"
         if self.handler_rule == "any":
             return "bootstrap"
         return self.check_handler(handler) + self.extension
@@ -146,6 +167,31 @@ def _node(release: node_dist.Release, aliases: tuple[str, ...]) -> Runtime:
     )
 
 
+def _ruby() -> Runtime:
+    ruby = _find(["/usr/bin/ruby3.1", "/usr/bin/ruby"])
+    return Runtime(
+        id="ruby3.1", aliases=("ruby",), language="ruby",
+        interpreter=ruby, bootstrap=RUNTIMES_DIR / "ruby" / "bootstrap.rb",
+        installed=ruby is not None, version=_version_of([ruby, "--version"]) if ruby else "",
+        extension=".rb", module_extensions=(".rb",), handler_rule="ruby",
+        sandboxes=("process", "namespace", "microvm"),
+    )
+
+
+def _dotnet_mono() -> Runtime:
+    """C# on Mono (Debian 12's 6.8: mcs's C# 7 and the .NET Framework 4.x class library), not .NET."""
+    mono, mcs = _find(["/usr/bin/mono"]), _find(["/usr/bin/mcs"])
+    installed = mono is not None and mcs is not None and build_steps.NEWTONSOFT_JSON.is_file()
+    version = (_version_of([mono, "--version"]).splitlines() or [""])[0] if mono else ""
+    return Runtime(
+        id="dotnet-mono", aliases=(), language="dotnet", interpreter=None, bootstrap=None,
+        installed=installed, version=version, extension=".cs", handler_rule="dotnet",
+        build=build_steps.dotnet_assembly, sandboxes=("process", "namespace", "microvm"),
+        # /etc/mono/config maps "libc" and co. to their sonames: without it, sockets fail
+        host_paths=("/usr", "/etc/mono"),
+    )
+
+
 def _go() -> Runtime:
     go = _find(["/usr/bin/go", "/usr/local/go/bin/go", "go"])
     return Runtime(
@@ -184,7 +230,7 @@ def _provided() -> Runtime:
 
 def _builtin_runtimes() -> list[Runtime]:
     return [_python(), _node(node_dist.RELEASES["20"], ("nodejs",)), _node(node_dist.RELEASES["22"], ()),
-            _go(), _java(), _provided()]
+            _go(), _java(), _ruby(), _dotnet_mono(), _provided()]
 
 
 class RuntimeRegistry:

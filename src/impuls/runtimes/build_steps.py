@@ -31,6 +31,17 @@ JAVA_CLIENT_SOURCES = Path(__file__).resolve().parent / "java"
 #: where a built Java package holds its copy of the compiled client
 JAVA_CLIENT_JAR = ".impuls/impuls-runtime.jar"
 
+DOTNET_DIR = Path(__file__).resolve().parent / "dotnet"
+#: Debian's Newtonsoft.Json (libnewtonsoft-json-cil-dev); at run time Mono loads it from the GAC
+NEWTONSOFT_JSON = Path("/usr/lib/cli/Newtonsoft.Json-5.0/Newtonsoft.Json.dll")
+#: what the dotnet-mono build adds to a package: the client and the Lambda interfaces
+DOTNET_CLIENT = ("Amazon.Lambda.Core.dll", "impuls_bootstrap.exe")
+#: referenced besides mcs's defaults (mscorlib, System, System.Core, System.Xml): the rest of the
+#: class library Debian's mono-runtime and Newtonsoft.Json install (also in the microVM guest)
+DOTNET_REFERENCES = ("System.Xml.Linq", "System.Data", "System.Numerics", "System.Runtime.Serialization",
+                     "Microsoft.CSharp")
+DOTNET_BOOTSTRAP = '#!/bin/sh\nexec /usr/bin/mono --debug "$LAMBDA_TASK_ROOT/impuls_bootstrap.exe"\n'
+
 
 class BuildStepFailed(Exception):
     def __init__(self, summary: str, log: str) -> None:
@@ -181,6 +192,53 @@ def java_package(package: Path, handler: str, cache: Path) -> str:
     (package / "bootstrap").write_text(JAVA_BOOTSTRAP)
     (package / "bootstrap").chmod(0o755)
     return log or "javac: no sources, the classes and jars as given\n"
+
+
+def _dotnet_client(cache: Path, env: dict[str, str]) -> tuple[Path, str]:
+    """Amazon.Lambda.Core.dll and impuls_bootstrap.exe, compiled once per version of their
+    sources into the tool cache; returns their directory and the compile log."""
+    sources = [DOTNET_DIR / "LambdaCore.cs", DOTNET_DIR / "Bootstrap.cs"]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
+    done = cache / "dotnet" / digest
+    if (done / DOTNET_CLIENT[-1]).is_file():
+        return done, ""
+    done.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=done.parent))
+    try:
+        log = _run(["mcs", "-debug", "-target:library", f"-out:{DOTNET_CLIENT[0]}", f"-r:{NEWTONSOFT_JSON}",
+                    str(sources[0])], tmp, env, "mcs (Amazon.Lambda.Core)")
+        log += _run(["mcs", "-debug", f"-out:{DOTNET_CLIENT[1]}", f"-r:{NEWTONSOFT_JSON}",
+                     f"-r:{DOTNET_CLIENT[0]}", str(sources[1])], tmp, env, "mcs (runtime client)")
+        try:
+            os.rename(tmp, done)
+        except OSError:  # another build got there first: theirs is the same
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return done, log
+
+
+def dotnet_assembly(package: Path, handler: str, cache: Path) -> str:
+    """Compile every ``*.cs`` of the package with Mono's ``mcs`` into ``<Assembly>.dll`` (the
+    handler's first part), against the Lambda interfaces, Newtonsoft.Json and the ``*.dll`` at the
+    package root; add the runtime client and a ``./bootstrap`` that starts it on Mono."""
+    sources = sorted(p.relative_to(package).as_posix() for p in package.rglob("*.cs"))
+    if not sources:
+        raise BuildStepFailed("the package has no .cs file", "")
+    assembly = handler.split("::", 1)[0]
+    env = _tool_env(cache)
+    client, log = _dotnet_client(cache, env)
+    for name in DOTNET_CLIENT:
+        for suffix in ("", ".mdb"):
+            shutil.copyfile(client / (name + suffix), package / (name + suffix))
+    references = sorted(p.name for p in package.glob("*.dll") if p.name != f"{assembly}.dll")
+    log += _run(["mcs", "-debug", "-target:library", f"-out:{assembly}.dll", f"-r:{NEWTONSOFT_JSON}",
+                 *(f"-r:{name}" for name in (*DOTNET_REFERENCES, *references)), *sources],
+                package, env, "mcs")
+    (package / "bootstrap").write_text(DOTNET_BOOTSTRAP)
+    (package / "bootstrap").chmod(0o755)
+    return log
 
 
 def provided_bootstrap(package: Path, handler: str, cache: Path) -> str:

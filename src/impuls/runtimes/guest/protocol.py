@@ -60,6 +60,7 @@ SANDBOX_GID = 990
 PYTHON = "/usr/bin/python3"
 PYTHON_CLIENT = GUEST_ROOT + "/python/bootstrap.py"
 NODE_CLIENT = GUEST_ROOT + "/nodejs/bootstrap.js"
+RUBY_CLIENT = GUEST_ROOT + "/ruby/bootstrap.rb"
 
 
 def frame(kind: int, chan: int = 0, payload: bytes = b"") -> bytes:

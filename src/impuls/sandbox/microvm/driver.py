@@ -26,6 +26,7 @@ from impuls.runtimes.guest.protocol import (
     NODE_CLIENT,
     PYTHON,
     PYTHON_CLIENT,
+    RUBY_CLIENT,
     SANDBOX_GID,
     SANDBOX_UID,
     TASK_ROOT,
@@ -53,12 +54,14 @@ SELF_CONTAINED_RUNTIMES = ("provided", "go1.x")
 
 def guest_command(runtime: Runtime) -> tuple[list[str], bool]:
     """The runtime's argv inside the guest, and whether the preloaded Python client may serve it."""
-    if runtime.bootstrap is None:  # the package's own ./bootstrap (custom runtime, Go binary)
+    if runtime.bootstrap is None:  # the package's own ./bootstrap (custom runtime, Go binary, C# on Mono)
         return [f"{TASK_ROOT}/bootstrap"], False
     if runtime.language == "python":
         return [PYTHON, PYTHON_CLIENT], True
     if runtime.language == "nodejs" and runtime.interpreter:  # the pinned build, at the same path
         return [runtime.interpreter, NODE_CLIENT], False
+    if runtime.language == "ruby" and runtime.interpreter:  # Debian's, at the same path as the host's
+        return [runtime.interpreter, RUBY_CLIENT], False
     raise SandboxStartFailed(f"the microvm sandbox has no guest command for {runtime.language}")
 
 

@@ -25,12 +25,20 @@ class GuestRuntime:
 
 
 #: The agent is Python, so every rootfs has python3; ``nodejs`` adds the pinned Node.js builds,
-#: ``java`` Debian's OpenJDK 17 runtime and Jackson (the host's javac builds the packages).
+#: ``java`` Debian's OpenJDK 17 runtime and Jackson (the host's javac builds the packages), the
+#: others their language.
 GUEST_RUNTIMES: dict[str, GuestRuntime] = {
     "python": GuestRuntime("python", ("python3",)),
     # Node.js itself is not Debian's: the pinned builds (impuls.runtimes.node_dist) are copied in
     "nodejs": GuestRuntime("nodejs", ("python3", "libstdc++6")),
     "java": GuestRuntime("java", ("python3", "openjdk-17-jre-headless", "libjackson2-databind-java")),
+    # Debian's Ruby 3.1 (the host's too); a rootfs of its own keeps the Python one (which also
+    # serves go1.x and provided) small and its snapshots valid
+    "ruby": GuestRuntime("ruby", ("python3", "ruby")),
+    # Debian's Mono 6.8 and the class libraries dotnet-mono builds reference (build_steps.py);
+    # the function's package brings the compiled client and its ./bootstrap
+    "dotnet": GuestRuntime("dotnet", ("python3", "mono-runtime", "libnewtonsoft-json5.0-cil",
+                                      "libmono-microsoft-csharp4.0-cil")),
 }
 
 
