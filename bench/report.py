@@ -459,8 +459,8 @@ INTRO = """\
 
 Written by the benchmark harness (`bench/`); every number below comes from one
 run of the command shown, on the machine described. Re-run it to refresh this
-page. Targets come from the engine issue (warm path) and the namespace-sandbox
-issue (cold starts, isolation overhead).
+page. The targets are the project's goals for the warm path, cold starts, density,
+the doors and the microVM under emulation.
 """
 
 METHOD = """\
