@@ -154,6 +154,7 @@ class Function(_Out):
     status: Literal["active", "inactive"]
     max_concurrency: int
     ephemeral_storage_mb: int
+    init_once: bool
     code_sha256: str
     code_size: int
     created_at: datetime
