@@ -332,54 +332,47 @@ class Runner:
         """The warm Python rows at the lowest and highest concurrency again, on a server with
         tracing on (IMPULS_OTLP_ENDPOINT: a no-op OTLP/HTTP sink in this process, ``bench/otlp.py``),
         to set beside the same function's rows with tracing off."""
-        levels = tuple(sorted({min(self.plan.concurrency), max(self.plan.concurrency)}))
         with otlp.sink() as sink:
             server = ImpulsServer(sandbox, self.work / f"data-traced-{sandbox}",
                                   self.work / f"impuls-traced-{sandbox}.log", otlp_endpoint=sink.endpoint)
-            try:
-                server.start()
-            except ServerRefused as exc:
-                self.note(f"tracing on ({sandbox}): skipped, the server refused to start: {exc}")
+            if not self.variant_rows(server, IMPULS_TRACED, sandbox, "tracing on"):
                 return
-            log(f"measuring impuls with tracing on, sandbox {sandbox} (server pid {server.pid})")
-            self.deadline = time.monotonic() + self.plan.sandbox_budget_s
-            try:
-                path = server.create(f"bench-{PYTHON.label}", PYTHON, self.plan.max_concurrency)
-                self.warm(server, path, IMPULS_TRACED, sandbox, PYTHON.label, levels)
-            except (OSError, RuntimeError, http.client.HTTPException) as exc:
-                self.note(f"tracing on ({sandbox}): rows stopped: {exc}")
-            finally:
-                self.deadline = float("inf")
-                server.stop()
             dropped = server.log_path.read_text(errors="replace").count("dropping Span")
             self.note(f"tracing on ({sandbox}): the no-op sink took {sink.posts:,} exports "
                       f"({sink.bytes / 1e6:,.1f} MB of spans)"
                       + (f"; the exporter dropped spans {dropped} times (queue full)" if dropped else ""))
+
+    def variant_rows(self, server: ImpulsServer, system: str, sandbox: str, what: str) -> bool:
+        """The warm Python rows at the lowest and highest concurrency on ``server`` (the usual
+        server with one thing changed, ``what``), as ``system``; False when it would not start."""
+        levels = tuple(sorted({min(self.plan.concurrency), max(self.plan.concurrency)}))
+        try:
+            server.start()
+        except ServerRefused as exc:
+            self.note(f"{what} ({sandbox}): skipped, the server refused to start: {exc}")
+            return False
+        log(f"measuring impuls, {what}, sandbox {sandbox} (server pid {server.pid})")
+        self.deadline = time.monotonic() + self.plan.sandbox_budget_s
+        try:
+            path = server.create(f"bench-{PYTHON.label}", PYTHON, self.plan.max_concurrency)
+            self.warm(server, path, system, sandbox, PYTHON.label, levels)
+        except (OSError, RuntimeError, http.client.HTTPException) as exc:
+            self.note(f"{what} ({sandbox}): rows stopped: {exc}")
+        finally:
+            self.deadline = float("inf")
+            server.stop()
+        return True
 
     def postgres(self, sandbox: str, postgres_url: str) -> None:
         """The warm Python rows at the lowest and highest concurrency on a server whose store is a
         fresh PostgreSQL database, to set beside the same rows on SQLite (the warm path reads no
         database: they should not differ beyond noise); then the update propagation between two
         nodes on one database (``bench/scale_out.py``)."""
-        levels = tuple(sorted({min(self.plan.concurrency), max(self.plan.concurrency)}))
         with events.temporary_database(postgres_url) as url:
             server = ImpulsServer(sandbox, self.work / f"data-postgres-{sandbox}",
                                   self.work / f"impuls-postgres-{sandbox}.log", database_url=url)
-            try:
-                server.start()
-            except ServerRefused as exc:
-                self.note(f"PostgreSQL store ({sandbox}): skipped, the server refused to start: {exc}")
+            if not self.variant_rows(server, IMPULS_POSTGRES, sandbox, "PostgreSQL store"):
                 return
-            log(f"measuring impuls on PostgreSQL, sandbox {sandbox} (server pid {server.pid})")
-            self.deadline = time.monotonic() + self.plan.sandbox_budget_s
-            try:
-                path = server.create(f"bench-{PYTHON.label}", PYTHON, self.plan.max_concurrency)
-                self.warm(server, path, IMPULS_POSTGRES, sandbox, PYTHON.label, levels)
-            except (OSError, RuntimeError, http.client.HTTPException) as exc:
-                self.note(f"PostgreSQL store ({sandbox}): rows stopped: {exc}")
-            finally:
-                self.deadline = float("inf")
-                server.stop()
         self.wait_quiet()
         with events.temporary_database(postgres_url) as url:
             try:
