@@ -14,7 +14,6 @@ VM restored from a snapshot sees the device its template had.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import threading
 from pathlib import Path
@@ -65,10 +64,6 @@ class ScratchImages:
                 tmp.unlink(missing_ok=True)
                 raise SandboxStartFailed(f"cannot make an empty /tmp file system: {_why(exc)}") from exc
         return path
-
-    def clear(self) -> None:
-        """Forget the cached empty images (they are made again when needed)."""
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
 def _sparse_copy(source: Path, dest: Path) -> None:

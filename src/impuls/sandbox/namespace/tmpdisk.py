@@ -128,10 +128,8 @@ class TmpDisks:
         """A detached mount of an empty file system of ``size_mb`` (the caller closes it once
         handed over); made now if none is ready.  Raises SandboxStartFailed."""
         with self._lock:
-            ready = self._ready.setdefault(size_mb, [])
-            self._ready.move_to_end(size_mb)
+            ready, dropped = self._keep(size_mb)
             fd = ready.pop() if ready else -1
-            dropped = self._trim()
         _close(dropped)
         self.refill_soon()
         if fd >= 0:
@@ -141,8 +139,7 @@ class TmpDisks:
     def want(self, size_mb: int) -> None:
         """Keep disks of ``size_mb`` ready."""
         with self._lock:
-            self._ready.setdefault(size_mb, [])
-            dropped = self._trim()
+            _, dropped = self._keep(size_mb)
         _close(dropped)
         self.refill_soon()
 
@@ -189,12 +186,16 @@ class TmpDisks:
             with self._lock:
                 self._refilling = False
 
-    def _trim(self) -> list[int]:
+    def _keep(self, size_mb: int) -> tuple[list[int], list[int]]:
+        """(Under the lock.) The ready disks of ``size_mb``, now the size asked for last, and
+        those of the sizes beyond :data:`SIZES_KEPT` that this drops (for the caller to close)."""
+        ready = self._ready.setdefault(size_mb, [])
+        self._ready.move_to_end(size_mb)
         dropped: list[int] = []
         while len(self._ready) > SIZES_KEPT:
             _, fds = self._ready.popitem(last=False)
             dropped += fds
-        return dropped
+        return ready, dropped
 
 
 def _close(fds: list[int]) -> None:
