@@ -10,7 +10,8 @@ time out, exit or SIGKILL their runtime, return more than 6 MB, fill ``/tmp`` un
 ``ENOSPC``, are throttled (reserved concurrency 0, or 1 with a short queue); asynchronous
 events (``?async=true``); function URL requests; and, every couple of seconds, a code update,
 a configuration update or a new function.  Chaos meanwhile: SIGKILL of a random instance's
-sandbox (its pid 1) or runtime, and once, halfway, SIGKILL of the server and a start on the same
+sandbox (its pid 1) or runtime -- a version template among them, which ends every instance
+forked from it (docs/init-once.md) -- and once, halfway, SIGKILL of the server and a start on the same
 data directory, store and port.
 
 Verdicts (any failing one makes the exit status 1):
@@ -24,8 +25,8 @@ Verdicts (any failing one makes the exit status 1):
   by kind, apart from the rest;
 - a call that got 502 ``Sandbox.StartFailed`` with no kill to explain it (no sandbox could be
   started: the platform's fault, e.g. an overloaded host) is counted; over
-  ``START_FAILED_SHARE`` of the calls fails; answers put down to kills outnumbering the kills
-  fail too;
+  ``START_FAILED_SHARE`` of the calls fails; answers put down to kills outnumbering the
+  instances the kills ended fail too;
 - no hang: calls answered after their function's timeout plus the queue timeout plus one
   second are counted and shown (a cold call also waits for its instance's start); one past
   that by more than ``LOAD_SLACK_S`` (the init limit), or never answered, is a hang;
@@ -160,6 +161,9 @@ class Tally:
     worst_over_bound: tuple[float, str] = (-1e9, "")
     waits: Counter[str] = field(default_factory=Counter)  # answers by time outside the function
     kills: Counter[str] = field(default_factory=Counter)
+    #: instances the kills ended: each killed one, and those forked from a killed version template
+    taken_down: int = 0
+    taken_down_forked: int = 0
     deploys: Counter[str] = field(default_factory=Counter)
     accepted: dict[str, int] = field(default_factory=dict)  # request id → i
     events: Counter[str] = field(default_factory=Counter)
@@ -198,19 +202,23 @@ class Sandboxes:
             found += [d / self.parent for d in root.iterdir() if (d / self.parent).is_dir()]
         return found
 
-    def instances(self) -> list[tuple[int, list[int]]]:
-        """(pid 1, its other processes) of every live instance."""
-        out = []
+    def instances(self) -> list[Instance]:
+        """Every live instance: slots (``slot-*``) and instances forked from a version template
+        (``fork-*``, docs/init-once.md), each with pid 1 ``impuls-init``."""
+        found: dict[int, list[int]] = {}
         for parent in self.cgroup_dirs()[:1]:
-            for group in parent.glob("slot-*"):
+            for group in [*parent.glob("slot-*"), *parent.glob("fork-*")]:
                 try:
                     pids = [int(p) for p in (group / "cgroup.procs").read_text().split()]
                 except (OSError, ValueError):
                     continue
                 inits = [p for p in pids if _cmdline(p).startswith(b"impuls-init")]
                 if inits:
-                    out.append((inits[0], [p for p in pids if p != inits[0]]))
-        return out
+                    found[inits[0]] = [p for p in pids if p != inits[0]]
+        # an instance forked from a template lives in the template's pid namespace: its pid 1 is a
+        # child of the template's, and it ends with the template
+        forked: Counter[int] = Counter(_parent(init) for init in found)
+        return [Instance(init, others, forked[init]) for init, others in found.items()]
 
     def leftovers(self) -> list[str]:
         """Processes, cgroups, mounts and QEMUs of this server's sandboxes that still exist."""
@@ -234,6 +242,24 @@ class Sandboxes:
             mounts = Path("/proc/self/mountinfo").read_text().splitlines()
             found += [f"mount {line.split()[4]}" for line in mounts if str(self.data_dir) in line]
         return found
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One live instance: its pid 1, its other processes, and how many instances forked from it
+    (it is a version template) end with it."""
+
+    init: int
+    others: list[int]
+    forked: int
+
+
+def _parent(pid: int) -> int:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) for line in status.splitlines() if line.startswith("PPid:")), 0)
 
 
 def _bucket(seconds: float) -> str:
@@ -470,13 +496,15 @@ class Soak:
             instances = await asyncio.to_thread(self.sandboxes.instances)
             if not instances:
                 continue
-            init, others = self.rng.choice(instances)
-            target, what = (init, "sandbox") if not others or self.rng.random() < 0.5 else \
-                (self.rng.choice(others), "runtime")
+            victim = self.rng.choice(instances)
+            target, what = (victim.init, "sandbox") if not victim.others or self.rng.random() < 0.5 else \
+                (self.rng.choice(victim.others), "runtime")
             self.kill_times.append(time.monotonic())
             try:
                 os.kill(target, signal.SIGKILL)
                 self.tally.kills[what] += 1
+                self.tally.taken_down += 1 + victim.forked
+                self.tally.taken_down_forked += victim.forked
             except ProcessLookupError:
                 self.kill_times.pop()
 
@@ -616,8 +644,8 @@ def judge(tally: Tally, limits: Limits) -> None:
     if tally.start_failed > START_FAILED_SHARE * tally.calls:
         f.append(f"{tally.start_failed} calls found no sandbox (over {START_FAILED_SHARE:.0%})")
     killed = sum(n for k, n in tally.chaos.items() if "instance killed" in k)
-    if killed > tally.kills["sandbox"] + tally.kills["runtime"]:
-        f.append(f"{killed} answers put down to {tally.kills['sandbox'] + tally.kills['runtime']} kills")
+    if killed > tally.taken_down:
+        f.append(f"{killed} answers put down to {tally.taken_down} instances killed")
     if tally.events["lost"] or tally.events["never finished"]:
         f.append(f"{tally.events['lost']} events lost, {tally.events['never finished']} never finished")
     bad = sum(n for k, n in tally.events.items() if k not in ("succeeded", "lost", "never finished"))
@@ -654,6 +682,8 @@ def summary(tally: Tally, label: str) -> str:
     block("answers to killed work (documented)", tally.chaos)
     lines.append(f"  502 Sandbox.StartFailed with no kill to explain it: {tally.start_failed}")
     block("kills", tally.kills)
+    lines.append(f"  instances the kills ended: {tally.taken_down} "
+                 f"({tally.taken_down_forked} of them forked from a killed version template)")
     block("deploys under load", tally.deploys)
     block("time outside the engine (answer's time less its duration_ms, by cold start)", tally.waits)
     block("undocumented answers", tally.unexpected)
