@@ -16,7 +16,13 @@ Only processes of the server under test are signalled (found under its own proce
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import ctypes
+import fcntl
+import os
 import re
+import signal
+import termios
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -195,6 +201,61 @@ def test_a_runtime_that_ends_itself_while_it_starts_is_an_init_failure(
     assert "exiting" in body["logs"]
     (record,) = records(server, name, 1)
     assert record["outcome"] == "init_error"
+
+
+def unread_bytes(pid: int) -> int:
+    """Bytes waiting unread in the sockets of process ``pid`` (each socket is copied here with
+    pidfd_getfd, asked with FIONREAD, and closed again: a copy left open would keep it alive)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd_getfd = 438  # x86-64
+    total = 0
+    pidfd = os.pidfd_open(pid)
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                    continue
+            except OSError:
+                continue
+            copy = libc.syscall(pidfd_getfd, pidfd, int(fd), 0)
+            if copy < 0:
+                continue
+            try:
+                total += int.from_bytes(fcntl.ioctl(copy, termios.FIONREAD, b"\0" * 4), "little")
+            finally:
+                os.close(copy)
+    finally:
+        os.close(pidfd)
+    return total
+
+
+@pytest.mark.parametrize("kind", [pytest.param("namespace", marks=pytest.mark.namespace), "process"])
+def test_a_call_handed_to_an_instance_that_died_idle_goes_to_another(
+        make_server: Callable[..., Server], request: pytest.FixtureRequest, kind: str) -> None:
+    """A warm instance's runtime dies while idle, and the server hands it the next call before it
+    has seen it die: the runtime never read the call, so the call is served by another instance
+    (never 502).  To hold that race open, the runtime is stopped (SIGSTOP) while it waits for a
+    call, the call is written to its socket, and only then is it killed."""
+    server = start(make_server, request, kind)
+    name = server.deploy(runtime="python3.11", handler="handler.handler", code=QUICK)["name"]
+    assert server.invoke(name, {"n": 0}).json()["status_code"] == 200
+    (runtime,) = [pid for pid, _ in starting(kind, server)]
+    os.kill(runtime, signal.SIGSTOP)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            call = pool.submit(server.invoke, name, {"n": 1})
+            until(lambda: unread_bytes(runtime) > 0, "the call to reach the stopped runtime's socket")
+            assert not call.done()
+            assert sigkill(runtime, HOST_RUNTIME if kind == "process" else RUNTIME)
+            reply = call.result()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(runtime, signal.SIGCONT)
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["status_code"] == 200 and body["body"] == {"n": 1} and body["cold_start"] is True, body
+    record = records(server, name, 2)[0]
+    assert record["outcome"] == "success" and "died before it read the call" in record["note"], record
 
 
 @pytest.mark.namespace

@@ -274,6 +274,11 @@ class RuntimeExited(SandboxError):
     error_type = "Runtime.ExitError"
 
 
+class RuntimeGoneBeforeCall(RuntimeExited):
+    """The runtime died before it read the invocation (a warm instance killed while idle):
+    the function never saw the call, so it can be served on another instance."""
+
+
 class OutOfMemory(RuntimeExited):
     """The instance was killed for going over its memory limit."""
 

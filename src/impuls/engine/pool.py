@@ -9,7 +9,9 @@ is full or the wait times out.  A function whose init fails is not restarted
 in a tight loop: the failure is replayed to callers for a growing back-off.
 A start whose sandbox was killed from outside (:class:`~impuls.errors.SandboxKilled`)
 is no failure of the function: it is tried again at once on a new instance, up to
-``START_ATTEMPTS`` starts per call, and never replayed.
+``START_ATTEMPTS`` starts per call, and never replayed.  Likewise a warm instance whose
+runtime died before it read the call (:class:`~impuls.errors.RuntimeGoneBeforeCall`):
+the call goes to another instance (``CALL_ATTEMPTS`` in all).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from impuls.engine.results import InvocationResult
-from impuls.errors import InitFailed, SandboxError, SandboxKilled, Throttled
+from impuls.errors import InitFailed, RuntimeGoneBeforeCall, SandboxError, SandboxKilled, Throttled
 from impuls.sandbox.base import Instance, InstanceSpec, SandboxDriver
 from impuls.sandbox.runtime_api import Invocation
 
@@ -37,6 +39,8 @@ INIT_BACKOFF_MAX = 60.0
 #: starts one call may make when the sandbox of its instance is killed while it starts
 #: (the first and up to two more); after that the call fails with the SandboxKilled
 START_ATTEMPTS = 3
+#: instances one call may be given when each one's runtime turns out dead before it read the call
+CALL_ATTEMPTS = 3
 
 
 class PoolRetired(Exception):
@@ -90,7 +94,30 @@ class Pool:
         """Serve ``invocation`` on an instance of this pool (see module doc); a sandbox
         condition is raised with the instance's output in its ``logs``.  With a ``trace``, the
         wait, a cold start and the runtime call are its child spans, and the runtime gets the
-        runtime call's trace header."""
+        runtime call's trace header.  An instance whose runtime died before it read the
+        invocation (killed while idle) did not run it: the call goes to another instance,
+        within what is left of ``timeout`` (``CALL_ATTEMPTS`` instances in all)."""
+        t0 = time.monotonic()
+        for attempt in range(1, CALL_ATTEMPTS + 1):
+            try:
+                result = await self._run_on_one(invocation, timeout - (time.monotonic() - t0),
+                                                on_output, trace)
+            except RuntimeGoneBeforeCall as exc:
+                if attempt == CALL_ATTEMPTS:
+                    raise
+                log.info("%s: %s; the call goes to another instance",
+                         invocation.request_id, exc.message)
+                continue
+            if attempt > 1:
+                moved = (f"instance {attempt} of {CALL_ATTEMPTS}: the runtime of each earlier one "
+                         "died before it read the call")
+                result.note = f"{result.note}; {moved}" if result.note else moved
+            return result
+        raise AssertionError("unreachable")
+
+    async def _run_on_one(self, invocation: Invocation, timeout: float,
+                          on_output: Callable[[bytes], None] | None,
+                          trace: Trace | None) -> InvocationResult:
         instance, cold = await self._acquire(trace)
         healthy = False
         instance.output.listener = on_output

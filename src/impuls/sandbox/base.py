@@ -35,7 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from impuls.errors import InitFailed, InvocationTimedOut, OutOfMemory, RuntimeExited, SandboxKilled
+from impuls.errors import (
+    InitFailed,
+    InvocationTimedOut,
+    OutOfMemory,
+    RuntimeExited,
+    RuntimeGoneBeforeCall,
+    SandboxKilled,
+)
 from impuls.runtimes import Runtime
 from impuls.sandbox.runtime_api import Invocation, RuntimeAPI, RuntimeReply
 
@@ -235,6 +242,9 @@ class Instance(ABC):
         if self.exited.done():
             if self.oom_killed():
                 raise OutOfMemory(f"instance exceeded its memory limit of {self.spec.memory_mb} MB")
+            if await self.api.unread():
+                raise RuntimeGoneBeforeCall(f"runtime exited with status {self.exited.result()} "
+                                            "before it read the invocation")
             raise RuntimeExited(f"runtime exited with status {self.exited.result()} during the invocation")
         raise InvocationTimedOut(f"function timed out after {timeout:.2f} s")
 

@@ -28,6 +28,7 @@ import asyncio
 import base64
 import binascii
 import collections
+import errno
 import json
 import os
 import socket
@@ -56,6 +57,9 @@ PRELUDE_DELIMITER = b"\0" * 8
 MAX_PRELUDE_BYTES = 16 * 1024
 #: a ResponseStream holding more than this stops the runtime's connection being read
 STREAM_HIGH_WATER = 1024 * 1024
+#: how long ``RuntimeAPI.unread`` waits for a dead runtime's connection to be seen closed
+UNREAD_CHECKS = 5
+UNREAD_CHECK_S = 0.01
 
 
 @dataclass
@@ -313,6 +317,7 @@ class RuntimeAPI:
         self.ready: asyncio.Future[None] = loop.create_future()
         self._current: Invocation | None = None
         self._delivered = False
+        self._delivered_on: _Connection | None = None  # the connection the invocation was written to
         self._parked: _Connection | None = None
         self._streaming: _Connection | None = None  # posting the current invocation's stream
         self._server: asyncio.AbstractServer | None = None
@@ -339,10 +344,28 @@ class RuntimeAPI:
         if self._current is not None and not self._current.reply.done():
             raise RuntimeError("an invocation is already outstanding on this instance")
         self._current = invocation
-        self._delivered = False
+        self._delivered, self._delivered_on = False, None
         parked, self._parked = self._parked, None
         if parked is not None and not parked.closed:
             self._deliver(parked)
+
+    async def unread(self) -> bool:
+        """Whether the runtime, now gone, never read the last dispatched invocation: it was
+        not written to any connection, or the connection it was written to was reset -- a
+        socket closed with unread data resets its peer (or a write to a dead peer fails), while
+        a runtime that read the event and then died closes it cleanly.  Asked after the
+        runtime's exit, which the kernel reports after closing its sockets; the reset may still
+        be on its way through the event loop, so a connection still open is given a moment."""
+        conn = self._delivered_on
+        if not self._delivered or conn is None:
+            return True
+        for _ in range(UNREAD_CHECKS):
+            if conn.closed:
+                return conn.reset
+            if conn.socket_error() in (errno.ECONNRESET, errno.EPIPE):
+                return True
+            await asyncio.sleep(UNREAD_CHECK_S)
+        return False
 
     def abandon(self) -> None:
         """Forget the outstanding invocation (timed out or cancelled)."""
@@ -364,7 +387,7 @@ class RuntimeAPI:
 
     def _deliver(self, conn: _Connection) -> None:
         assert self._current is not None
-        self._delivered = True
+        self._delivered, self._delivered_on = True, conn
         conn.write(self._current.next_response())
 
     def _on_next(self, conn: _Connection) -> None:
@@ -434,6 +457,7 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.reset = False  # lost with an error: the peer went away with data unread, or a write failed
         self.paused = False  # not reading: a streamed response's sink is full
         self._reset()
 
@@ -461,6 +485,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.reset = isinstance(exc, (ConnectionResetError, BrokenPipeError))
         self.api._connections.discard(self)
         if self.api._streaming is self:  # the runtime went away mid-stream
             self.api._streaming = None
@@ -475,6 +500,16 @@ class _Connection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
             self.transport.write(data)
+
+    def socket_error(self) -> int:
+        """The socket's pending error (SO_ERROR; 0: none, or no socket)."""
+        sock = None if self.transport is None else self.transport.get_extra_info("socket")
+        if sock is None:
+            return 0
+        try:
+            return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+        except OSError:
+            return 0
 
     def abort(self) -> None:
         self.closed = True
