@@ -28,6 +28,7 @@ import asyncio
 import base64
 import binascii
 import collections
+import contextlib
 import errno
 import json
 import os
@@ -58,8 +59,7 @@ MAX_PRELUDE_BYTES = 16 * 1024
 #: a ResponseStream holding more than this stops the runtime's connection being read
 STREAM_HIGH_WATER = 1024 * 1024
 #: how long ``RuntimeAPI.unread`` waits for a dead runtime's connection to be seen closed
-UNREAD_CHECKS = 5
-UNREAD_CHECK_S = 0.01
+UNREAD_WAIT_S = 1.0
 
 
 @dataclass
@@ -352,20 +352,20 @@ class RuntimeAPI:
     async def unread(self) -> bool:
         """Whether the runtime, now gone, never read the last dispatched invocation: it was
         not written to any connection, or the connection it was written to was reset -- a
-        socket closed with unread data resets its peer (or a write to a dead peer fails), while
-        a runtime that read the event and then died closes it cleanly.  Asked after the
-        runtime's exit, which the kernel reports after closing its sockets; the reset may still
-        be on its way through the event loop, so a connection still open is given a moment."""
+        socket closed with unread data resets its peer (and a write to a dead peer fails),
+        while a runtime that read the event and then died closes it cleanly.  Asked after the
+        runtime's exit; the connection's end may still be on its way (a busy host defers
+        it), so an open one is waited for, ``UNREAD_WAIT_S`` at most (one another process
+        still holds stays open)."""
         conn = self._delivered_on
         if not self._delivered or conn is None:
             return True
-        for _ in range(UNREAD_CHECKS):
-            if conn.closed:
-                return conn.reset
-            if conn.socket_error() in (errno.ECONNRESET, errno.EPIPE):
-                return True
-            await asyncio.sleep(UNREAD_CHECK_S)
-        return False
+        if not conn.closed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(conn.gone), UNREAD_WAIT_S)
+        if conn.closed:
+            return conn.reset
+        return conn.socket_error() in (errno.ECONNRESET, errno.EPIPE)
 
     def abandon(self) -> None:
         """Forget the outstanding invocation (timed out or cancelled)."""
@@ -458,6 +458,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.reset = False  # lost with an error: the peer went away with data unread, or a write failed
+        self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # lost
         self.paused = False  # not reading: a streamed response's sink is full
         self._reset()
 
@@ -486,6 +487,8 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.reset = isinstance(exc, (ConnectionResetError, BrokenPipeError))
+        if not self.gone.done():
+            self.gone.set_result(None)
         self.api._connections.discard(self)
         if self.api._streaming is self:  # the runtime went away mid-stream
             self.api._streaming = None
