@@ -505,7 +505,7 @@ def test_template_rotates_after_max_forks(make_spec: SpecFactory, world_dir: Pat
             before = [await layout(i) for i in first]
             await until(lambda: launcher.rotations == 1, "the rotation")
             assert launcher._template is not old and launcher.rotation_failures == 0
-            assert all(s.origin is launcher._template for s in launcher._pool)  # old slots are gone
+            assert all(s.origin is launcher._template for s in launcher._pools[""])  # old slots are gone
             second = [await driver.create(fresh()) for _ in range(2)]
             after = [await layout(i) for i in second]
             assert all(same_template(before[0], b) for b in before[1:]), before
@@ -919,9 +919,9 @@ def test_a_killed_template_is_replaced_before_the_next_start(make_spec: SpecFact
         try:
             assert sigkill(template_processes(old.cgroup.pids())[0], b"zygote.py")
             await until(lambda: launcher._template is not old and launcher._template is not None
-                        and launcher._template.alive and len(launcher._pool) == launcher.pool_size,
+                        and launcher._template.alive and len(launcher._pools[""]) == launcher.pool_size,
                         "a new template with a full pool of slots")
-            assert all(slot.origin is launcher._template for slot in launcher._pool)
+            assert all(slot.origin is launcher._template for slot in launcher._pools[""])
             instance = await driver.create(spec)
             try:
                 assert json.loads((await call(instance, {})).body) == 2
@@ -982,9 +982,9 @@ def test_slots_whose_waiting_runtime_was_killed_are_not_assigned(make_spec: Spec
         driver = make_namespace_driver(world_dir / "sandbox")
         launcher = driver.launcher
         await driver.start()
-        await until(lambda: len(launcher._pool) == launcher.pool_size, "a full pool of slots")
+        await until(lambda: len(launcher._pools[""]) == launcher.pool_size, "a full pool of slots")
         template = launcher._template
-        waiting = [pid for slot in launcher._pool for pid in cgroup_members(slot.cgroup.name)
+        waiting = [pid for slot in launcher._pools[""] for pid in cgroup_members(slot.cgroup.name)
                    if cmdline(pid)[1:2] == [b"/var/runtime/zygote.py"]]
         assert len(waiting) == launcher.pool_size
         for pid in waiting:

@@ -64,6 +64,9 @@ class Runtime:
     #: the client can reach the Runtime API over IMPULS_RUNTIME_API_SOCKET (else TCP only)
     unix_socket_client: bool = True
     sandboxes: tuple[str, ...] = ("process", "namespace")
+    #: the namespace sandbox may start the client ahead of time, before the function is known:
+    #: it then reads its environment and working directory from IMPULS_PRESTART_FD first
+    prestarts: bool = False
     host_paths: tuple[str, ...] = ("/usr",)
 
     def command(self, task_root: str, client: str | None = None) -> list[str]:
@@ -163,6 +166,7 @@ def _node(release: node_dist.Release, aliases: tuple[str, ...]) -> Runtime:
         interpreter=str(release.binary), bootstrap=RUNTIMES_DIR / "nodejs" / "bootstrap.js",
         installed=node_dist.installed(release), version=f"v{release.version}",
         extension=".js", module_extensions=(".js", ".mjs", ".cjs"), build=build_steps.node_modules,
+        prestarts=True,
         sandboxes=("process", "namespace", "microvm"),
     )
 

@@ -29,6 +29,36 @@ const env = process.env;
 const RUNTIME = '/2018-06-01/runtime';
 
 // ------------------------------------------------------------------------------------------
+// Started ahead of time (the namespace sandbox's pre-started slots): node started before its
+// function was known, with a neutral environment. Wait, blocking, for the assignment on the
+// descriptor IMPULS_PRESTART_FD names -- one message, JSON {env, cwd} -- then take on exactly
+// the function's environment and working directory before anything reads them. Functions
+// that set variables node reads only at its own start (NODE_*, UV_*) are never started so.
+
+function takeAssignment(fd) {
+  const buf = Buffer.allocUnsafe(256 * 1024);
+  let n = 0;
+  for (;;) {
+    try {
+      n = fs.readSync(fd, buf, 0, buf.length, null);
+      break;
+    } catch (err) {
+      if (err.code !== 'EINTR' && err.code !== 'EAGAIN') throw err;
+    }
+  }
+  if (n === 0) process.exit(0); // the slot was given up
+  fs.closeSync(fd);
+  const assignment = JSON.parse(buf.toString('utf8', 0, n));
+  for (const key of Object.keys(env)) delete env[key];
+  Object.assign(env, assignment.env);
+  process.chdir(assignment.cwd);
+  const Module = require('module');
+  if (typeof Module._initPaths === 'function') Module._initPaths(); // HOME, NODE_PATH
+}
+
+if (env.IMPULS_PRESTART_FD) takeAssignment(Number(env.IMPULS_PRESTART_FD));
+
+// ------------------------------------------------------------------------------------------
 // Logs: the host reads our stdout/stderr pipes after it gets a response, so everything written
 // before a POST must already be in the pipe. Node writes to pipes asynchronously; make them
 // blocking (files and TTYs are synchronous already). process.stdout/stderr are created lazily

@@ -310,6 +310,7 @@ class NamespaceDriver(SandboxDriver):
                 raise
             raise SandboxStartFailed(f"cannot start a {spec.runtime.id} sandbox: {exc}") from exc
         instance = NamespaceInstance(spec, api, launched.cgroup, launched.runtime, run_dir, self._live)
+        instance.note = launched.note
         if prepare is not None:
             prepare(instance)
         await instance.ready_or_destroyed(INIT_TIMEOUT)

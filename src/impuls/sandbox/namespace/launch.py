@@ -92,6 +92,8 @@ class Launched:
 
     runtime: LaunchedRuntime
     cgroup: cgroups.Cgroup
+    #: how it was started, when that is worth a line in the invocation record
+    note: str = ""
 
 
 class Launcher(Protocol):

@@ -128,7 +128,8 @@ class SlotControl:
 
     def send_assignment(self, request: bytes, fds: list[int], output_fd: int) -> None:
         """Send the assignment: JSON and four descriptors (code, socket, output pipe, /tmp;
-        a version template's fork channel fifth)."""
+        a version template's fork channel fifth; a slot whose runtime started ahead of time:
+        code, socket, /tmp), and read the instance's output from ``output_fd``."""
         if self._ctl is None or self.exited.done():
             raise SlotGone(f"the sandbox slot is gone{': ' + self.error if self.error else ''}")
         if not self.runtime_waiting:
@@ -257,10 +258,14 @@ class Slot:
     microseconds.  ``origin`` is whatever made it (the template process it was forked
     from): a slot of a replaced template is never assigned."""
 
-    def __init__(self, cgroup: cgroups.Cgroup, control: SlotControl, origin: object = None) -> None:
+    def __init__(self, cgroup: cgroups.Cgroup, control: SlotControl, origin: object = None,
+                 output_fd: int = -1) -> None:
         self.cgroup = cgroup
         self.control = control
         self.origin = origin
+        #: a slot whose runtime was started ahead of time: the read end of its output pipe
+        #: (its runtime has had the write end since it started)
+        self.output_fd = output_fd
 
     @property
     def usable(self) -> bool:
@@ -271,14 +276,19 @@ class Slot:
                cpu_weight: int, tmp_fd: int, channel: int | None = None) -> None:
         """Bind the slot to one instance: limits, code, Runtime API socket, output pipe,
         ``/tmp`` (a detached mount, closed here) (and, for a version template, the
-        ``channel`` its fork requests come on).  Raises ``LaunchFailed``, never ``OSError``."""
+        ``channel`` its fork requests come on); a slot whose runtime was started ahead of
+        time gets no output pipe: it has one.  Raises ``LaunchFailed``, never ``OSError``."""
         code_fd = sock_fd = out_r = out_w = -1
         try:
             self.cgroup.set_limits(memory_mb, cpu_weight)
             code_fd = detached_mount(code_dir)
             sock_fd = detached_mount(socket_path)
-            out_r, out_w = os.pipe2(os.O_CLOEXEC)
-            fds = [code_fd, sock_fd, out_w, tmp_fd, *([] if channel is None else [channel])]
+            if self.output_fd >= 0:
+                out_r, self.output_fd = self.output_fd, -1
+                fds = [code_fd, sock_fd, tmp_fd]
+            else:
+                out_r, out_w = os.pipe2(os.O_CLOEXEC)
+                fds = [code_fd, sock_fd, out_w, tmp_fd, *([] if channel is None else [channel])]
             self.control.send_assignment(request, fds, out_r)
         except OSError as exc:
             close_fds(out_r)
@@ -293,6 +303,8 @@ class Slot:
         """Give the slot up (idempotent): closing the socket makes an unassigned slot
         exit by itself, and its cgroup is removed."""
         self.control.close()
+        close_fds(self.output_fd)
+        self.output_fd = -1
         try:
             await asyncio.to_thread(self.cgroup.remove)
         except cgroups.CgroupError as exc:

@@ -59,8 +59,17 @@ STOP_GRACE = 1.0
 SHM_MB = 64
 #: Empty instances kept ready; each costs two idle forked processes (mostly shared pages).
 POOL_SIZE = 4
+#: Slots kept ready with a runtime started ahead of time, per runtime that has them (Node.js:
+#: ``prestarts``), once an instance of that runtime was started; each costs an idle runtime
+#: process (~40 MB for node).
+PRESTART_POOL_SIZE = 2
+#: Variables a runtime started ahead of time reads only at its start: a function that sets one
+#: gets a runtime started for it (node: NODE_OPTIONS, NODE_EXTRA_CA_CERTS, UV_THREADPOOL_SIZE...).
+PRESTART_READ_AT_START = ("NODE_", "UV_")
 #: An empty slot's memory limit until it is assigned.
 SLOT_MEMORY_MB = 128
+#: ... and a slot's whose runtime was started ahead of time (node's start takes ~60 MB).
+PRESTART_MEMORY_MB = 256
 #: After a slot could not be built, the pool is not refilled for this long (seconds).
 REFILL_BACKOFF = 1.0
 #: Runs the template when no Python runtime is installed (no preloading then).
@@ -340,8 +349,8 @@ def _readable(fd: int) -> bool:
     return bool(poller.poll(0))
 
 
-def _remove_slots(slots: Iterable[Slot]) -> None:
-    for slot in list(slots):
+def _remove_slots(pools: dict[str, collections.deque[Slot]]) -> None:
+    for slot in [slot for pool in list(pools.values()) for slot in list(pool)]:
         with contextlib.suppress(cgroups.CgroupError):
             slot.cgroup.remove()
 
@@ -441,9 +450,13 @@ class TemplateLauncher:
         self._template: TemplateProcess | None = None
         self._lock = asyncio.Lock()
         self._bootstraps = {rt.bootstrap.name for rt in self.runtimes if rt.bootstrap is not None}
-        self._pool: collections.deque[Slot] = collections.deque()
+        #: runtimes whose instances get a slot with the runtime started ahead of time
+        self._prestarts = {rt.id: rt for rt in self.runtimes if rt.prestarts and not hosts_versions}
+        #: slots kept ready: empty ones under "", those with a runtime started ahead of time
+        #: under its id (the pool is made at the first launch of that runtime)
+        self._pools: dict[str, collections.deque[Slot]] = {"": collections.deque()}
         self._building: set[Slot] = set()
-        self._fillers: set[asyncio.Task[None]] = set()
+        self._fillers: dict[str, set[asyncio.Task[None]]] = collections.defaultdict(set)
         self._refill_after = 0.0
         self._closed = False
         self._starting: set[str] = set()  # cgroups of templates being started
@@ -453,10 +466,13 @@ class TemplateLauncher:
         self._stopping: set[asyncio.Task[None]] = set()
         self._retry_at = -math.inf
         self._timer: asyncio.TimerHandle | None = None
-        weakref.finalize(self, _remove_slots, self._pool)
+        weakref.finalize(self, _remove_slots, self._pools)
+
+    def _ready_slots(self) -> list[Slot]:
+        return [slot for pool in self._pools.values() for slot in pool]
 
     def cgroup_names(self) -> set[str]:
-        names = {slot.cgroup.name for slot in (*self._pool, *self._building)} | self._starting
+        names = {slot.cgroup.name for slot in (*self._ready_slots(), *self._building)} | self._starting
         names.update(t.cgroup.name for t in (self._template, *self._retired) if t is not None)
         return names
 
@@ -473,13 +489,18 @@ class TemplateLauncher:
         detached mount of the Runtime API socket, the output pipe and the
         environment.  Raises ``LaunchFailed`` (never ``OSError``), leaving nothing
         behind.  With ``channel`` (a socket), the slot becomes a version template
-        of ``spec``'s Python function (docs/init-once.md) that takes fork requests on it."""
-        request = self._request(spec, template=channel is not None)
+        of ``spec``'s Python function (docs/init-once.md) that takes fork requests on it.
+        An instance of a runtime that ``prestarts`` (Node.js) takes, when one is ready, a
+        slot where its runtime already runs, waiting for the function's environment
+        (unless the function sets a variable in ``PRESTART_READ_AT_START``)."""
+        prestart = "" if channel is not None else self._prestart_kind(spec)
         for attempt in range(1, BUILD_ATTEMPTS + 1):
             if self._closed:
                 raise LaunchFailed("the namespace sandbox is closed")
-            slot = await self._take()
+            slot = await self._take(prestart)
+            prestarted = slot.output_fd >= 0
             try:
+                request = self._request(spec, template=channel is not None, prestarted=prestarted)
                 tmp_fd = await self.tmp_disks.take(spec.ephemeral_storage_mb)
                 slot.assign(request, spec.code_dir, socket_path, spec.memory_mb, cpu_weight(spec.memory_mb),
                             tmp_fd, channel)
@@ -495,19 +516,21 @@ class TemplateLauncher:
             if isinstance(slot.origin, TemplateProcess):
                 slot.origin.forks += 1
             self._maybe_rotate()
-            return Launched(slot.control, slot.cgroup)
+            return Launched(slot.control, slot.cgroup, "runtime started ahead of time" if prestarted else "")
         raise AssertionError("unreachable")
 
     async def close(self) -> None:
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
-        tasks = [*self._fillers, *([self._rotation] if self._rotation is not None else [])]
+        tasks = [*(t for fillers in self._fillers.values() for t in fillers),
+                 *([self._rotation] if self._rotation is not None else [])]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        while self._pool:
-            await self._pool.popleft().discard()
+        for pool in self._pools.values():
+            while pool:
+                await pool.popleft().discard()
         if self._template is not None:
             await self._template.close()
             self._template = None
@@ -517,29 +540,37 @@ class TemplateLauncher:
 
     # --- slots -----------------------------------------------------------------------------
 
-    async def _take(self) -> Slot:
-        while self._pool:
-            slot = self._pool.popleft()
-            template = self._template
-            if slot.usable and template is not None and slot.origin is template and template.alive:
-                self._refill()
-                return slot
-            await slot.discard()
+    async def _take(self, kind: str = "") -> Slot:
+        """A ready slot with runtime ``kind`` started ahead of time (its pool is made, and
+        filled in the background, on the first call that asks for it); else a ready empty
+        slot; else an empty one built now.  A cold start never waits for a runtime's start."""
+        for pool in (self._pools.setdefault(kind, collections.deque()), self._pools[""]):
+            while pool:
+                slot = pool.popleft()
+                template = self._template
+                if slot.usable and template is not None and slot.origin is template and template.alive:
+                    self._refill()
+                    return slot
+                await slot.discard()
         self._refill()
         return await self._build_slot()
 
     def _refill(self) -> None:
+        """Start building what each pool lacks (its size: ``pool_size`` for empty slots,
+        ``PRESTART_POOL_SIZE`` for each runtime started ahead of time)."""
         if self._closed or time.monotonic() < self._refill_after:
             return
-        missing = self.pool_size - len(self._pool) - len(self._fillers)
-        for _ in range(max(0, missing)):
-            task = asyncio.get_running_loop().create_task(self._fill_one())
-            self._fillers.add(task)
-            task.add_done_callback(self._fillers.discard)
+        for kind, pool in self._pools.items():
+            fillers = self._fillers[kind]
+            missing = (self.pool_size if not kind else PRESTART_POOL_SIZE) - len(pool) - len(fillers)
+            for _ in range(max(0, missing)):
+                task = asyncio.get_running_loop().create_task(self._fill_one(kind))
+                fillers.add(task)
+                task.add_done_callback(fillers.discard)
 
-    async def _fill_one(self) -> None:
+    async def _fill_one(self, kind: str) -> None:
         try:
-            slot = await self._build_slot()
+            slot = await self._build_slot(kind)
         except SandboxStartFailed as exc:
             log.warning("namespace sandbox: cannot prepare a slot: %s", exc)
             self._refill_after = time.monotonic() + REFILL_BACKOFF  # no storm of failures
@@ -547,16 +578,16 @@ class TemplateLauncher:
         if self._closed or slot.origin is not self._template:  # replaced meanwhile
             await slot.discard()
         else:
-            self._pool.append(slot)
+            self._pools[kind].append(slot)
 
-    async def _build_slot(self) -> Slot:
-        """A new empty instance from the current template.  When the template died
+    async def _build_slot(self, kind: str = "") -> Slot:
+        """A new slot of ``kind`` from the current template.  When the template died
         meanwhile (its slots die with it), from a new template: ``BUILD_ATTEMPTS`` in all."""
         for attempt in range(1, BUILD_ATTEMPTS + 1):
             template: TemplateProcess | None = None
             try:
                 template = await self._ensure()
-                return await self._fork_slot(template)
+                return await self._fork_slot(template, kind)
             except TemplateUnavailable:
                 raise
             except SandboxStartFailed as exc:
@@ -566,25 +597,40 @@ class TemplateLauncher:
                 log.info("namespace sandbox: the template died (%s); starting a new one", exc)
         raise AssertionError("unreachable")
 
-    async def _fork_slot(self, template: TemplateProcess) -> Slot:
-        """A new empty instance forked from ``template``; it counts as the template's
-        user until every process of it is gone."""
-        cgroup = self.host.create(f"slot-{uuid.uuid4().hex[:12]}", SLOT_MEMORY_MB, PIDS_MAX,
-                                  cpu_weight(SLOT_MEMORY_MB))
+    async def _fork_slot(self, template: TemplateProcess, kind: str = "") -> Slot:
+        """A new slot forked from ``template`` -- empty, or with runtime ``kind`` started
+        in it ahead of time, writing to an output pipe made now; it counts as the
+        template's user until every process of it is gone."""
+        memory_mb = SLOT_MEMORY_MB if not kind else PRESTART_MEMORY_MB
+        cgroup = self.host.create(f"slot-{uuid.uuid4().hex[:12]}", memory_mb, PIDS_MAX,
+                                  cpu_weight(memory_mb))
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        out_r = out_w = -1
+        if kind:
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
         control = SlotControl(ours, cgroup)
-        slot = Slot(cgroup, control, template)
+        slot = Slot(cgroup, control, template, out_r)
         template.users.add(control)
         control.exited.add_done_callback(lambda _: self._released(template, control))
         self._building.add(slot)
         try:
             ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-            template.send(b'{"op": "slot"}', [theirs.fileno()])
+            if kind:
+                rt = self._prestarts[kind]
+                request = json.dumps({"op": "slot", "prestart": {
+                    "argv": rt.command(bwrap.TASK_DIR, f"{RUNTIME_DIR}/{rt.bootstrap.name}"
+                                       if rt.bootstrap is not None else None),
+                    "env": {"PATH": DEFAULT_PATH, "LANG": "C.UTF-8", "TZ": ":UTC"}}}).encode()
+                template.send(request, [theirs.fileno(), out_w])
+            else:
+                template.send(b'{"op": "slot"}', [theirs.fileno()])
             theirs.close()
+            close_fds(out_w)
             await asyncio.wait_for(asyncio.shield(control.ready), SLOT_TIMEOUT)
             return slot
         except BaseException as exc:
             theirs.close()
+            close_fds(out_w)
             await slot.discard()
             if isinstance(exc, TimeoutError):
                 raise LaunchFailed("the sandbox was not built in time") from exc
@@ -636,11 +682,11 @@ class TemplateLauncher:
         self._refill()
 
     def _drop_slots_of(self, template: TemplateProcess) -> None:
-        """Discard the pool's slots of ``template`` (in the background)."""
-        stale = [slot for slot in self._pool if slot.origin is template]
-        for slot in stale:
-            self._pool.remove(slot)
-            self._background(slot.discard())
+        """Discard the pools' slots of ``template`` (in the background)."""
+        for pool in self._pools.values():
+            for slot in [slot for slot in pool if slot.origin is template]:
+                pool.remove(slot)
+                self._background(slot.discard())
 
     async def _start_template(self) -> TemplateProcess:
         name = f"template-{uuid.uuid4().hex[:8]}"
@@ -725,9 +771,10 @@ class TemplateLauncher:
             async with self._lock:  # not while _ensure() starts a template
                 if self._closed:
                     return
-                old, stale = self._template, list(self._pool)
-                self._pool.clear()
-                self._pool.extend(slots)
+                old, stale = self._template, self._ready_slots()
+                for pool in self._pools.values():
+                    pool.clear()
+                self._pools[""].extend(slots)
                 self._adopt(new)
                 new, slots = None, []
                 self.rotations += 1
@@ -780,7 +827,16 @@ class TemplateLauncher:
         return (self.python is not None and runtime.bootstrap == self.python.bootstrap
                 and runtime.interpreter == self.python.interpreter == self.interpreter)
 
-    def _request(self, spec: InstanceSpec, template: bool = False) -> bytes:
+    def _prestart_kind(self, spec: InstanceSpec) -> str:
+        """The id of ``spec``'s runtime when its instance can take a slot where that
+        runtime was started ahead of time ("": it cannot)."""
+        rt = spec.runtime
+        if rt.id not in self._prestarts or any(
+                name.startswith(PRESTART_READ_AT_START) for name in spec.environment):
+            return ""
+        return rt.id
+
+    def _request(self, spec: InstanceSpec, template: bool = False, prestarted: bool = False) -> bytes:
         rt = spec.runtime
         argv = sandbox_command(spec)
         if rt.bootstrap is not None and rt.bootstrap.name not in self._bootstraps:
@@ -788,7 +844,7 @@ class TemplateLauncher:
         preloaded = self.preloads(rt)
         if template and not (preloaded and self.hosts_versions):
             raise LaunchFailed(f"runtime {rt.id} cannot be initialised once in this sandbox template")
-        mode = "template" if template else "python" if preloaded else "exec"
+        mode = "template" if template else "prestarted" if prestarted else "python" if preloaded else "exec"
         return json.dumps({
             "id": spec.instance_id, "mode": mode, "argv": argv,
             "env": sandbox_env(spec), "relay": not rt.unix_socket_client,

@@ -40,6 +40,8 @@ CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x08000000, 0x20000000, 0x40000000
 CLONE_NEWUSER = 0x10000000
 #: the descriptor a version template's fork requests arrive on (kept across closerange)
 TEMPLATE_FD = 3
+#: the descriptor a runtime started ahead of time reads its assignment from
+PRESTART_FD = 3
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 AT_FDCWD, MOVE_MOUNT_F_EMPTY_PATH, SYS_MOVE_MOUNT = -100, 4, 429
@@ -142,7 +144,11 @@ class Zygote:
             if not msg:
                 return  # the server closed the channel
             fds = _fds(ancdata)
-            if len(fds) != 1:
+            try:
+                prestart = json.loads(msg).get("prestart")
+            except (ValueError, AttributeError):
+                prestart = None
+            if len(fds) != (1 if prestart is None else 2):  # control (and the output pipe)
                 _close_all(fds)
                 continue
             sys.stdout.flush()
@@ -153,17 +159,18 @@ class Zygote:
                 _report(fds[0], f"fork failed: {exc}")
                 pid = -1
             if pid == 0:
-                self._slot(fds[0])  # never returns
+                self._slot(fds[0], prestart, fds[1] if prestart is not None else -1)  # never returns
             _close_all(fds)
 
     # --- A: the namespaces ---------------------------------------------------------------
 
-    def _slot(self, ctl_fd: int) -> None:
+    def _slot(self, ctl_fd: int, prestart: dict[str, Any] | None = None, output_fd: int = -1) -> None:
         """A: report our pid (``SCM_CREDENTIALS``: the kernel translates it to the
         host pid), unshare mount, network, ipc, uts and pid namespaces, make every
         mount private and bring ``lo`` up; wait for ``go`` (the server has moved us
         into the slot's cgroup), unshare the cgroup namespace, fork B and exit.
-        Setup errors go to the server as ``error <text>``."""
+        Setup errors go to the server as ``error <text>``.  ``prestart`` (``argv``,
+        ``env``) and ``output_fd``: the slot's runtime is started now (``_prestart``)."""
         code = 1
         try:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -179,7 +186,7 @@ class Zygote:
                 raise SetupError("the server did not confirm the cgroup")
             _check(_libc.unshare(ctypes.c_int(CLONE_NEWCGROUP)), "unshare cgroup")
             if os.fork() == 0:
-                self._init(ctl)  # never returns
+                self._init(ctl, prestart, output_fd)  # never returns
             code = 0
         except BaseException as exc:
             _report(ctl_fd, _describe(exc))
@@ -188,7 +195,8 @@ class Zygote:
 
     # --- B: pid 1 of the instance ---------------------------------------------------------
 
-    def _init(self, ctl: socket.socket) -> None:
+    def _init(self, ctl: socket.socket, prestart: dict[str, Any] | None = None,
+              output_fd: int = -1) -> None:
         """B, pid 1 of the new pid namespace: mount its own ``/proc`` (``PROC_READ_ONLY``
         entries read-only, as bwrap does) and a fresh devpts, fork C (which waits),
         and send ``ready`` with our credentials (the server can then kill the whole
@@ -205,6 +213,10 @@ class Zygote:
         namespace.  For a runtime client that only speaks TCP (``relay``) it also
         relays ``127.0.0.1:9001`` inside the instance's network namespace to the
         Runtime API socket.
+
+        A slot whose runtime was started ahead of time (``prestart``, ``mode:
+        prestarted``) gets three descriptors (code, socket, ``/tmp``: its output pipe
+        came with the slot) and hands C only the environment, as JSON.
         """
         code = 1
         try:
@@ -217,8 +229,12 @@ class Zygote:
             if runtime == 0:
                 ctl.close()
                 to_runtime.close()
+                if prestart is not None:
+                    self._prestart(for_runtime, prestart, output_fd)  # never returns
                 self._runtime(for_runtime)  # never returns
             for_runtime.close()
+            if output_fd >= 0:
+                os.close(output_fd)
             _set_title(self.arg_area, [b"impuls-slot"])
             creds = struct.pack("3i", os.getpid(), os.getuid(), os.getgid())
             ctl.sendmsg([b"ready"], [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, creds)])
@@ -227,13 +243,19 @@ class Zygote:
             if not msg:
                 raise SystemExit(0)  # the server gave the slot up
             fds = _fds(ancdata)
-            if len(fds) not in (4, 5):  # code, socket, output, /tmp (a version template: its channel)
-                raise SetupError(f"expected 4 or 5 descriptors, got {len(fds)}")
+            # code, socket, output, /tmp (a version template: its channel fifth); a slot whose
+            # runtime started ahead of time has its output already: code, socket, /tmp
+            expected = (3,) if prestart is not None else (4, 5)
+            if len(fds) not in expected:
+                raise SetupError(f"expected {' or '.join(map(str, expected))} descriptors, got {len(fds)}")
             request = json.loads(msg)
-            listener = self._assign(request, fds[0], fds[1], fds[3])
+            listener = self._assign(request, fds[0], fds[1], fds[-1 if prestart is not None else 3])
             ctl.send(b"assigned")
-            to_runtime.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                        struct.pack(f"{len(fds) - 3}i", fds[2], *fds[4:]))])
+            if prestart is not None:
+                to_runtime.send(json.dumps({"env": request["env"], "cwd": TASK_DIR}).encode())
+            else:
+                to_runtime.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                            struct.pack(f"{len(fds) - 3}i", fds[2], *fds[4:]))])
             _close_all(fds)
             to_runtime.close()
             _set_title(self.arg_area, [b"impuls-init", str(request["id"]).encode()])
@@ -322,6 +344,33 @@ class Zygote:
                 os.write(2, f"impuls: sandbox setup failed: {_describe(exc)}\n".encode())
         finally:
             os._exit(code)
+
+    def _prestart(self, assignment: socket.socket, prestart: dict[str, Any], output_fd: int) -> None:
+        """C of a slot whose runtime starts ahead of time (Node.js): everything
+        ``_runtime`` does but the working directory and the function's environment,
+        now -- a new session, ``/dev/null`` as stdin, the output pipe as stdout/stderr,
+        ``lock_down`` -- then ``execve`` the runtime (``argv``) with a neutral
+        environment (``env``) and the assignment socket as ``PRESTART_FD``.  The
+        runtime client reads its assignment from it (JSON: ``env``, ``cwd``) before it
+        does anything else (``runtimes/nodejs/bootstrap.js``)."""
+        try:
+            os.setsid()
+            null = os.open("/dev/null", os.O_RDONLY)
+            os.dup2(null, 0)
+            os.dup2(output_fd, 1)
+            os.dup2(output_fd, 2)
+            os.dup2(assignment.fileno(), PRESTART_FD)
+            os.set_inheritable(PRESTART_FD, True)
+            os.closerange(PRESTART_FD + 1, _max_fd())
+            os.chdir("/")
+            argv = [a.encode() for a in prestart["argv"]]
+            env = {**prestart["env"], "IMPULS_PRESTART_FD": str(PRESTART_FD)}
+            self.lock_down()
+            os.execve(argv[0], argv, env)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                os.write(2, f"impuls: cannot start the runtime ahead of time: {_describe(exc)}\n".encode())
+        os._exit(127)
 
     def lock_down(self, fprog: _SockFprog | None = None) -> None:
         """Drop every capability for good (bounding, ambient, effective, permitted,
