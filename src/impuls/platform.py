@@ -12,6 +12,7 @@ import gc
 import hashlib
 import logging
 import socket
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -45,6 +46,11 @@ from impuls.tracing import Tracer
 from impuls.tracing import start as start_tracing
 
 log = logging.getLogger("impuls")
+#: How long a thread may keep the GIL while another waits for it (CPython's default: 5 ms).
+#: The server's worker threads (the invocation-record writer, the /tmp disk makers, cgroup
+#: moves) run Python code now and then; at the default the event loop waits up to 5 ms for
+#: each such slice, which shows as the warm calls' tail.
+GIL_SWITCH_INTERVAL = 0.0005
 
 
 def node_id(settings: Settings) -> str:
@@ -140,6 +146,7 @@ class Platform:
         # full collection of the whole heap stalls the event loop for tens of milliseconds).
         gc.collect()
         gc.freeze()
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
 
     async def stop(self) -> None:
         await self.scheduler.close()
