@@ -306,11 +306,7 @@ class Zygote:
             template = request["mode"] == "template"
             if template and (len(fds) != 2 or self.template_fprog is None or self.bootstrap is None):
                 raise SetupError("this sandbox cannot host a version template")
-            os.setsid()
-            null = os.open("/dev/null", os.O_RDONLY)
-            os.dup2(null, 0)
-            os.dup2(fds[0], 1)
-            os.dup2(fds[0], 2)
+            _new_session(fds[0])
             if template:
                 os.dup2(fds[1], TEMPLATE_FD)
             os.closerange(TEMPLATE_FD + 1 if template else 3, _max_fd())
@@ -354,11 +350,7 @@ class Zygote:
         runtime client reads its assignment from it (JSON: ``env``, ``cwd``) before it
         does anything else (``runtimes/nodejs/bootstrap.js``)."""
         try:
-            os.setsid()
-            null = os.open("/dev/null", os.O_RDONLY)
-            os.dup2(null, 0)
-            os.dup2(output_fd, 1)
-            os.dup2(output_fd, 2)
+            _new_session(output_fd)
             os.dup2(assignment.fileno(), PRESTART_FD)
             os.set_inheritable(PRESTART_FD, True)
             os.closerange(PRESTART_FD + 1, _max_fd())
@@ -677,6 +669,15 @@ def _relay_until(listener: socket.socket, child: int) -> int:
                     data = b""
                 if not data:
                     drop(sock)
+
+
+def _new_session(output_fd: int) -> None:
+    """The runtime's own session, ``/dev/null`` as stdin and ``output_fd`` as stdout/stderr."""
+    os.setsid()
+    null = os.open("/dev/null", os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(output_fd, 1)
+    os.dup2(output_fd, 2)
 
 
 def _flush_output() -> None:
