@@ -123,6 +123,7 @@ class TmpDisks:
         self._refilling = False
         self._closed = False
         self._executor = ThreadPoolExecutor(max_workers=MAKERS, thread_name_prefix="impuls-tmp-disks")
+        self._sweep()  # what a server killed while making a disk left behind
 
     async def take(self, size_mb: int) -> int:
         """A detached mount of an empty file system of ``size_mb`` (the caller closes it once
@@ -161,7 +162,15 @@ class TmpDisks:
             fds = [fd for ready in self._ready.values() for fd in ready]
             self._ready.clear()
         _close(fds)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        # a disk being made is a file until its loop device holds it: let it get there, then
+        # remove whatever file is left
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Remove the image files of disks never attached (a disk in use has none)."""
+        for image in self.work_dir.glob("tmp-*.img"):
+            image.unlink(missing_ok=True)
 
     def _refill(self) -> None:
         try:
