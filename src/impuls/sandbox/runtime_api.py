@@ -316,8 +316,8 @@ class RuntimeAPI:
         loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[None] = loop.create_future()
         self._current: Invocation | None = None
-        self._delivered = False
-        self._delivered_on: _Connection | None = None  # the connection the invocation was written to
+        #: the connection the current invocation was written to (None: not delivered yet)
+        self._delivered_on: _Connection | None = None
         self._parked: _Connection | None = None
         self._streaming: _Connection | None = None  # posting the current invocation's stream
         self._server: asyncio.AbstractServer | None = None
@@ -344,7 +344,7 @@ class RuntimeAPI:
         if self._current is not None and not self._current.reply.done():
             raise RuntimeError("an invocation is already outstanding on this instance")
         self._current = invocation
-        self._delivered, self._delivered_on = False, None
+        self._delivered_on = None
         parked, self._parked = self._parked, None
         if parked is not None and not parked.closed:
             self._deliver(parked)
@@ -358,7 +358,7 @@ class RuntimeAPI:
         it), so an open one is waited for, ``UNREAD_WAIT_S`` at most (one another process
         still holds stays open)."""
         conn = self._delivered_on
-        if not self._delivered or conn is None:
+        if conn is None:
             return True
         if not conn.closed:
             with contextlib.suppress(TimeoutError):
@@ -387,13 +387,13 @@ class RuntimeAPI:
 
     def _deliver(self, conn: _Connection) -> None:
         assert self._current is not None
-        self._delivered, self._delivered_on = True, conn
+        self._delivered_on = conn
         conn.write(self._current.next_response())
 
     def _on_next(self, conn: _Connection) -> None:
         if not self.ready.done():
             self.ready.set_result(None)
-        if self._current is not None and not self._delivered and not self._current.reply.done():
+        if self._current is not None and self._delivered_on is None and not self._current.reply.done():
             self._deliver(conn)
         else:
             self._parked = conn
