@@ -544,7 +544,8 @@ class TemplateLauncher:
         """A ready slot with runtime ``kind`` started ahead of time (its pool is made, and
         filled in the background, on the first call that asks for it); else a ready empty
         slot; else an empty one built now.  A cold start never waits for a runtime's start."""
-        for pool in (self._pools.setdefault(kind, collections.deque()), self._pools[""]):
+        pools = [self._pools.setdefault(kind, collections.deque())] if kind else []
+        for pool in [*pools, self._pools[""]]:
             while pool:
                 slot = pool.popleft()
                 template = self._template
