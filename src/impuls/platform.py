@@ -27,6 +27,7 @@ from impuls.cluster import Member
 from impuls.cluster.nodes import NodeBeat
 from impuls.config import Settings
 from impuls.engine.invoker import Invoker
+from impuls.engine.record_writer import RecordWriterProcess
 from impuls.engine.records import InvocationRecorder, LogHub
 from impuls.engine.results import InvocationResult
 from impuls.errors import Throttled
@@ -47,8 +48,8 @@ from impuls.tracing import start as start_tracing
 
 log = logging.getLogger("impuls")
 #: How long a thread may keep the GIL while another waits for it (CPython's default: 5 ms).
-#: The server's worker threads (the invocation-record writer, the /tmp disk makers, cgroup
-#: moves) run Python code now and then; at the default the event loop waits up to 5 ms for
+#: The server's worker threads (the /tmp disk makers, cgroup moves, store reads) run Python
+#: code now and then; at the default the event loop waits up to 5 ms for
 #: each such slice, which shows as the warm calls' tail.
 GIL_SWITCH_INTERVAL = 0.0005
 
@@ -109,8 +110,10 @@ class Platform:
         #: spans, exported over OTLP (None: IMPULS_OTLP_ENDPOINT is not set, no tracing at all)
         self.tracer: Tracer | None = start_tracing(settings, self.node, self.driver.name)
         self.hub = LogHub()
+        #: writes the invocation records from a process of its own (off the event loop's GIL)
+        self.record_writer = RecordWriterProcess(self.db.url.render_as_string(hide_password=False))
         self.recorder = InvocationRecorder(
-            self.db, timedelta(days=settings.invocation_retention_days))
+            self.db, timedelta(days=settings.invocation_retention_days), writer=self.record_writer)
         self.recorder.listen(self.metrics.record)
         self.invoker = MeteredInvoker(settings, self.registry, self.driver, local, self.recorder, self.hub,
                                       tracer=self.tracer)

@@ -190,13 +190,13 @@ def test_flush_while_locked_returns_false_and_keeps_the_records(db: Engine, lock
 def test_a_flush_waiting_for_a_failing_write_does_not_try_again(db: Engine, lock: Lock,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     tries: list[int] = []
-    insert = InvocationRecorder._insert
+    insert = records.insert_rows
 
-    def counting(self: InvocationRecorder, batch: list[dict[str, Any]], unsure: bool) -> int:
+    def counting(db: Engine, batch: list[records.Row], unsure: bool) -> records.Refused:
         tries.append(len(batch))
-        return insert(self, batch, unsure)
+        return insert(db, batch, unsure)
 
-    monkeypatch.setattr(InvocationRecorder, "_insert", counting)
+    monkeypatch.setattr(records, "insert_rows", counting)
 
     async def main() -> None:
         recorder = InvocationRecorder(db, timedelta(days=1))

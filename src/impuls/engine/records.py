@@ -7,10 +7,10 @@ import logging
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime, timedelta
 from itertools import islice
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Connection, Engine, delete, func, insert, select
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError, StatementError
@@ -18,6 +18,11 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyErro
 from impuls.store.schema import invocations
 
 log = logging.getLogger("impuls.records")
+#: a record as it is queued and sent to the writer: the fields in ``ROW_FIELDS`` order,
+#: ``started_at`` as seconds since the epoch (cheap to copy and to pickle)
+Row = tuple[Any, ...]
+#: what the database refused of a batch: (request id, function name, why)
+Refused = list[tuple[str, str, str]]
 #: sees each record as it is added (on the event loop, on the invocation's path: keep it cheap)
 RecordListener = Callable[["InvocationRecord"], None]
 FLUSH_INTERVAL = 0.25
@@ -56,8 +61,45 @@ class InvocationRecord:
         return out
 
 
+ROW_FIELDS = tuple(field.name for field in fields(InvocationRecord))
+REQUEST_ID, FUNCTION_NAME, STARTED_AT = (ROW_FIELDS.index(name) for name in
+                                        ("request_id", "function_name", "started_at"))
+
+
+def _row(record: InvocationRecord) -> Row:
+    values = list(vars(record).values())  # in field order
+    values[STARTED_AT] = record.started_at.timestamp()
+    return tuple(values)
+
+
+class Writer(Protocol):
+    """Writes a batch in one transaction (``insert_rows``' contract), one batch at a time."""
+
+    async def __call__(self, batch: list[Row], unsure: bool) -> Refused: ...
+
+    async def close(self) -> None: ...
+
+
+class ThreadWriter:
+    """Writes batches in a worker thread of this process, on ``db``."""
+
+    def __init__(self, db: Engine) -> None:
+        self.db = db
+
+    async def __call__(self, batch: list[Row], unsure: bool) -> Refused:
+        return await asyncio.to_thread(insert_rows, self.db, batch, unsure)
+
+    async def close(self) -> None:
+        pass
+
+
 class InvocationRecorder:
-    """Queues records in memory and inserts them in batches from a worker thread.
+    """Queues records in memory and inserts them in batches through a writer.
+
+    The writer (``writer``) runs ``insert_rows`` for a batch: in the server that is the
+    record writer process (:mod:`impuls.engine.record_writer`), so that the database
+    driver's work never holds the event loop's GIL; without one, a worker thread
+    (``ThreadWriter``) on ``db``.  ``close`` closes the writer.
 
     The contract:
 
@@ -96,11 +138,12 @@ class InvocationRecorder:
       that failed since the start.
     """
 
-    def __init__(self, db: Engine, retention: timedelta, *, max_pending: int = MAX_PENDING,
-                 batch_size: int = BATCH_SIZE) -> None:
+    def __init__(self, db: Engine, retention: timedelta, *, writer: Writer | None = None,
+                 max_pending: int = MAX_PENDING, batch_size: int = BATCH_SIZE) -> None:
         if max_pending < 1 or batch_size < 1:
             raise ValueError("max_pending and batch_size must be positive")
         self.db = db
+        self._writer = writer or ThreadWriter(db)
         self.retention = retention
         self.max_pending = max_pending
         #: no larger than the bound, so that ``add`` can always drop a record not being written
@@ -112,11 +155,11 @@ class InvocationRecorder:
         #: writes that failed and were (or will be) tried again
         self.failed_attempts = 0
         #: records not yet taken by a write, oldest first
-        self._pending: deque[dict[str, Any]] = deque()
+        self._pending: deque[Row] = deque()
         #: the records of the write in progress (they leave ``_pending`` while it runs)
         self._inflight = 0
         #: the write in progress: its future (in a worker thread) and its batch
-        self._writing: tuple[asyncio.Future[int], list[dict[str, Any]]] | None = None
+        self._writing: tuple[asyncio.Future[Refused], list[Row]] | None = None
         #: the head of the queue may already be in the table (its last write failed)
         self._unsure = False
         self._failures = 0  # consecutive failed writes
@@ -141,7 +184,7 @@ class InvocationRecorder:
 
     def add(self, record: InvocationRecord) -> None:
         pending = self._pending
-        pending.append(dict(vars(record)))  # a shallow copy: asdict deep-copies
+        pending.append(_row(record))
         if len(pending) + self._inflight > self.max_pending:
             pending.popleft()  # never empty: a batch is at most max_pending and one was just added
             self.dropped += 1
@@ -172,12 +215,11 @@ class InvocationRecorder:
     async def _write(self, count: int) -> bool:
         """With the lock held: write ``count`` records from the head of the queue, a batch per
         transaction; False at the first failure (the batch is back at the head)."""
-        loop = asyncio.get_running_loop()
         written = 0
         while written < count and self._pending:
             size = min(self.batch_size, len(self._pending))
             batch = list(islice(self._pending, size))
-            future = loop.run_in_executor(None, self._insert, batch, self._unsure)
+            future = asyncio.ensure_future(self._writer(batch, self._unsure))
             for _ in range(size):  # out of the queue once the write is under way (no await between)
                 self._pending.popleft()
             self._inflight = size
@@ -195,7 +237,7 @@ class InvocationRecorder:
             written += size
         return True
 
-    def _settle(self, future: asyncio.Future[int]) -> bool:
+    def _settle(self, future: asyncio.Future[Refused]) -> bool:
         """Account for a finished write (once, whoever sees it first); True if it committed."""
         if self._writing is None or self._writing[0] is not future:
             return not future.cancelled() and future.exception() is None
@@ -205,7 +247,10 @@ class InvocationRecorder:
         error = (asyncio.CancelledError() if future.cancelled() else future.exception())
         if error is None:
             self._unsure = False
-            self.rejected += future.result()
+            for request_id, function_name, why in future.result():
+                self.rejected += 1
+                log.error("the database refused invocation record %s of %s (%s); it is dropped",
+                          request_id, function_name, why)
             self._succeeded()
             return True
         self._pending.extendleft(reversed(batch))  # exactly this batch, again first
@@ -228,12 +273,12 @@ class InvocationRecorder:
         if self._failing_since is None:
             self._failing_since = self._last_failure_report = now
             log.warning("cannot write invocation records (%s); %d kept in memory (at most %d), "
-                        "trying again", _brief(error), self.pending, self.max_pending,
-                        exc_info=None if isinstance(error, SQLAlchemyError) else error)
+                        "trying again", describe_error(error), self.pending, self.max_pending,
+                        exc_info=None if isinstance(error, SQLAlchemyError | RecordWriteFailed) else error)
         elif now - self._last_failure_report >= REPORT_EVERY:
             self._last_failure_report = now
             log.warning("still cannot write invocation records after %d attempts (%s); %d kept "
-                        "in memory, %d dropped since the start", self._failures, _brief(error),
+                        "in memory, %d dropped since the start", self._failures, describe_error(error),
                         self.pending, self.dropped)
         self._report_drops()
 
@@ -245,33 +290,6 @@ class InvocationRecorder:
                         self.dropped - self._reported_dropped, self.max_pending, self.dropped)
             self._reported_dropped = self.dropped
             self._last_drop_report = now
-
-    def _insert(self, batch: list[dict[str, Any]], unsure: bool) -> int:
-        """In a worker thread: insert ``batch`` in one transaction; the number of records the
-        database refused (then written a record per transaction).  Raises when the database
-        cannot take them (nothing of the failed transaction is committed)."""
-        try:
-            with self.db.begin() as conn:
-                rows = _not_in_table(conn, batch) if unsure else batch
-                if rows:
-                    conn.execute(insert(invocations), rows)
-            return 0
-        except Exception as exc:
-            if not _refused(exc):
-                raise
-        refused = 0
-        for row in batch:  # one record at a time, so that the one refused fails alone
-            try:
-                with self.db.begin() as conn:
-                    if not unsure or _not_in_table(conn, [row]):
-                        conn.execute(insert(invocations), [row])
-            except Exception as exc:
-                if not _refused(exc):
-                    raise  # the database went away: the whole batch again (checked, so no duplicate)
-                refused += 1
-                log.error("the database refused invocation record %s of %s (%s); it is dropped",
-                          row.get("request_id"), row.get("function_name"), _brief(exc))
-        return refused
 
     def prune(self) -> int:
         cutoff = datetime.now(UTC) - self.retention
@@ -301,7 +319,7 @@ class InvocationRecorder:
                 except Exception as exc:
                     retry = min(prune_every, PRUNE_RETRY)
                     log.warning("pruning invocation records failed (%s); trying again in %.0f s",
-                                _brief(exc), retry)
+                                describe_error(exc), retry)
                     next_prune = time.monotonic() + retry
                 else:
                     next_prune = time.monotonic() + prune_every
@@ -315,6 +333,7 @@ class InvocationRecorder:
         if not await self.flush():
             log.error("%d invocation records could not be written before the shutdown and are lost",
                       self.pending)
+        await self._writer.close()
 
     def query(self, name: str, limit: int, offset: int) -> tuple[list[InvocationRecord], int]:
         """Records of ``name``, newest first, and their total count."""
@@ -337,6 +356,58 @@ class InvocationRecorder:
         return records, int(total)
 
 
+class RecordWriteFailed(Exception):
+    """The record writer process could not write a batch: the database failed (the message
+    says how) or the process ended.  Nothing of the batch is committed, or it is unsure."""
+
+
+def insert_rows(db: Engine, batch: list[Row], unsure: bool) -> Refused:
+    """Insert ``batch`` in one transaction (blocking); the records the database refused (then
+    written a record per transaction, so that a refused one fails alone).  ``unsure``: some
+    may be in the table already (an earlier try failed at its commit); those are left out.
+    Raises when the database cannot take them (nothing of the failed transaction is committed)."""
+    try:
+        with db.begin() as conn:
+            todo = _not_in_table(conn, batch) if unsure else batch
+            if todo:
+                _insert(conn, todo)
+        return []
+    except Exception as exc:
+        if not _refused(exc):
+            raise
+    refused: Refused = []
+    for row in batch:  # one record at a time
+        try:
+            with db.begin() as conn:
+                if not unsure or _not_in_table(conn, [row]):
+                    _insert(conn, [row])
+        except Exception as exc:
+            if not _refused(exc):
+                raise  # the database went away: the whole batch again (checked, so no duplicate)
+            refused.append((row[REQUEST_ID], row[FUNCTION_NAME], describe_error(exc)))
+    return refused
+
+
+#: on SQLite the rows go to the driver's executemany as they are (SQLAlchemy's processing of
+#: each value was half the writer's CPU); ``started_at`` as SQLAlchemy stores it there
+SQLITE_INSERT = (f"INSERT INTO invocations ({', '.join(ROW_FIELDS)}) "
+                 f"VALUES ({', '.join('?' * len(ROW_FIELDS))})")
+
+
+def _insert(conn: Connection, rows: list[Row]) -> None:
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql(SQLITE_INSERT, [
+            (*row[:STARTED_AT], f"{_started(row):%Y-%m-%d %H:%M:%S.%f}", *row[STARTED_AT + 1:])
+            for row in rows])
+    else:
+        conn.execute(insert(invocations), [
+            {**dict(zip(ROW_FIELDS, row, strict=True)), "started_at": _started(row)} for row in rows])
+
+
+def _started(row: Row) -> datetime:
+    return datetime.fromtimestamp(row[STARTED_AT], UTC)
+
+
 def _refused(exc: BaseException) -> bool:
     """The database refuses these records (retrying cannot help), as opposed to being unable
     to take any now (locked, unreachable, full: retrying can)."""
@@ -345,8 +416,10 @@ def _refused(exc: BaseException) -> bool:
     return isinstance(exc, StatementError)  # a parameter SQLAlchemy could not convert
 
 
-def _brief(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
     """The error's first line, without SQLAlchemy's statement and parameters (a record's logs)."""
+    if isinstance(exc, RecordWriteFailed):
+        return str(exc)  # brief already
     orig = exc.orig if isinstance(exc, DBAPIError) else exc
     text = str(orig).strip().splitlines()
     return f"{type(orig).__name__}: {text[0][:300] if text else ''}"
@@ -357,15 +430,15 @@ def _moment(ts: datetime) -> datetime:
     return ts.astimezone(UTC).replace(tzinfo=None) if ts.tzinfo is not None else ts
 
 
-def _not_in_table(conn: Connection, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _not_in_table(conn: Connection, rows: list[Row]) -> list[Row]:
     """The ``rows`` not already in the table (same request id and start), in order."""
     found: set[tuple[str, datetime]] = set()
-    ids = sorted({row["request_id"] for row in rows})
+    ids = sorted({row[REQUEST_ID] for row in rows})
     for i in range(0, len(ids), 500):
         query = select(invocations.c.request_id, invocations.c.started_at).where(
             invocations.c.request_id.in_(ids[i:i + 500]))
         found.update((rid, _moment(ts)) for rid, ts in conn.execute(query))
-    return [row for row in rows if (row["request_id"], _moment(row["started_at"])) not in found]
+    return [row for row in rows if (row[REQUEST_ID], _moment(_started(row))) not in found]
 
 
 class LogHub:

@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.engine.url import make_url
@@ -51,6 +49,14 @@ def _as_condition(context: ExceptionContext) -> None:
 
 def open_engine(url: str) -> Engine:
     """An Engine for ``url`` with the store's settings; the schema is migrated to head."""
+    engine = engine_for(url)
+    migrate(engine)
+    return engine
+
+
+def engine_for(url: str) -> Engine:
+    """An Engine for ``url`` with the store's settings (no migration: another process of the
+    server uses a store it migrated)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database:
@@ -62,7 +68,6 @@ def open_engine(url: str) -> Engine:
             url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
         engine = create_engine(url, pool_pre_ping=True, pool_size=10, connect_args=PG_CONNECT_ARGS)
     event.listen(engine, "handle_error", _as_condition)
-    migrate(engine)
     return engine
 
 
@@ -74,6 +79,9 @@ def migrate(engine: Engine) -> None:
     """Apply every Alembic migration not yet applied (idempotent).  On PostgreSQL the nodes
     of a cluster starting at once migrate one after the other (a transaction-scoped advisory
     lock; PostgreSQL's DDL is transactional, so the next one finds the schema at head)."""
+    from alembic import command  # here: the record writer process opens the store without it
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as conn:
