@@ -376,6 +376,41 @@ def test_every_reply_is_one_transport_write(listen: Listen, recorded: list[Recor
     run(listen, scenario)
 
 
+def test_a_response_pipelined_with_next_is_acknowledged_with_the_next_event(
+        listen: Listen, recorded: list[RecordingTransport]) -> None:
+    """The Python client sends its response and its next GET /invocation/next in one write:
+    the 202 then goes out in the same write as the next event (one wake-up of the runtime
+    per invocation), in order; a response sent alone is acknowledged at once."""
+
+    async def scenario(api: RuntimeAPI, client: RawClient) -> None:
+        await within(_until(lambda: len(recorded) == 1))
+        transport = recorded[0]
+        first = invocation(b'{"n": 1}')
+        api.dispatch(first)
+        assert (await client.next()).body == first.payload
+        before = len(transport.writes)
+        response = (f"POST {PREFIX}/invocation/{first.request_id}/response HTTP/1.1\r\n"
+                    f"Host: runtime\r\nContent-Length: 4\r\n\r\n\"ok\"").encode()
+        await client.send_raw(response + f"GET {NEXT} HTTP/1.1\r\nHost: runtime\r\n\r\n".encode())
+        assert (await within(first.reply)).body == b'"ok"'
+        await asyncio.sleep(0.05)
+        assert transport.writes[before:] == [], "the 202 went out before the next event"
+        second = invocation(b'{"n": 2}')
+        api.dispatch(second)
+        accepted = await client.read_response()
+        event = await client.read_response()
+        assert accepted.status == 202 and event.body == second.payload
+        assert transport.writes[before:] == [accepted.raw + event.raw]
+
+        second_done = (f"POST {PREFIX}/invocation/{second.request_id}/response HTTP/1.1\r\n"
+                       f"Host: runtime\r\nContent-Length: 1\r\n\r\n2").encode()
+        await client.send_raw(second_done)  # alone: acknowledged at once
+        assert (await client.read_response()).status == 202
+        assert (await within(second.reply)).body == b"2"
+
+    run(listen, scenario)
+
+
 def test_tcp_connections_disable_nagle(recorded: list[RecordingTransport]) -> None:
     async def main() -> None:
         api = RuntimeAPI()

@@ -263,13 +263,27 @@ class FunctionCgroup:
 # --- the agent ------------------------------------------------------------------
 
 
+#: what a runtime sends when it waits for its next event (alone, or after its response)
+NEXT_REQUEST = b"/invocation/next "
+
+
 class Conn:
-    __slots__ = ("chan", "out", "sock")
+    __slots__ = ("chan", "out", "sock", "tail")
 
     def __init__(self, sock: socket.socket, chan: int) -> None:
         self.sock = sock
         self.chan = chan
         self.out = bytearray()
+        self.tail = b""  # the end of what it sent last (a request may span two reads)
+
+    def waits_for_next(self, data: bytes) -> bool:
+        """Whether ``data`` ends the runtime's ``GET .../invocation/next`` (a GET has no body,
+        so it is the last thing the runtime sent; the Python client sends it right after its
+        response)."""
+        window = (self.tail + data)[-256:]
+        self.tail = window
+        start = window.rfind(b"GET ")
+        return start >= 0 and window.endswith(b"\r\n\r\n") and NEXT_REQUEST in window[start:]
 
 
 class Agent:
@@ -471,7 +485,7 @@ class Agent:
             self.drain_logs()  # output written before this request goes first
             if data:
                 self.send(b"".join(protocol.frames(protocol.DATA, conn.chan, data)))
-                if data.startswith(b"GET ") and b"/invocation/next " in data[:128]:
+                if conn.waits_for_next(data):
                     self.cgroup.freeze()  # waiting for its next event: frozen until it comes
                 if self.loaded_at:  # the runtime's first request: tell the host how long init took
                     self.ctl({"op": "first-request", "ms": (time.perf_counter() - self.loaded_at) * 1000})

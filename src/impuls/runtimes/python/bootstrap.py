@@ -27,6 +27,7 @@ and ``asyncio`` are imported only when needed. No third-party dependencies.
 
 import _socket
 import os
+import select
 import sys
 import time
 
@@ -133,6 +134,7 @@ class _Connection:
         self.host = b"localhost" if unix_path or not api else api.encode("latin-1")
         self.sock: _socket.socket | None = None
         self.buf = b""
+        self.readable = select.poll()
 
     def connect(self) -> _socket.socket:
         if self.unix_path:
@@ -149,6 +151,8 @@ class _Connection:
             raise
         self.sock = sock
         self.buf = b""
+        self.readable = select.poll()
+        self.readable.register(sock.fileno(), select.POLLIN)
         return sock
 
     def close(self) -> None:
@@ -172,12 +176,31 @@ class _Connection:
                     raise
                 time.sleep(0.02 * (attempt - 1))  # first retry at once: a dropped keep-alive
 
+    def recv(self, sock: _socket.socket) -> bytes:
+        """What the socket holds, waiting for it with poll(POLLIN): a task asleep in recv()
+        is also woken each time the server reads what this one sent (the socket's space
+        wake-up, one per request), a poll for POLLIN only when data arrives."""
+        try:
+            return sock.recv(65536, _socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            self.readable.poll()
+            return sock.recv(65536)
+
+    def next_response(self, next_request: bytes) -> tuple[int, dict[bytes, bytes], bytes | bytearray]:
+        """The response to a ``next_request`` already sent (pipelined after the last request);
+        sent again on a new connection if this one was dropped."""
+        if self.sock is not None:
+            try:
+                return self._response(self.sock)
+            except OSError:
+                self.close()
+        return self.request(next_request)
+
     def _response(self, sock: _socket.socket) -> tuple[int, dict[bytes, bytes], bytes | bytearray]:
         buf = self.buf
-        recv = sock.recv
         end = buf.find(b"\r\n\r\n")
         while end < 0:
-            chunk = recv(65536)
+            chunk = self.recv(sock)
             if not chunk:
                 raise ConnectionResetError("Runtime API closed the connection")
             buf += chunk
@@ -214,7 +237,7 @@ class _Connection:
             self.buf = buf[pos:]
         else:  # no framing: the body runs until the server closes the connection
             parts: list[bytes] = [buf[pos:]]
-            while chunk := recv(65536):
+            while chunk := self.recv(sock):
                 parts.append(chunk)
             body = b"".join(parts)
             self.close()
@@ -248,9 +271,8 @@ class _Connection:
             parts.append(buf[pos : pos + size])
             pos += size + 2
 
-    @staticmethod
-    def _more(sock: _socket.socket, buf: bytes) -> bytes:
-        chunk = sock.recv(65536)
+    def _more(self, sock: _socket.socket, buf: bytes) -> bytes:
+        chunk = self.recv(sock)
         if not chunk:
             raise ConnectionResetError("Runtime API closed the connection")
         return buf + chunk
@@ -605,8 +627,10 @@ def _serve(conn: _Connection, handler: "Handler") -> None:
     response_head = b" HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n" % conn.host
     invocation = _RUNTIME + b"/invocation/"
     trace_set = "_X_AMZN_TRACE_ID" in environ
+    sent_next = False  # the GET went out with the last response (pipelined)
     while True:
-        status, headers, body = request(next_request)
+        status, headers, body = conn.next_response(next_request) if sent_next else request(next_request)
+        sent_next = False
         if status != 200:
             _log(f"impuls runtime: GET /invocation/next answered HTTP {status}, exiting\n")
             sys.exit(1)
@@ -660,9 +684,10 @@ def _serve(conn: _Connection, handler: "Handler") -> None:
             continue
         _flush()
         status, _, _ = request(
-            b"POST %s%s/response%sContent-Length: %d\r\n\r\n%s"
-            % (invocation, raw_id, response_head, len(payload), payload)
+            b"POST %s%s/response%sContent-Length: %d\r\n\r\n%s%s"
+            % (invocation, raw_id, response_head, len(payload), payload, next_request)
         )
+        sent_next = True
         if not 200 <= status < 300:
             _log(f"impuls runtime: POST /invocation/response answered HTTP {status}\n")
 
