@@ -27,6 +27,7 @@ import sys
 import traceback
 from typing import IO, Any
 
+from sqlalchemy import event
 from sqlalchemy.exc import SQLAlchemyError
 
 from impuls.engine.records import RecordWriteFailed, Refused, Row, describe_error, insert_rows
@@ -134,6 +135,16 @@ def _read_blocking(stream: IO[bytes]) -> Any:
     return pickle.loads(data)
 
 
+#: SQLite's page cache for the writer's connection (KiB; SQLite's default is 2 MiB): the
+#: invocations table's indexes take each record at a random place (request ids are random),
+#: and past the cache every insert reads its pages back from the file
+SQLITE_CACHE_KIB = 65536
+
+
+def _sqlite_cache(dbapi_conn: Any, _record: Any) -> None:
+    dbapi_conn.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
+
+
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -146,6 +157,8 @@ def main() -> None:
     from impuls.store.db import engine_for
 
     db = engine_for(url)
+    if db.dialect.name == "sqlite":
+        event.listen(db, "connect", _sqlite_cache)
     try:
         while (request := _read_blocking(wire_in)) is not None:
             batch, unsure = request

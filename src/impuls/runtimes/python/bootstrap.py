@@ -627,6 +627,11 @@ def _serve(conn: _Connection, handler: "Handler") -> None:
     response_head = b" HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n" % conn.host
     invocation = _RUNTIME + b"/invocation/"
     trace_set = "_X_AMZN_TRACE_ID" in environ
+    # The trace id goes into os.environ's own mapping (encoded keys and values), not through
+    # setenv(): glibc keeps every value setenv was ever given (a pointer getenv returned must
+    # stay valid), so a new id per call grew the process by ~120 bytes a call.  The function
+    # reads os.environ; a process it starts inherits the environment of the runtime's start.
+    trace_env = environ._data  # type: ignore[attr-defined]
     sent_next = False  # the GET went out with the last response (pipelined)
     while True:
         status, headers, body = conn.next_response(next_request) if sent_next else request(next_request)
@@ -643,10 +648,10 @@ def _serve(conn: _Connection, handler: "Handler") -> None:
         )
         trace_id = headers.get(b"lambda-runtime-trace-id")
         if trace_id:
-            environ["_X_AMZN_TRACE_ID"] = trace_id.decode("latin-1")
+            trace_env[b"_X_AMZN_TRACE_ID"] = trace_id
             trace_set = True
         elif trace_set:
-            environ.pop("_X_AMZN_TRACE_ID", None)
+            trace_env.pop(b"_X_AMZN_TRACE_ID", None)
             trace_set = False
         try:
             extra = headers.get(b"lambda-runtime-cognito-identity")
