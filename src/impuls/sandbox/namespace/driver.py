@@ -44,6 +44,10 @@ log = logging.getLogger("impuls.sandbox.namespace.driver")
 
 INIT_TIMEOUT = 30.0
 KILL_GRACE = 0.2
+#: seconds between two looks at an instance's process limit (``pids.events``, a read of the
+#: cgroup file system that every warm call paid for): a call that ran this long is always
+#: looked at after; a shorter one may be left to the next call's look
+PIDS_CHECK_INTERVAL = 0.1
 MAX_SOCKET_PATH = 100
 
 
@@ -75,6 +79,7 @@ class NamespaceInstance(WatchedInstance):
         self.run_dir = run_dir
         self._live = live
         live[spec.instance_id] = cgroup.name
+        self._pids_checked = float("-inf")  # when the process limit was last looked at
 
     def oom_killed(self) -> bool:
         try:
@@ -84,13 +89,17 @@ class NamespaceInstance(WatchedInstance):
 
     async def invoke(self, invocation: Invocation, timeout: float) -> RuntimeReply:
         """As ``Instance.invoke``; an instance that ran into its process limit
-        (a fork bomb) is destroyed once the reply is in: it would not serve well."""
+        (a fork bomb) is destroyed once the reply is in: it would not serve well.  The
+        limit is looked at after a call at most every ``PIDS_CHECK_INTERVAL`` seconds."""
         try:
             return await super().invoke(invocation, timeout)
         finally:
-            if not self.destroyed and self._fork_limit_hit():
-                log.info("instance %s hit its process limit; retiring it", self.spec.instance_id)
-                await self.destroy()
+            now = time.monotonic()
+            if now - self._pids_checked >= PIDS_CHECK_INTERVAL and not self.destroyed:
+                self._pids_checked = now
+                if self._fork_limit_hit():
+                    log.info("instance %s hit its process limit; retiring it", self.spec.instance_id)
+                    await self.destroy()
 
     def _fork_limit_hit(self) -> bool:
         try:
