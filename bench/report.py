@@ -430,10 +430,12 @@ def where_time_goes(results: Results) -> list[str]:
             total = busy.cpu_server_us + busy.cpu_sandbox_us + busy.cpu_client_us
             text = (f"**CPU, {sandbox} sandbox, Python, concurrency {THROUGHPUT_LEVEL}** (both cores busy): "
                     f"per invocation the Impuls server process used {_int(busy.cpu_server_us)} µs, the "
-                    f"runtime processes {_int(busy.cpu_sandbox_us)} µs and wrk "
+                    f"runtime processes and the record writer {_int(busy.cpu_sandbox_us)} µs and wrk "
                     f"{_int(busy.cpu_client_us)} µs, "
                     f"{_int(total)} µs in all, which caps 2 cores at about "
-                    f"{_int(2e6 / total if total else math.nan)} inv/s (measured: {_int(busy.rps)}).")
+                    f"{_int(2e6 / total if total else math.nan)} inv/s; the server's one event loop "
+                    f"caps it at {_int(1e6 / busy.cpu_server_us if busy.cpu_server_us else math.nan)} "
+                    f"inv/s (measured: {_int(busy.rps)}).")
             if floor_busy is not None and fast_busy is not None:
                 text += (f" For comparison the floor's whole server used {_int(floor_busy.cpu_server_us)} µs "
                          f"per call and the FastAPI floor {_int(fast_busy.cpu_server_us)} µs: the framework "
@@ -500,7 +502,8 @@ METHOD = """\
   burst": after another update, {burst} calls sent at once on separate
   connections; instances/s = cold starts / time until the last reply.
 - **CPU** per invocation: CPU time of the server process, of everything it
-  started (runtime processes, sandboxes, spawned interpreters; from /proc), and of
+  started (runtime processes, sandboxes, spawned interpreters, the record writer;
+  from /proc), and of
   wrk, over the measured seconds, divided by the requests served.
 - **Other load**: CPU time the whole machine was busy during the row minus the
   CPU of the processes above, as a share of all cores: other work on the machine
