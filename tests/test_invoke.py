@@ -407,3 +407,36 @@ def test_a_warm_runtime_does_not_grow_with_its_calls(tmp_path: Path, runtime_id:
         assert grown < 150 * 1024, f"the runtime grew by {grown} bytes over 3,000 calls"
     finally:
         server.stop()
+
+
+NODE_TRACE_ENV = """
+const { execFileSync } = require('child_process');
+exports.handler = async () => {
+  const trace = process.env._X_AMZN_TRACE_ID;
+  process.env.TZ = 'Asia/Tokyo';
+  process.env.MINE = 7;
+  return {trace, has: '_X_AMZN_TRACE_ID' in process.env,
+          listed: Object.keys(process.env).includes('_X_AMZN_TRACE_ID'),
+          child: execFileSync('/usr/bin/env').toString().split('\\n').filter(
+            (line) => line.startsWith('_X_AMZN_TRACE_ID=') || line.startsWith('MINE=')),
+          hour: new Date(0).getHours(), mine: process.env.MINE};
+};
+"""
+
+
+def test_node_sees_each_calls_trace_id_in_its_environment(srv: Server) -> None:
+    """The Node.js runtime keeps the trace id out of the C environment (setenv() grew the
+    process with every call) yet the function, and a process it starts, see it as before;
+    other variables it sets still take effect (TZ)."""
+    name = srv.deploy(runtime="nodejs20", handler="index.handler", code=NODE_TRACE_ENV)["name"]
+    seen = []
+    for _ in range(2):
+        r = srv.invoke(name, {})
+        assert r.status_code == 200, r.text
+        body = r.json()["body"]
+        trace = body["trace"]
+        assert trace and trace.startswith("Root=1-") and body["has"] and body["listed"], body
+        assert sorted(body["child"]) == ["MINE=7", f"_X_AMZN_TRACE_ID={trace}"], body
+        assert body["hour"] == 9 and body["mine"] == "7", body
+        seen.append(trace)
+    assert seen[0] != seen[1]

@@ -116,7 +116,7 @@ class InvocationRecorder:
       the database is back they are written in order, each exactly once: a failed batch
       goes back to the head of the queue as it was, and the next write first looks up
       which of its records are in the table already (a commit can fail after the server
-      applied it).  A write whose caller (``flush``) is cancelled runs on in its thread
+      applied it).  A write whose caller (``flush``) is cancelled runs on in the writer
       and is settled when it ends; no other write starts before.
     - The queue is bounded: at most ``max_pending`` records (``MAX_PENDING``, 100,000, by
       default) wait for the database.  Beyond, ``add`` drops the oldest (those of a batch
@@ -158,7 +158,7 @@ class InvocationRecorder:
         self._pending: deque[Row] = deque()
         #: the records of the write in progress (they leave ``_pending`` while it runs)
         self._inflight = 0
-        #: the write in progress: its future (in a worker thread) and its batch
+        #: the write in progress: its future (a task awaiting the writer) and its batch
         self._writing: tuple[asyncio.Future[Refused], list[Row]] | None = None
         #: the head of the queue may already be in the table (its last write failed)
         self._unsure = False

@@ -59,6 +59,44 @@ function takeAssignment(fd) {
 if (env.IMPULS_PRESTART_FD) takeAssignment(Number(env.IMPULS_PRESTART_FD));
 
 // ------------------------------------------------------------------------------------------
+// Each call's trace id in process.env._X_AMZN_TRACE_ID, without setenv(): glibc keeps every
+// value setenv() was ever given (a pointer getenv() returned must stay valid), so a new id
+// per call grew the process by ~90 bytes a call. process.env becomes a proxy of the real
+// environment that keeps that one name in a variable; every other name is the real
+// environment's (TZ and the rest keep their effects). Native code calling getenv() does not
+// see the id; a child process started with the default environment does (child_process
+// copies process.env).
+
+const TRACE = '_X_AMZN_TRACE_ID';
+let traceId = env[TRACE];
+delete env[TRACE];
+const traceDescriptor = () => (traceId === undefined ? undefined
+  : { value: traceId, writable: true, enumerable: true, configurable: true });
+process.env = new Proxy(env, {
+  get: (target, key) => (key === TRACE ? traceId : Reflect.get(target, key)),
+  set: (target, key, value) => {
+    if (key !== TRACE) return Reflect.set(target, key, value);
+    traceId = String(value);
+    return true;
+  },
+  has: (target, key) => (key === TRACE ? traceId !== undefined : Reflect.has(target, key)),
+  deleteProperty: (target, key) => {
+    if (key !== TRACE) return Reflect.deleteProperty(target, key);
+    traceId = undefined;
+    return true;
+  },
+  ownKeys: (target) => (traceId === undefined ? Reflect.ownKeys(target)
+    : [...Reflect.ownKeys(target), TRACE]),
+  getOwnPropertyDescriptor: (target, key) => (key === TRACE ? traceDescriptor()
+    : Reflect.getOwnPropertyDescriptor(target, key)),
+  defineProperty: (target, key, descriptor) => {
+    if (key !== TRACE) return Reflect.defineProperty(target, key, descriptor);
+    traceId = String(descriptor.value);
+    return true;
+  },
+});
+
+// ------------------------------------------------------------------------------------------
 // Logs: the host reads our stdout/stderr pipes after it gets a response, so everything written
 // before a POST must already be in the pipe. Node writes to pipes asynchronously; make them
 // blocking (files and TTYs are synchronous already). process.stdout/stderr are created lazily
@@ -702,7 +740,6 @@ let handler = null;
 let initializing = true;
 let crashing = false;
 let current = null; // the invocation in progress, until its outcome is being posted
-let traceSet = '_X_AMZN_TRACE_ID' in env;
 
 class Invocation {
   constructor(id) {
@@ -772,14 +809,7 @@ function onNext(status, headers, body) {
   }
   const id = headers['lambda-runtime-aws-request-id'] || '';
   const inv = new Invocation(id);
-  const trace = headers['lambda-runtime-trace-id'];
-  if (trace) {
-    env._X_AMZN_TRACE_ID = trace;
-    traceSet = true;
-  } else if (traceSet) {
-    delete env._X_AMZN_TRACE_ID;
-    traceSet = false;
-  }
+  traceId = headers['lambda-runtime-trace-id'] || undefined;
   let event;
   try {
     event = JSON.parse(body.toString());
