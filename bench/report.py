@@ -107,7 +107,7 @@ def memory_table(results: Results) -> str:
     rows = [[f"impuls ({m.sandbox})", m.runtime, str(m.instances), f"{m.pss_mib_mean:.1f}",
              f"{m.shared_mib:.1f}"] for m in results.memory]
     return table(["system", "runtime", "idle warm instances", "PSS per instance MiB",
-                  "shared sandbox processes MiB (total)"], rows, {2, 3, 4})
+                  "shared processes MiB (total: sandbox helpers, record writer)"], rows, {2, 3, 4})
 
 
 def rotation_table(results: Results) -> str:
