@@ -280,7 +280,7 @@ class Conn:
         """Whether ``data`` ends the runtime's ``GET .../invocation/next`` (a GET has no body,
         so it is the last thing the runtime sent; the Python client sends it right after its
         response)."""
-        window = (self.tail + data)[-256:]
+        window = (self.tail + data[-256:])[-256:]  # not a copy of the whole read
         self.tail = window
         start = window.rfind(b"GET ")
         return start >= 0 and window.endswith(b"\r\n\r\n") and NEXT_REQUEST in window[start:]
