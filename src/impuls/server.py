@@ -12,6 +12,7 @@ import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
 from impuls.api.app import create_app
+from impuls.api.http1 import HttpProtocol
 from impuls.config import Settings
 from impuls.console.app import create_console
 from impuls.platform import Platform
@@ -90,7 +91,7 @@ def serve(settings: Settings) -> None:
                     "run code; for local development only", settings.host, settings.port)
     app = create_app(platform, create_console(platform))
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
+        app, host=settings.host, port=settings.port, loop="uvloop", http=HttpProtocol,
         log_level="warning", access_log=False, lifespan="on",
         # json: uvicorn's loggers reach the root logger's JSON handler instead of its own text ones
         log_config=None if settings.log_format == "json" else LOGGING_CONFIG,
