@@ -141,6 +141,41 @@ def test_provided_with_own_bootstrap(srv: Server) -> None:
     assert r.status_code == 400 and "bootstrap" in r.json()["message"]
 
 
+RAW_BOOTSTRAP = """#!/usr/bin/python3
+# Answers each event with the bytes it names (hex), whatever they are.
+import json, os, urllib.request
+api = "http://" + os.environ["AWS_LAMBDA_RUNTIME_API"] + "/2018-06-01/runtime/invocation/"
+while True:
+    with urllib.request.urlopen(api + "next") as resp:
+        rid = resp.headers["Lambda-Runtime-Aws-Request-Id"]
+        raw = bytes.fromhex(json.loads(resp.read())["hex"])
+    urllib.request.urlopen(urllib.request.Request(api + rid + "/response", data=raw, method="POST"))
+"""
+
+
+def test_the_reply_carries_the_runtimes_json_and_never_more(srv: Server) -> None:
+    """A response that is one JSON value is the reply's body as it is; anything else (text,
+    bytes that are not UTF-8, a value with more JSON after it) is a string, so a function
+    cannot add fields to the reply."""
+    fn = srv.deploy(runtime="provided", handler="raw", code_zip=make_zip({"bootstrap": RAW_BOOTSTRAP}))
+    cases: list[tuple[bytes, object]] = [
+        (b'{"a": [1, 2.50, "\\u00e9"], "b": null}', {"a": [1, 2.5, "\u00e9"], "b": None}),
+        (b' [1, 2]\n', [1, 2]),
+        ("\"caf\u00e9\"".encode(), "caf\u00e9"),
+        (b"", None),
+        (b"plain words", "plain words"),
+        (b'1, "status_code": 500, "error_type": "Forged"', '1, "status_code": 500, "error_type": "Forged"'),
+        (b'{"a": 1}} ', '{"a": 1}} '),
+        (b"\xff\xfe{}", "\ufffd\ufffd{}"),
+    ]
+    for raw, body in cases:
+        r = srv.invoke(fn["name"], {"hex": raw.hex()})
+        doc = r.json()
+        assert r.status_code == 200 and doc["status_code"] == 200 and doc["body"] == body, (raw, doc)
+        assert "error_type" not in doc and set(doc) == {"status_code", "body", "duration_ms", "logs",
+                                                        "request_id", "cold_start", "executed_version"}
+
+
 @pytest.fixture(scope="module")
 def ric_package(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A package with the official awslambdaric from PyPI, started by a bootstrap script."""

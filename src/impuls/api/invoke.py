@@ -60,7 +60,8 @@ class InvokeFastPath:
         try:
             principal: Principal = scope[PRINCIPAL]
             principal.require(Scope.INVOKE, name)
-            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            raw_query: bytes = scope.get("query_string", b"")
+            query = parse_qs(raw_query.decode("latin-1")) if raw_query else {}
             qualifier = _qualifier(named, query.get("qualifier", [""])[-1])
             payload = await read_body(receive, scope["headers"], MAX_EVENT_BYTES)
             if not payload.strip():
@@ -177,28 +178,36 @@ def _qualifier(in_path: str, in_query: str) -> str | None:
 
 
 def envelope(result: InvocationResult, status_code: int) -> bytes:
-    """The native invoke reply: the handler's result (or error) with the call's facts."""
-    out: dict[str, Any] = {"status_code": status_code}
+    """The native invoke reply: the handler's result (or error) with the call's facts.
+
+    A handler's result goes in as the runtime's bytes when they are one JSON value in UTF-8
+    (checked by parsing them, so nothing the function returns can add fields to the reply):
+    parsing once and splicing costs a third of parsing and serialising again."""
     if result.error_type is None:
-        out["body"] = _decoded(result.payload)
+        head = b'{"status_code": %d, "body": %s, ' % (status_code, _body(result.payload))
     else:
-        out.update(error=result.error_message, error_type=result.error_type, stack=result.stack)
-    out.update(
-        duration_ms=round(result.duration_ms, 3),
-        logs=result.logs[-REPLY_LOG_BYTES:],
-        request_id=result.request_id,
-        cold_start=result.cold_start,
-        executed_version=result.executed_version,
-    )
-    return json.dumps(out).encode()
+        head = json.dumps({"status_code": status_code, "error": result.error_message,
+                           "error_type": result.error_type, "stack": result.stack}).encode()[:-1] + b", "
+    facts = json.dumps({
+        "duration_ms": round(result.duration_ms, 3),
+        "logs": result.logs[-REPLY_LOG_BYTES:],
+        "request_id": result.request_id,
+        "cold_start": result.cold_start,
+        "executed_version": result.executed_version,
+    }).encode()
+    return head + facts[1:]
 
 
-def _decoded(payload: bytes) -> Any:
-    """The runtime's response as JSON (a body that is not JSON comes back as text)."""
+def _body(payload: bytes) -> bytes:
+    """The runtime's response as one JSON value: its own bytes when they are JSON in UTF-8,
+    else as a JSON string (text that is not JSON, decoded leniently); empty is null."""
+    if not payload:
+        return b"null"
     try:
-        return json.loads(payload) if payload else None
+        json.loads(payload.decode())
     except (ValueError, UnicodeDecodeError):
-        return payload.decode("utf-8", "replace")
+        return json.dumps(payload.decode("utf-8", "replace")).encode()
+    return payload
 
 
 async def _reply(send: types.Send, status: int, body: bytes,
