@@ -6,7 +6,11 @@ a 128 MB function writes 400 MB and reads it back), and writing past its size fa
 inside the function with ``ENOSPC``.  An empty file system of each size is made once
 (``mkfs.ext4``, then ``debugfs`` removes ``lost+found`` and gives the root directory to
 the function's user); an instance gets a sparse copy of it (its data segments only: the few
-hundred kilobytes of metadata are copied, nothing else).  The file can be larger than the
+hundred kilobytes of metadata are copied, nothing else).  ``mkfs`` marks the inode tables
+zeroed, leaving them holes (``discard`` on a file punches holes, which read as zeros): with
+the default lazy initialisation every mount of every copy would have the kernel write them
+with zeros in the background, 8 MB for 512 MB of ``/tmp`` and 160 MB for 10 GiB, on each
+instance's start.  The file can be larger than the
 file system (``device_mb``): a microVM's disk has one size for every function, so that a
 VM restored from a snapshot sees the device its template had.
 """
@@ -46,7 +50,7 @@ class ScratchImages:
         return dest
 
     def _empty(self, size_mb: int, owner: tuple[int, int], device_mb: int) -> Path:
-        path = self.root / f"empty-{size_mb}m-{device_mb}m-{owner[0]}-{owner[1]}.ext4"
+        path = self.root / f"empty-{size_mb}m-{device_mb}m-{owner[0]}-{owner[1]}.zeroed.ext4"
         with self._lock:
             if path.exists():
                 return path
@@ -56,7 +60,7 @@ class ScratchImages:
                 with open(tmp, "wb") as fh:
                     fh.truncate(device_mb * 2**20)
                 _run(["mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-m", "0", "-L", "impuls-tmp",
-                      "-E", f"root_owner={owner[0]}:{owner[1]},lazy_itable_init=1,nodiscard",
+                      "-E", f"root_owner={owner[0]}:{owner[1]},lazy_itable_init=0,discard",
                       str(tmp), f"{size_mb}M"])
                 _run(["debugfs", "-w", "-R", "rmdir lost+found", str(tmp)])
                 os.replace(tmp, path)
