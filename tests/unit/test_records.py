@@ -408,3 +408,20 @@ def test_the_writer_logs_the_outage_once_and_the_recovery(db: Engine, lock: Lock
         assert any("invocation records are written again" in m for m in messages), messages
 
     asyncio.run(main())
+
+
+def test_request_ids_are_unique_uuids_that_sort_by_time() -> None:
+    """Version 7 UUIDs: unique, and one made in a later millisecond sorts after every id
+    made before it (so the request-id index grows at its end)."""
+    import time
+    import uuid
+
+    first = [records.new_request_id() for _ in range(20_000)]
+    time.sleep(0.002)
+    later = records.new_request_id()
+    assert len(set(first)) == len(first)
+    for rid in (first[0], later):
+        parsed = uuid.UUID(rid)
+        assert parsed.version == 7 and parsed.variant == uuid.RFC_4122 and str(parsed) == rid
+    assert later > max(first)
+    assert abs(int(later.replace("-", "")[:12], 16) - time.time() * 1000) < 60_000

@@ -16,7 +16,6 @@ import json
 import logging
 import random
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,7 +24,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from impuls.config import Settings
 from impuls.engine.pool import Capacity, Clock, Pool, PoolRetired
-from impuls.engine.records import InvocationRecord, InvocationRecorder, LogHub
+from impuls.engine.records import InvocationRecord, InvocationRecorder, LogHub, new_request_id
 from impuls.engine.results import InvocationResult, Outcome
 from impuls.errors import (
     FunctionChanging,
@@ -281,7 +280,7 @@ class Invoker:
         ``traceparent``/``tracestate`` (W3C trace context, the caller's): with tracing on, the
         invocation's span is their child (else it starts a trace); ignored with tracing off.
         """
-        request_id = request_id or str(uuid.uuid4())
+        request_id = request_id or new_request_id()
         try:
             if self.tracer is None:
                 return await self._invoke(name, payload, qualifier, local, client_context, region, account,
@@ -416,6 +415,7 @@ def _client_context(text: str | None) -> str | None:
 
 
 def _trace_id(request_id: str) -> str:
-    """An X-Ray-style trace header (``Root=1-<time>-<24 hex>``) derived from the request id."""
+    """An X-Ray-style trace header (``Root=1-<time>-<24 hex>``) derived from the request id
+    (its last 24 hex digits: the random part; the first 12 of a new id are its time)."""
     hex_id = request_id.replace("-", "")
-    return f"Root=1-{int(time.time()):08x}-{hex_id[:24]};Sampled=0"
+    return f"Root=1-{int(time.time()):08x}-{hex_id[-24:]};Sampled=0"

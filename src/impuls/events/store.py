@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, bindparam, delete, func, insert, or_, select, update
 
+from impuls.engine.records import new_request_id
 from impuls.errors import DeadLetterNotFound, EventNotFound
 from impuls.events.writer import Batch
 from impuls.store.schema import dead_letters, event_attempts, events
@@ -67,7 +68,7 @@ def event_values(function_name: str, qualifier: str, payload: bytes, source: str
                  traceparent: str | None = None) -> dict[str, Any]:
     """A new event's row (leased to ``lease`` = (node, until) when its node delivers it at once;
     ``traceparent``: the span that accepted it, with tracing on)."""
-    return {"request_id": request_id or str(uuid.uuid4()), "function_name": function_name,
+    return {"request_id": request_id or new_request_id(), "function_name": function_name,
             "qualifier": qualifier, "payload": payload, "source": source, "state": QUEUED, "attempts": 0,
             "retries_used": 0, "duplicates": 0, "backoff": 0.0, "next_at": now,
             "lease_owner": lease[0] if lease else None, "lease_until": lease[1] if lease else None,
