@@ -27,7 +27,10 @@ Row = tuple[Any, ...]
 Refused = list[tuple[str, str, str]]
 #: sees each record as it is added (on the event loop, on the invocation's path: keep it cheap)
 RecordListener = Callable[["InvocationRecord"], None]
-FLUSH_INTERVAL = 0.25
+#: seconds between two writes of the queue: short, so that the record writer's bursts of
+#: work are short too (a burst competes with the calls for this host's cores: at
+#: concurrency 1, 0.25 s between writes made the p99 latency 2.2-3.1 ms, 0.05 s 1.6-1.8 ms)
+FLUSH_INTERVAL = 0.05
 #: after a failed write the writer waits RETRY_FIRST seconds, doubling up to RETRY_MAX
 RETRY_FIRST = 0.25
 RETRY_MAX = 5.0
