@@ -10,9 +10,9 @@ hundred kilobytes of metadata are copied, nothing else).  ``mkfs`` marks the ino
 zeroed, leaving them holes (``discard`` on a file punches holes, which read as zeros): with
 the default lazy initialisation every mount of every copy would have the kernel write them
 with zeros in the background, 8 MB for 512 MB of ``/tmp`` and 160 MB for 10 GiB, on each
-instance's start.  The file can be larger than the
-file system (``device_mb``): a microVM's disk has one size for every function, so that a
-VM restored from a snapshot sees the device its template had.
+instance's start.  The file can be larger than the file system (``device_mb``): a microVM's
+disk has one size for every function, so that a VM restored from a snapshot sees the device
+its template had.
 """
 
 from __future__ import annotations
