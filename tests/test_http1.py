@@ -1,15 +1,18 @@
 """The server's HTTP/1.1 protocol (impuls.api.http1): each response's head and body in one
-TCP segment, pipelined requests answered in order, and idle keep-alive connections closed
-after uvicorn's timeout (5 s) and not before."""
+TCP segment, pipelined requests answered in order, idle keep-alive connections closed
+after uvicorn's timeout (5 s) and not before, and a TLS server that stops at once."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import cast
 
 import pytest
@@ -170,3 +173,21 @@ def test_tcp_info_offset_is_the_kernels() -> None:
             peer.sendall(b"one")
             assert client.recv(16) == b"one"
             assert _data_segments_in(client) == 1
+
+
+def test_a_tls_server_with_an_idle_client_stops_at_once(tmp_path: Path) -> None:
+    """SIGTERM with a kept-alive TLS connection idle: the server drops it and ends at once
+    (closing it the TLS way waited up to 30 s for the client's reply)."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    srv = Server(tmp_path / "data", args=["--tls-cert", str(cert), "--tls-key", str(key)],
+                 https=True).start()
+    context = ssl.create_default_context(cafile=str(cert))
+    with context.wrap_socket(_connect(srv), server_hostname="127.0.0.1") as idle:
+        idle.sendall(_request())
+        assert _read_responses(cast(socket.socket, idle), 1)[0].startswith(b"HTTP/1.1 200 ")
+        started = time.monotonic()
+        srv.stop()
+        assert time.monotonic() - started < 15
