@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import Server, free_port, unique
+from tests.helpers import Server, free_port, self_signed_certificate, unique
 
 PY = "def handler(event, context):\n    return event\n"
 SCOPES = ["read", "invoke", "deploy", "admin"]
@@ -288,10 +288,7 @@ def test_no_auth_only_on_loopback(make_server: Callable[..., Server], tmp_path: 
 
 
 def test_https_with_a_self_signed_certificate(make_server: Callable[..., Server], tmp_path: Path) -> None:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    cert, key = self_signed_certificate(tmp_path)
     server = make_server(args=["--tls-cert", str(cert), "--tls-key", str(key)], https=True)
     assert server.url.startswith("https://")
     trusted = ssl.create_default_context(cafile=str(cert))

@@ -8,7 +8,6 @@ import asyncio
 import socket
 import ssl
 import struct
-import subprocess
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -18,7 +17,7 @@ from typing import cast
 import pytest
 
 from impuls.api.http1 import MAX_JOINED, HeadWithBody
-from tests.helpers import Server
+from tests.helpers import Server, self_signed_certificate
 
 KEEP_ALIVE_S = 5.0  # uvicorn's default, which the server keeps
 #: struct tcp_info (linux/tcp.h): tcpi_data_segs_in, the segments with data a socket received
@@ -178,10 +177,7 @@ def test_tcp_info_offset_is_the_kernels() -> None:
 def test_a_tls_server_with_an_idle_client_stops_at_once(tmp_path: Path) -> None:
     """SIGTERM with a kept-alive TLS connection idle: the server drops it and ends at once
     (closing it the TLS way waited up to 30 s for the client's reply)."""
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    cert, key = self_signed_certificate(tmp_path)
     srv = Server(tmp_path / "data", args=["--tls-cert", str(cert), "--tls-key", str(key)],
                  https=True).start()
     context = ssl.create_default_context(cafile=str(cert))
